@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# (Re)generate the ONNX test fixtures under models/fixtures/ from tiny random-weight
+# Hugging Face models (fixed seeds), with ONNX Runtime goldens.
+#
+#   bash models/make_fixtures.sh                 # all fixtures
+#   bash models/make_fixtures.sh --only gpt2     # a subset (names as in models/fixtures/)
+#
+# Creates models/.venv (git-ignored) on first use and installs the pinned packages of
+# models/requirements-export.txt into it (torch from PyPI is the CUDA build, ~5 GB installed;
+# only its CPU side is used). One venv suffices: optimum-onnx 0.1.0 exports with-past models
+# with transformers 4.57 (< 4.58), which the torch dynamo / TorchScript exports use as well.
+# Set PATCH_FIXTURES_PYTHON to use another interpreter (>= 3.10) for creating the venv.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$HERE/.venv"
+REQ="$HERE/requirements-export.txt"
+PY="${PATCH_FIXTURES_PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+
+# Install (a no-op when the pins are already satisfied).
+stamp="$VENV/.requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -r "$REQ"
+    "$VENV/bin/python" -m pip cache purge >/dev/null 2>&1 || true
+    echo "$want" > "$stamp"
+fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONHASHSEED=0 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+cd "$HERE"
+"$VENV/bin/python" "$HERE/export_fixtures.py" "$@"
+echo "fixtures written to $HERE/fixtures ($(du -sh "$HERE/fixtures" | cut -f1))"

@@ -1,0 +1,185 @@
+//! Ops and the op registry.
+//!
+//! Each ONNX op type has one implementation of [`Op`], built from the node's attributes by a
+//! builder registered in [`OpRegistry`]. An op does two things: infer its output types from
+//! its input facts (dtype, symbolic shape, constant value or symbolic content), and evaluate
+//! on concrete tensors (the reference interpreter). Ops live in one file per family.
+
+pub mod elementwise;
+pub mod indexing;
+pub mod linalg;
+pub mod norm;
+pub mod reduce;
+pub mod shape;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::dim::Dim;
+use crate::error::{OpError, RuntimeError};
+use crate::ir::{Attrs, TensorType};
+use crate::tensor::Tensor;
+
+/// What inference knows about one input value.
+#[derive(Clone, Copy, Debug)]
+pub struct InputFact<'a> {
+    pub ty: &'a TensorType,
+    /// The value, when it is a compile-time constant.
+    pub value: Option<&'a Tensor>,
+    /// Symbolic content of a small integer tensor (row-major), e.g. the output of `Shape`.
+    pub sym: Option<&'a [Dim]>,
+}
+
+/// What inference derives for one output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputFact {
+    pub ty: TensorType,
+    pub sym: Option<Vec<Dim>>,
+}
+
+impl OutputFact {
+    pub fn new(ty: TensorType) -> OutputFact {
+        OutputFact { ty, sym: None }
+    }
+
+    pub fn with_sym(ty: TensorType, sym: Vec<Dim>) -> OutputFact {
+        OutputFact { ty, sym: Some(sym) }
+    }
+}
+
+/// One op implementation (see the module docs).
+pub trait Op: fmt::Debug + Send + Sync {
+    /// Infers output types. `inputs[i]` is `None` for an omitted optional input.
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError>;
+
+    /// Evaluates on concrete tensors. `inputs[i]` is `None` for an omitted optional input.
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError>;
+}
+
+/// Returns input `i`, or an error naming it when it is missing.
+pub fn req<T: Copy>(inputs: &[Option<T>], i: usize) -> Result<T, OpError> {
+    inputs
+        .get(i)
+        .copied()
+        .flatten()
+        .ok_or(OpError::MissingInput(i))
+}
+
+/// Returns optional input `i`.
+pub fn opt<T: Copy>(inputs: &[Option<T>], i: usize) -> Option<T> {
+    inputs.get(i).copied().flatten()
+}
+
+/// Checks the number of inputs is in `min..=max`.
+pub fn arity<T>(inputs: &[Option<T>], min: usize, max: usize) -> Result<(), OpError> {
+    let n = inputs.len();
+    if n < min || n > max {
+        let expected = if min == max {
+            min.to_string()
+        } else {
+            format!("{min} to {max}")
+        };
+        return Err(OpError::Arity { expected, got: n });
+    }
+    Ok(())
+}
+
+/// Normalizes a possibly negative axis against `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> Result<usize, OpError> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r {
+        return Err(OpError::Invalid(format!(
+            "axis {axis} is out of range for rank {rank}"
+        )));
+    }
+    Ok(a as usize)
+}
+
+/// Builds an op from its attributes at a given opset of its domain.
+pub type OpBuilder = fn(&Attrs, i64) -> Result<Arc<dyn Op>, OpError>;
+
+#[derive(Clone, Copy)]
+struct Registration {
+    builder: OpBuilder,
+    /// Oldest opset this implementation follows; older models are rejected.
+    since: i64,
+}
+
+/// Op implementations by `(domain, op_type)`.
+#[derive(Clone, Default)]
+pub struct OpRegistry {
+    ops: BTreeMap<(String, String), Registration>,
+}
+
+impl OpRegistry {
+    /// An empty registry.
+    pub fn empty() -> OpRegistry {
+        OpRegistry::default()
+    }
+
+    /// Every op this crate implements, for ONNX opsets 13 and later.
+    pub fn onnx() -> OpRegistry {
+        let mut r = OpRegistry::empty();
+        elementwise::register(&mut r);
+        linalg::register(&mut r);
+        norm::register(&mut r);
+        reduce::register(&mut r);
+        shape::register(&mut r);
+        indexing::register(&mut r);
+        r
+    }
+
+    /// Registers `builder` for `op_type` in `domain` ("" is the ONNX default domain).
+    pub fn register(&mut self, domain: &str, op_type: &str, since: i64, builder: OpBuilder) {
+        self.ops.insert(
+            (canonical_domain(domain).to_string(), op_type.to_string()),
+            Registration { builder, since },
+        );
+    }
+
+    pub fn contains(&self, domain: &str, op_type: &str) -> bool {
+        self.ops
+            .contains_key(&(canonical_domain(domain).to_string(), op_type.to_string()))
+    }
+
+    /// `(domain, op_type, since_opset)` of every registered op, sorted.
+    pub fn list(&self) -> Vec<(String, String, i64)> {
+        self.ops
+            .iter()
+            .map(|((d, o), r)| (d.clone(), o.clone(), r.since))
+            .collect()
+    }
+
+    /// Builds the op for a node, with errors that name the node.
+    pub fn build(
+        &self,
+        domain: &str,
+        op_type: &str,
+        opset: i64,
+        attrs: &Attrs,
+        node: &str,
+    ) -> Result<Arc<dyn Op>, RuntimeError> {
+        let key = (canonical_domain(domain).to_string(), op_type.to_string());
+        let unsupported = || RuntimeError::UnsupportedOp {
+            op_type: op_type.to_string(),
+            domain: domain.to_string(),
+            opset,
+            node: node.to_string(),
+        };
+        let reg = self.ops.get(&key).ok_or_else(unsupported)?;
+        if opset < reg.since {
+            return Err(unsupported());
+        }
+        (reg.builder)(attrs, opset).map_err(|e| RuntimeError::at_node(node, op_type, e))
+    }
+}
+
+fn canonical_domain(domain: &str) -> &str {
+    if domain == "ai.onnx" {
+        ""
+    } else {
+        domain
+    }
+}

@@ -1,0 +1,311 @@
+//! Dense tensors over shared, possibly memory-mapped, bytes.
+//!
+//! A [`Tensor`] is a dtype, a concrete shape and a [`Bytes`] buffer in row-major order. The
+//! buffer may borrow a memory-mapped file (weights are never copied at load) or own a typed
+//! `Vec`. Invariants: the buffer holds exactly `volume * dtype.size_of()` bytes, is aligned
+//! for the dtype, and a `Bool` buffer holds only 0 and 1.
+
+use std::fmt;
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use crate::dtype::DType;
+use crate::error::RuntimeError;
+
+/// A Rust type that stores one tensor element.
+///
+/// # Safety
+/// `Self` must be a plain value type of `DTYPE.size_of()` bytes for which every byte pattern
+/// that a [`Tensor`] of `DTYPE` can hold is a valid value (tensors keep bools as 0/1).
+pub unsafe trait Element:
+    Copy + Send + Sync + fmt::Debug + PartialEq + Default + 'static
+{
+    const DTYPE: DType;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => {
+        $(unsafe impl Element for $t { const DTYPE: DType = DType::$d; })*
+    };
+}
+element!(f32 => F32, f64 => F64, f16 => F16, bf16 => BF16, i8 => I8, u8 => U8, i16 => I16,
+         u16 => U16, i32 => I32, u32 => U32, i64 => I64, u64 => U64, bool => Bool);
+
+/// Owns a typed vector and exposes it as bytes, keeping the element alignment.
+struct TypedVec<T: Element>(Vec<T>);
+
+impl<T: Element> AsRef<[u8]> for TypedVec<T> {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `T` is a plain value type (Element contract); the slice covers exactly the
+        // initialized elements.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.0.as_ptr() as *const u8,
+                std::mem::size_of_val(self.0.as_slice()),
+            )
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Bytes,
+}
+
+impl Tensor {
+    pub fn from_vec<T: Element>(shape: Vec<usize>, data: Vec<T>) -> Result<Tensor, RuntimeError> {
+        let volume: usize = shape.iter().product();
+        if volume != data.len() {
+            return Err(RuntimeError::Tensor(format!(
+                "shape {shape:?} has {volume} elements but {} were given",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            dtype: T::DTYPE,
+            shape,
+            data: Bytes::from_owner(TypedVec(data)),
+        })
+    }
+
+    pub fn scalar<T: Element>(v: T) -> Tensor {
+        Tensor::from_vec(Vec::new(), vec![v]).expect("scalar volume is 1")
+    }
+
+    pub fn from_array<T: Element>(a: ArrayD<T>) -> Tensor {
+        let shape = a.shape().to_vec();
+        let data = if a.is_standard_layout() {
+            a.into_raw_vec_and_offset().0
+        } else {
+            a.iter().copied().collect()
+        };
+        Tensor::from_vec(shape, data).expect("array volume matches its shape")
+    }
+
+    /// A tensor over `data` in little-endian row-major layout, borrowed when it is aligned for
+    /// the dtype and copied otherwise. The byte length must match the shape exactly.
+    pub fn from_bytes(
+        dtype: DType,
+        shape: Vec<usize>,
+        data: Bytes,
+    ) -> Result<Tensor, RuntimeError> {
+        let volume = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| RuntimeError::Tensor(format!("shape {shape:?} overflows")))?;
+        let want = volume
+            .checked_mul(dtype.size_of())
+            .ok_or_else(|| RuntimeError::Tensor(format!("shape {shape:?} overflows")))?;
+        if data.len() != want {
+            return Err(RuntimeError::Tensor(format!(
+                "{dtype}{shape:?} needs {want} bytes but the data has {}",
+                data.len()
+            )));
+        }
+        let aligned = (data.as_ptr() as usize) % dtype.size_of() == 0;
+        let valid_bools = dtype != DType::Bool || data.iter().all(|&b| b <= 1);
+        let data = if aligned && valid_bools {
+            data
+        } else {
+            copy_aligned(dtype, &data)
+        };
+        Ok(Tensor { dtype, shape, data })
+    }
+
+    /// A tensor of zeros (false for bool).
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Tensor {
+        let volume: usize = shape.iter().product();
+        Tensor::from_bytes(dtype, shape, zeroed(dtype, volume)).expect("zeroed size matches")
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// True when the tensor's bytes live inside `region` (a memory-mapped file, say).
+    pub fn borrows_from(&self, region: &[u8]) -> bool {
+        let start = region.as_ptr() as usize;
+        let p = self.data.as_ptr() as usize;
+        !self.data.is_empty() && p >= start && p + self.data.len() <= start + region.len()
+    }
+
+    pub fn as_slice<T: Element>(&self) -> Result<&[T], RuntimeError> {
+        if T::DTYPE != self.dtype {
+            return Err(RuntimeError::Tensor(format!(
+                "tensor is {} but {} was requested",
+                self.dtype,
+                T::DTYPE
+            )));
+        }
+        // SAFETY: dtype matches T; the buffer is aligned for T and holds `len()` valid
+        // elements (struct invariants).
+        Ok(unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const T, self.len()) })
+    }
+
+    pub fn view<T: Element>(&self) -> Result<ArrayViewD<'_, T>, RuntimeError> {
+        let s = self.as_slice::<T>()?;
+        Ok(ArrayViewD::from_shape(IxDyn(&self.shape), s).expect("shape matches length"))
+    }
+
+    pub fn to_array<T: Element>(&self) -> Result<ArrayD<T>, RuntimeError> {
+        Ok(self.view::<T>()?.to_owned())
+    }
+
+    /// Same data, new shape of equal volume.
+    pub fn reshaped(&self, shape: Vec<usize>) -> Result<Tensor, RuntimeError> {
+        if shape.iter().product::<usize>() != self.len() {
+            return Err(RuntimeError::Tensor(format!(
+                "cannot reshape {:?} into {shape:?}",
+                self.shape
+            )));
+        }
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape,
+            data: self.data.clone(),
+        })
+    }
+
+    /// Integer elements widened to i64 (for shape, index and axis inputs).
+    pub fn to_i64_vec(&self) -> Result<Vec<i64>, RuntimeError> {
+        Ok(match self.dtype {
+            DType::I64 => self.as_slice::<i64>()?.to_vec(),
+            DType::I32 => self.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+            DType::I16 => self.as_slice::<i16>()?.iter().map(|&v| v as i64).collect(),
+            DType::I8 => self.as_slice::<i8>()?.iter().map(|&v| v as i64).collect(),
+            DType::U8 => self.as_slice::<u8>()?.iter().map(|&v| v as i64).collect(),
+            DType::U16 => self.as_slice::<u16>()?.iter().map(|&v| v as i64).collect(),
+            DType::U32 => self.as_slice::<u32>()?.iter().map(|&v| v as i64).collect(),
+            DType::U64 => self.as_slice::<u64>()?.iter().map(|&v| v as i64).collect(),
+            DType::Bool => self.as_slice::<bool>()?.iter().map(|&v| v as i64).collect(),
+            d => {
+                return Err(RuntimeError::Tensor(format!(
+                    "expected an integer tensor, got {d}"
+                )))
+            }
+        })
+    }
+
+    /// Elements converted to f64 (any dtype), for comparisons and reports.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>, RuntimeError> {
+        Ok(match self.dtype {
+            DType::F32 => self.as_slice::<f32>()?.iter().map(|&v| v as f64).collect(),
+            DType::F64 => self.as_slice::<f64>()?.to_vec(),
+            DType::F16 => self.as_slice::<f16>()?.iter().map(|v| v.to_f64()).collect(),
+            DType::BF16 => self
+                .as_slice::<bf16>()?
+                .iter()
+                .map(|v| v.to_f64())
+                .collect(),
+            _ => self.to_i64_vec()?.into_iter().map(|v| v as f64).collect(),
+        })
+    }
+}
+
+fn zeroed(dtype: DType, volume: usize) -> Bytes {
+    match dtype.size_of() {
+        1 => Bytes::from_owner(TypedVec(vec![0u8; volume])),
+        2 => Bytes::from_owner(TypedVec(vec![0u16; volume])),
+        4 => Bytes::from_owner(TypedVec(vec![0u32; volume])),
+        _ => Bytes::from_owner(TypedVec(vec![0u64; volume])),
+    }
+}
+
+/// Copies `src` into a buffer aligned for `dtype`, normalizing bools to 0/1.
+fn copy_aligned(dtype: DType, src: &[u8]) -> Bytes {
+    match dtype.size_of() {
+        1 => {
+            let v: Vec<u8> = if dtype == DType::Bool {
+                src.iter().map(|&b| (b != 0) as u8).collect()
+            } else {
+                src.to_vec()
+            };
+            Bytes::from_owner(TypedVec(v))
+        }
+        2 => Bytes::from_owner(TypedVec(
+            src.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<u16>>(),
+        )),
+        4 => Bytes::from_owner(TypedVec(
+            src.chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect::<Vec<u32>>(),
+        )),
+        _ => Bytes::from_owner(TypedVec(
+            src.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect::<Vec<u64>>(),
+        )),
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor<{}>{:?}", self.dtype, self.shape)?;
+        if self.len() <= 16 {
+            if let Ok(v) = self.to_f64_vec() {
+                write!(f, " {v:?}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unaligned_bytes_are_copied_and_aligned_bytes_borrowed() {
+        let raw: Vec<u8> = (0..17u8).collect();
+        let backing = Bytes::from(raw);
+        let unaligned = backing.slice(1..17);
+        let t = Tensor::from_bytes(DType::F32, vec![4], unaligned.clone()).unwrap();
+        assert_eq!(t.as_slice::<f32>().unwrap().len(), 4);
+        assert_eq!(&t.bytes()[..], &unaligned[..]);
+        let owned = Tensor::from_vec(vec![2, 2], vec![1f32, 2., 3., 4.]).unwrap();
+        let again = Tensor::from_bytes(DType::F32, vec![4], owned.bytes().clone()).unwrap();
+        assert!(again.borrows_from(owned.bytes()));
+    }
+
+    #[test]
+    fn size_mismatch_and_dtype_mismatch_are_errors() {
+        let err = Tensor::from_bytes(DType::F32, vec![3], Bytes::from(vec![0u8; 8])).unwrap_err();
+        assert!(err.to_string().contains("needs 12 bytes"), "{err}");
+        let t = Tensor::scalar(3i64);
+        assert!(t.as_slice::<f32>().is_err());
+        assert_eq!(t.to_i64_vec().unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn bools_are_normalized() {
+        let t = Tensor::from_bytes(DType::Bool, vec![3], Bytes::from(vec![0u8, 2, 1])).unwrap();
+        assert_eq!(t.as_slice::<bool>().unwrap(), &[false, true, true]);
+    }
+}
