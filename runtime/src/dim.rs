@@ -146,6 +146,34 @@ impl Dim {
         }
     }
 
+    /// `self / divisor` when the division is exact as polynomials and the divisor is a single
+    /// term (e.g. `batch*seq*64 / (seq*16) = 4*batch`); `None` otherwise.
+    pub fn exact_div(&self, divisor: &Dim) -> Option<Dim> {
+        if let Some(q) = divisor.as_const() {
+            if q == 0 || self.terms.values().any(|c| c % q != 0) {
+                return None;
+            }
+            return Some(self.floor_div(q));
+        }
+        if divisor.terms.len() != 1 {
+            return (self == divisor).then(|| Dim::constant(1));
+        }
+        let (dmono, dcoef) = divisor.terms.iter().next()?;
+        let mut out = Vec::new();
+        for (mono, coef) in &self.terms {
+            if coef % dcoef != 0 {
+                return None;
+            }
+            let mut rest = mono.clone();
+            for atom in dmono {
+                let pos = rest.iter().position(|a| a == atom)?;
+                rest.remove(pos);
+            }
+            out.push((rest, coef / dcoef));
+        }
+        Some(Dim::from_terms(out))
+    }
+
     /// `min(self, other)` when it can be decided symbolically (symbols are non-negative).
     pub fn try_min(&self, other: &Dim) -> Option<Dim> {
         let diff = self.clone() - other.clone();
@@ -302,6 +330,18 @@ mod tests {
             Dim::sym("past").eval(&bindings),
             Err(RuntimeError::UnboundSymbol(s)) if s == "past"
         ));
+    }
+
+    #[test]
+    fn exact_division_cancels_monomials() {
+        let b = Dim::sym("batch");
+        let s = Dim::sym("seq");
+        let vol = b.clone() * s.clone() * Dim::constant(64);
+        let div = s.clone() * Dim::constant(16);
+        assert_eq!(vol.exact_div(&div), Some(b.clone() * Dim::constant(4)));
+        assert_eq!(vol.exact_div(&Dim::constant(3)), None);
+        assert_eq!((s.clone() + Dim::constant(1)).exact_div(&s), None);
+        assert_eq!(vol.exact_div(&vol), Some(Dim::constant(1)));
     }
 
     #[test]
