@@ -1,1 +1,4 @@
-//! placeholder
+//! The PATCH compiler: ONNX import and export, the compile pipeline and the `patchc` CLI.
+
+pub mod inspect;
+pub mod onnx;

@@ -45,7 +45,8 @@ pub fn run(graph: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError
     }
     let fetch = |env: &HashMap<ValueId, Tensor>, id: ValueId| -> Option<Tensor> {
         match &graph.value(id).def {
-            Def::Const(t) => Some(t.clone()),
+            // A misaligned weight is copied for this use only and dropped after it.
+            Def::Const(t) => Some(t.to_aligned()),
             _ => env.get(&id).cloned(),
         }
     };

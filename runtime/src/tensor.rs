@@ -2,8 +2,11 @@
 //!
 //! A [`Tensor`] is a dtype, a concrete shape and a [`Bytes`] buffer in row-major order. The
 //! buffer may borrow a memory-mapped file (weights are never copied at load) or own a typed
-//! `Vec`. Invariants: the buffer holds exactly `volume * dtype.size_of()` bytes, is aligned
-//! for the dtype, and a `Bool` buffer holds only 0 and 1.
+//! `Vec`. Invariants: the buffer holds exactly `volume * dtype.size_of()` bytes and a `Bool`
+//! buffer holds only 0 and 1. A borrowed buffer may be misaligned for its dtype (tensors
+//! embedded in a protobuf sit at arbitrary offsets); typed access then needs
+//! [`Tensor::to_aligned`], which copies that one tensor, so loading never copies weights
+//! wholesale.
 
 use std::fmt;
 
@@ -86,8 +89,8 @@ impl Tensor {
         Tensor::from_vec(shape, data).expect("array volume matches its shape")
     }
 
-    /// A tensor over `data` in little-endian row-major layout, borrowed when it is aligned for
-    /// the dtype and copied otherwise. The byte length must match the shape exactly.
+    /// A tensor over `data` in little-endian row-major layout, borrowed (bool data is copied
+    /// only when it holds bytes other than 0 and 1). The byte length must match the shape.
     pub fn from_bytes(
         dtype: DType,
         shape: Vec<usize>,
@@ -106,14 +109,30 @@ impl Tensor {
                 data.len()
             )));
         }
-        let aligned = (data.as_ptr() as usize) % dtype.size_of() == 0;
         let valid_bools = dtype != DType::Bool || data.iter().all(|&b| b <= 1);
-        let data = if aligned && valid_bools {
+        let data = if valid_bools {
             data
         } else {
             copy_aligned(dtype, &data)
         };
         Ok(Tensor { dtype, shape, data })
+    }
+
+    /// True when the data is aligned for the dtype, so typed access works without a copy.
+    pub fn is_aligned(&self) -> bool {
+        self.data.is_empty() || (self.data.as_ptr() as usize).is_multiple_of(self.dtype.size_of())
+    }
+
+    /// This tensor, or an aligned copy of it when its borrowed bytes are misaligned.
+    pub fn to_aligned(&self) -> Tensor {
+        if self.is_aligned() {
+            return self.clone();
+        }
+        Tensor {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            data: copy_aligned(self.dtype, &self.data),
+        }
     }
 
     /// A tensor of zeros (false for bool).
@@ -162,8 +181,17 @@ impl Tensor {
                 T::DTYPE
             )));
         }
-        // SAFETY: dtype matches T; the buffer is aligned for T and holds `len()` valid
-        // elements (struct invariants).
+        if self.data.is_empty() {
+            return Ok(&[]);
+        }
+        if !self.is_aligned() {
+            return Err(RuntimeError::Tensor(format!(
+                "{}{:?} data is misaligned; use `to_aligned` first",
+                self.dtype, self.shape
+            )));
+        }
+        // SAFETY: dtype matches T; the buffer is aligned for T (checked) and holds `len()`
+        // valid elements (struct invariants).
         Ok(unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const T, self.len()) })
     }
 
@@ -193,6 +221,9 @@ impl Tensor {
 
     /// Integer elements widened to i64 (for shape, index and axis inputs).
     pub fn to_i64_vec(&self) -> Result<Vec<i64>, RuntimeError> {
+        if !self.is_aligned() {
+            return self.to_aligned().to_i64_vec();
+        }
         Ok(match self.dtype {
             DType::I64 => self.as_slice::<i64>()?.to_vec(),
             DType::I32 => self.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
@@ -213,6 +244,9 @@ impl Tensor {
 
     /// Elements converted to f64 (any dtype), for comparisons and reports.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>, RuntimeError> {
+        if !self.is_aligned() {
+            return self.to_aligned().to_f64_vec();
+        }
         Ok(match self.dtype {
             DType::F32 => self.as_slice::<f32>()?.iter().map(|&v| v as f64).collect(),
             DType::F64 => self.as_slice::<f64>()?.to_vec(),
@@ -282,13 +316,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unaligned_bytes_are_copied_and_aligned_bytes_borrowed() {
-        let raw: Vec<u8> = (0..17u8).collect();
-        let backing = Bytes::from(raw);
-        let unaligned = backing.slice(1..17);
+    fn misaligned_bytes_are_borrowed_and_aligned_on_demand() {
+        let owned = Tensor::from_vec(vec![5], vec![1f32, 2., 3., 4., 5.]).unwrap();
+        let unaligned = owned.bytes().slice(1..17);
         let t = Tensor::from_bytes(DType::F32, vec![4], unaligned.clone()).unwrap();
-        assert_eq!(t.as_slice::<f32>().unwrap().len(), 4);
-        assert_eq!(&t.bytes()[..], &unaligned[..]);
+        assert!(t.borrows_from(owned.bytes()) && !t.is_aligned());
+        assert!(t.as_slice::<f32>().is_err());
+        let a = t.to_aligned();
+        assert!(a.is_aligned());
+        assert_eq!(a.as_slice::<f32>().unwrap().len(), 4);
+        assert_eq!(&a.bytes()[..], &unaligned[..]);
         let owned = Tensor::from_vec(vec![2, 2], vec![1f32, 2., 3., 4.]).unwrap();
         let again = Tensor::from_bytes(DType::F32, vec![4], owned.bytes().clone()).unwrap();
         assert!(again.borrows_from(owned.bytes()));

@@ -1,1 +1,109 @@
-//! Cross-crate tests live in `tests/`.
+//! Shared helpers for the cross-crate tests: locating fixtures and reading their ONNX Runtime
+//! goldens (ONNX test-data layout: `cases/<case>/input_<i>.pb`, `output_<i>.pb`).
+
+use std::path::{Path, PathBuf};
+
+use patch_compiler::onnx::{self, proto::TensorProto};
+use patch_runtime::ops::OpRegistry;
+use patch_runtime::{Graph, Tensor};
+use prost::Message;
+
+/// The fixtures every parity test runs on.
+pub const FIXTURES: [&str; 5] = [
+    "llama_dynamo_op18",
+    "llama_torchscript_op17",
+    "llama_optimum_with_past",
+    "gpt2",
+    "qwen2",
+];
+
+/// The golden cases every fixture has.
+pub const CASES: [&str; 4] = ["seq1", "seq7", "seq64", "batch2_leftpad"];
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository root")
+        .to_path_buf()
+}
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    repo_root().join("models/fixtures").join(name)
+}
+
+/// Loads and imports a fixture's model.
+pub fn import_fixture(name: &str) -> Graph {
+    let path = fixture_dir(name).join("model.onnx");
+    let model = onnx::load_model(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    onnx::import_model(&model, &OpRegistry::onnx(), &Default::default())
+        .unwrap_or_else(|e| panic!("importing {}: {e}", path.display()))
+}
+
+/// Reads one serialized `TensorProto`.
+pub fn read_tensor(path: &Path) -> (String, Tensor) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let proto =
+        TensorProto::decode(bytes.as_slice()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let t =
+        onnx::tensor_from_proto(&proto, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (proto.name.unwrap_or_default(), t)
+}
+
+/// Inputs and expected outputs of one case directory, in index order.
+pub struct Case {
+    pub inputs: Vec<(String, Tensor)>,
+    pub outputs: Vec<(String, Tensor)>,
+}
+
+pub fn read_case(dir: &Path) -> Case {
+    let read_all = |prefix: &str| {
+        let mut out = Vec::new();
+        for i in 0.. {
+            let p = dir.join(format!("{prefix}_{i}.pb"));
+            if !p.exists() {
+                break;
+            }
+            out.push(read_tensor(&p));
+        }
+        assert!(!out.is_empty(), "no {prefix}_*.pb in {}", dir.display());
+        out
+    };
+    Case {
+        inputs: read_all("input"),
+        outputs: read_all("output"),
+    }
+}
+
+/// Maximum absolute difference between two f32 tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shape mismatch");
+    let (x, y) = (
+        a.as_slice::<f32>().expect("f32"),
+        b.as_slice::<f32>().expect("f32"),
+    );
+    x.iter()
+        .zip(y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Argmax over the last axis, for every leading position.
+pub fn argmax_last(t: &Tensor) -> Vec<usize> {
+    let n = *t.shape().last().expect("rank >= 1");
+    t.as_slice::<f32>()
+        .expect("f32")
+        .chunks(n)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0
+        })
+        .collect()
+}

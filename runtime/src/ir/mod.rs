@@ -24,6 +24,9 @@ use crate::infer;
 use crate::ops::{Op, OpRegistry};
 use crate::tensor::Tensor;
 
+/// Constants up to this size are copied when misaligned (see [`Graph::add_const`]).
+const SMALL_CONST_BYTES: usize = 1 << 16;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(pub u32);
 

@@ -164,7 +164,11 @@ impl OpRegistry {
         let key = (canonical_domain(domain).to_string(), op_type.to_string());
         let unsupported = || RuntimeError::UnsupportedOp {
             op_type: op_type.to_string(),
-            domain: domain.to_string(),
+            domain: if key.0.is_empty() {
+                "ai.onnx".into()
+            } else {
+                domain.to_string()
+            },
             opset,
             node: node.to_string(),
         };
