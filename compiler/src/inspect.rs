@@ -134,8 +134,8 @@ pub fn summary(graph: &Graph) -> String {
     );
     let _ = writeln!(
         s,
-        "  {:<40} {:<7} {:>6} {:>6}  {}",
-        "node", "op", "K", "N", "weight"
+        "  {:<40} {:<7} {:>6} {:>6}  weight",
+        "node", "op", "K", "N"
     );
     for m in &mms {
         let t = if m.transposed { " (stored [N, K])" } else { "" };

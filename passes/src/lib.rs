@@ -46,7 +46,7 @@ impl<'r> PassManager<'r> {
         }
     }
 
-    pub fn add(mut self, pass: impl Pass + 'static) -> Self {
+    pub fn with_pass(mut self, pass: impl Pass + 'static) -> Self {
         self.passes.push(Box::new(pass));
         self
     }

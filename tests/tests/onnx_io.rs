@@ -103,3 +103,54 @@ fn exported_graphs_import_back_to_the_same_ir_and_outputs() {
         ]
     );
 }
+
+/// Every opset from 13 to 21 imports and runs: the TorchScript export (opset 17) relabelled
+/// 13..=17 and the dynamo export (opset 18) relabelled 18..=21 use only ops whose semantics
+/// do not change across those versions, so each must still match ONNX Runtime's goldens.
+#[test]
+fn opsets_13_to_21_import_and_match_the_goldens() {
+    use patch_compiler::onnx::proto::ModelProto;
+    use prost::Message;
+    for (name, opsets) in [
+        ("llama_torchscript_op17", 13..=17),
+        ("llama_dynamo_op18", 18..=21),
+    ] {
+        let dir = fixture_dir(name);
+        let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
+        let case = read_case(&dir.join("cases/seq7"));
+        let inputs: Vec<_> = case.inputs.iter().map(|(_, t)| t.clone()).collect();
+        for opset in opsets {
+            let mut proto = ModelProto::decode(bytes.as_slice()).unwrap();
+            for o in &mut proto.opset_import {
+                if o.domain.as_deref().unwrap_or("").is_empty() {
+                    o.version = Some(opset);
+                }
+            }
+            let model = onnx::OnnxModel::from_bytes(proto.encode_to_vec().into(), &dir).unwrap();
+            let graph = onnx::import_model(&model, &OpRegistry::onnx(), &Default::default())
+                .unwrap_or_else(|e| panic!("{name} at opset {opset}: {e}"));
+            assert_eq!(graph.opset, opset);
+            let out = interp::run(&graph, &inputs).unwrap();
+            let err = patch_tests::max_abs_diff(&out[0], &case.outputs[0].1);
+            assert!(err <= 1e-4, "{name} at opset {opset}: {err}");
+        }
+    }
+}
+
+#[test]
+fn the_registry_covers_the_required_op_set() {
+    let registry = OpRegistry::onnx();
+    let required =
+        "Add Sub Mul Div Pow Sqrt Reciprocal Neg Exp Tanh Erf Sigmoid Softmax Cast Where \
+        Equal Less LessOrEqual Greater And Or Not IsNaN Max Min ReduceMean ReduceSum ReduceMax \
+        MatMul Gemm Gather GatherND Reshape Transpose Unsqueeze Squeeze Concat Slice Split Expand \
+        Range Shape ConstantOfShape Constant Trilu CumSum Cos Sin LayerNormalization Flatten";
+    let missing: Vec<&str> = required
+        .split_whitespace()
+        .filter(|op| !registry.contains("", op))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ops missing from the registry: {missing:?}"
+    );
+}

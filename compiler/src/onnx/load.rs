@@ -170,12 +170,15 @@ impl ExternalFiles {
     }
 }
 
+/// Resolves `(tensor name, location)` to the bytes of an external data file.
+pub type ExternalResolver<'a> = &'a dyn Fn(&str, &str) -> Result<Bytes, LoadError>;
+
 /// Converts a `TensorProto` into a runtime tensor. `external` resolves
 /// `(tensor name, location)` to the bytes of an external data file; without it, external
 /// tensors are an error.
 pub fn tensor_from_proto(
     t: &TensorProto,
-    external: Option<&dyn Fn(&str, &str) -> Result<Bytes, LoadError>>,
+    external: Option<ExternalResolver<'_>>,
 ) -> Result<Tensor, LoadError> {
     let name = t.name.clone().unwrap_or_default();
     let err = |msg: String| LoadError::Tensor {

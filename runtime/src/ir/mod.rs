@@ -25,7 +25,7 @@ use crate::ops::{Op, OpRegistry};
 use crate::tensor::Tensor;
 
 /// Constants up to this size are copied when misaligned (see [`Graph::add_const`]).
-const SMALL_CONST_BYTES: usize = 1 << 16;
+const SMALL_CONST_BYTES: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(pub u32);
@@ -234,11 +234,18 @@ impl Graph {
         Ok(id)
     }
 
+    /// Adds a constant. Small misaligned constants are aligned here (shape operands, read
+    /// often); large ones stay borrowed and are aligned at use.
     pub fn add_const(
         &mut self,
         name: impl Into<String>,
         t: Tensor,
     ) -> Result<ValueId, RuntimeError> {
+        let t = if t.bytes().len() <= SMALL_CONST_BYTES {
+            t.to_aligned()
+        } else {
+            t
+        };
         let ty = TensorType::new(t.dtype(), crate::dim::shape_of(t.shape()));
         let sym = infer::sym_of_const(&t);
         self.push_value(Value {
