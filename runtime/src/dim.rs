@@ -288,6 +288,128 @@ impl fmt::Debug for Dim {
     }
 }
 
+impl std::str::FromStr for Dim {
+    type Err = RuntimeError;
+
+    /// Parses the text form printed by `Display` (`batch*seq + 3`, `(seq + 1)/2`, `-2*past`).
+    fn from_str(text: &str) -> Result<Dim, RuntimeError> {
+        let mut p = DimParser {
+            s: text.as_bytes(),
+            pos: 0,
+        };
+        let d = p.expr()?;
+        p.skip_ws();
+        if p.pos != p.s.len() {
+            return Err(p.error("unexpected trailing text"));
+        }
+        Ok(d)
+    }
+}
+
+/// Recursive-descent parser for dim expressions:
+/// `expr := term (('+' | '-') term)*`, `term := factor ('*' factor)*`,
+/// `factor := int | ident | '-' factor | '(' expr ')' ['/' int]`.
+struct DimParser<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+impl DimParser<'_> {
+    fn error(&self, msg: &str) -> RuntimeError {
+        RuntimeError::Tensor(format!(
+            "cannot parse dim `{}` at byte {}: {msg}",
+            String::from_utf8_lossy(self.s),
+            self.pos
+        ))
+    }
+
+    fn skip_ws(&mut self) {
+        while self
+            .s
+            .get(self.pos)
+            .is_some_and(|c| c.is_ascii_whitespace())
+        {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.s.get(self.pos).copied()
+    }
+
+    fn expr(&mut self) -> Result<Dim, RuntimeError> {
+        let mut acc = self.term()?;
+        while let Some(c @ (b'+' | b'-')) = self.peek() {
+            self.pos += 1;
+            let t = self.term()?;
+            acc = if c == b'+' { acc + t } else { acc - t };
+        }
+        Ok(acc)
+    }
+
+    fn term(&mut self) -> Result<Dim, RuntimeError> {
+        let mut acc = self.factor()?;
+        while self.peek() == Some(b'*') {
+            self.pos += 1;
+            acc = acc * self.factor()?;
+        }
+        Ok(acc)
+    }
+
+    fn int(&mut self) -> Result<i64, RuntimeError> {
+        self.skip_ws();
+        let start = self.pos;
+        while self.s.get(self.pos).is_some_and(|c| c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        std::str::from_utf8(&self.s[start..self.pos])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| self.error("expected an integer"))
+    }
+
+    fn factor(&mut self) -> Result<Dim, RuntimeError> {
+        match self.peek() {
+            Some(b'-') => {
+                self.pos += 1;
+                Ok(-self.factor()?)
+            }
+            Some(b'(') => {
+                self.pos += 1;
+                let inner = self.expr()?;
+                if self.peek() != Some(b')') {
+                    return Err(self.error("expected `)`"));
+                }
+                self.pos += 1;
+                if self.peek() == Some(b'/') {
+                    self.pos += 1;
+                    let q = self.int()?;
+                    if q == 0 {
+                        return Err(self.error("division by zero"));
+                    }
+                    return Ok(inner.floor_div(q));
+                }
+                Ok(inner)
+            }
+            Some(c) if c.is_ascii_digit() => Ok(Dim::constant(self.int()?)),
+            Some(c) if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = self.pos;
+                while self
+                    .s
+                    .get(self.pos)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+                {
+                    self.pos += 1;
+                }
+                let name = std::str::from_utf8(&self.s[start..self.pos]).expect("ascii");
+                Ok(Dim::sym(name))
+            }
+            _ => Err(self.error("expected a number, a symbol, `-` or `(`")),
+        }
+    }
+}
+
 /// Formats a shape as `[batch, seq, 64]`.
 pub fn shape_to_string(shape: &[Dim]) -> String {
     let parts: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
@@ -330,6 +452,28 @@ mod tests {
             Dim::sym("past").eval(&bindings),
             Err(RuntimeError::UnboundSymbol(s)) if s == "past"
         ));
+    }
+
+    #[test]
+    fn text_form_parses_back() {
+        let b = Dim::sym("batch");
+        let s = Dim::sym("seq");
+        let p = Dim::sym("past_sequence_length");
+        for d in [
+            Dim::constant(0),
+            Dim::constant(-7),
+            b.clone() * s.clone() + Dim::constant(3),
+            p.clone() + s.clone(),
+            (s.clone() + Dim::constant(1)).floor_div(2) * Dim::constant(3) - b.clone(),
+            -(b.clone() * Dim::constant(2)) + p.clone() * p.clone(),
+            ((p.clone() - s.clone()).floor_div(4) + Dim::constant(1)).floor_div(2),
+        ] {
+            let text = d.to_string();
+            assert_eq!(text.parse::<Dim>().unwrap(), d, "{text}");
+        }
+        for bad in ["", "seq +", "(seq", "3 $", "(seq)/0"] {
+            assert!(bad.parse::<Dim>().is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -100,6 +100,25 @@ impl InputRole {
         }
     }
 
+    /// Inverse of [`InputRole::label`].
+    pub fn from_label(label: &str) -> Option<InputRole> {
+        Some(match label {
+            "ids" => InputRole::TokenIds,
+            "mask" => InputRole::AttentionMask,
+            "positions" => InputRole::PositionIds,
+            "other" => InputRole::Other,
+            _ => {
+                let (kind, layer) = label.split_once('.')?;
+                let layer = layer.parse().ok()?;
+                match kind {
+                    "past_key" => InputRole::PastKey(layer),
+                    "past_value" => InputRole::PastValue(layer),
+                    _ => return None,
+                }
+            }
+        })
+    }
+
     pub fn label(self) -> String {
         match self {
             InputRole::TokenIds => "ids".into(),
@@ -124,6 +143,23 @@ impl OutputRole {
             "logits" => OutputRole::Logits,
             _ => OutputRole::Other,
         }
+    }
+
+    /// Inverse of [`OutputRole::label`].
+    pub fn from_label(label: &str) -> Option<OutputRole> {
+        Some(match label {
+            "logits" => OutputRole::Logits,
+            "other" => OutputRole::Other,
+            _ => {
+                let (kind, layer) = label.split_once('.')?;
+                let layer = layer.parse().ok()?;
+                match kind {
+                    "present_key" => OutputRole::PresentKey(layer),
+                    "present_value" => OutputRole::PresentValue(layer),
+                    _ => return None,
+                }
+            }
+        })
     }
 
     pub fn label(self) -> String {

@@ -1,0 +1,130 @@
+//! The `.patch` bundle: round trip, zero-copy aligned tensors, and clear errors for truncated,
+//! corrupt, foreign or other-version files.
+
+use std::path::Path;
+
+use patch_runtime::bundle::{self, BundleContents, Generation, LoadOptions, ALIGN};
+use patch_runtime::interp;
+use patch_runtime::ops::OpRegistry;
+use patch_tests::{fixture_dir, import_fixture, read_case, FIXTURES};
+
+fn contents(name: &str) -> BundleContents {
+    BundleContents {
+        graph: import_fixture(name),
+        tokenizer_json: Some(bytes::Bytes::from_static(b"{\"version\": \"1.0\"}")),
+        generation: Generation {
+            eos_token_ids: vec![2, 7],
+            bos_token_id: Some(1),
+            chat_template: Some("{{ messages }}".into()),
+            max_context: Some(256),
+        },
+        compile_report_json: "{\"sparsity\": 0}".into(),
+        metadata: [("source".to_string(), name.to_string())].into(),
+    }
+}
+
+fn load(path: &Path) -> Result<bundle::Bundle, String> {
+    bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn bundles_round_trip_every_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let c = contents(name);
+        let path = dir.path().join(format!("{name}.patch"));
+        bundle::write_bundle(&path, &c).unwrap();
+        let b = load(&path).unwrap();
+        assert_eq!(
+            b.contents.graph.to_text(),
+            c.graph.to_text(),
+            "{name}: IR changed"
+        );
+        assert_eq!(b.contents.generation, c.generation);
+        assert_eq!(b.contents.tokenizer_json, c.tokenizer_json);
+        assert_eq!(b.contents.compile_report_json, c.compile_report_json);
+        assert_eq!(b.contents.metadata, c.metadata);
+        // Weights are 64-byte aligned slices of the map: typed access needs no copy.
+        for (_, t) in b.contents.graph.consts().filter(|(_, t)| t.len() >= 1024) {
+            assert_eq!(t.bytes().as_ptr() as usize % ALIGN, 0);
+            assert!(t.is_aligned());
+        }
+        let case = read_case(&fixture_dir(name).join("cases/seq7"));
+        let inputs: Vec<_> = case.inputs.iter().map(|(_, t)| t.clone()).collect();
+        let want = interp::run(&c.graph, &inputs).unwrap();
+        let got = interp::run(&b.contents.graph, &inputs).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(
+                w.bytes(),
+                g.bytes(),
+                "{name}: outputs changed through the bundle"
+            );
+        }
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".patch"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+fn written(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let path = dir.join("m.patch");
+    bundle::write_bundle(&path, &contents("gpt2")).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    (path, bytes)
+}
+
+#[test]
+fn corruption_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut bytes) = written(dir.path());
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load(&path).unwrap_err();
+    assert!(err.contains("corrupt") && err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn truncation_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, bytes) = written(dir.path());
+    for keep in [bytes.len() - 1, bytes.len() / 2, 40] {
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(err.contains("truncated"), "{keep} bytes: {err}");
+    }
+}
+
+#[test]
+fn foreign_files_and_other_versions_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut bytes) = written(dir.path());
+    bytes[8] = 2;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load(&path).unwrap_err();
+    assert!(
+        err.contains("format version 2") && err.contains("recompile"),
+        "{err}"
+    );
+
+    let onnx = fixture_dir("gpt2").join("model.onnx");
+    let err = load(&onnx).unwrap_err();
+    assert!(err.contains("not a PATCH bundle"), "{err}");
+    let err = load(&dir.path().join("missing.patch")).unwrap_err();
+    assert!(
+        err.contains("cannot access") && err.contains("missing.patch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("no-such-dir").join("m.patch");
+    assert!(bundle::write_bundle(&target, &contents("gpt2")).is_err());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
