@@ -148,7 +148,7 @@ pub fn write_bundle(path: &Path, contents: &BundleContents) -> Result<(), Bundle
         let mut crc = crc32fast::Hasher::new();
         w.write_all(&manifest_bytes).map_err(&err)?;
         crc.update(&manifest_bytes);
-        let pad = vec![0u8; ALIGN];
+        let pad = [0u8; ALIGN];
         w.write_all(&pad[..data_offset - HEADER_LEN - manifest_bytes.len()])
             .map_err(&err)?;
         let mut written = 0u64;
@@ -257,7 +257,7 @@ pub fn load_bundle(
         .ok_or_else(|| corrupt("data length overflows".into()))?;
     if manifest_offset != HEADER_LEN as u64
         || data_offset < manifest_end
-        || data_offset % ALIGN as u64 != 0
+        || !data_offset.is_multiple_of(ALIGN as u64)
     {
         return Err(corrupt(format!(
             "inconsistent header (manifest at {manifest_offset}+{manifest_len}, data at {data_offset})"
