@@ -1,6 +1,49 @@
 //! Tile formats, packing and CPU kernels for hybrid dense / 2:4 sparse weights.
 //!
-//! Every optimized kernel in this crate has a plain scalar twin in [`reference`] and a test
-//! that the two agree on random inputs, ragged shapes included.
+//! * [`format`]: the one packed format ([`pack`], [`PackedWeight::unpack`]) shared by every
+//!   backend — dense tiles and 2:4 tiles with `mma.sp`-style metadata, f32/bf16/f16.
+//! * [`CpuKernels`]: `Y = X · W (+ bias)` for any M (GEMV to GEMM), multi-threaded over
+//!   output column panels, with the SIMD path ([`SimdPath`]) chosen at run time.
+//!
+//! Every optimized kernel in this crate has a plain scalar twin (the [`SimdPath::Scalar`]
+//! path, and [`reference`]) and tests that they agree on random inputs, ragged shapes
+//! included.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod cpu;
+pub mod dispatch;
+pub mod format;
+pub mod pool;
 pub mod reference;
+mod scalar;
+
+pub use cpu::{matmul, CpuKernels};
+pub use dispatch::SimdPath;
+pub use format::{
+    magnitude_24_mask, pack, PackError, PackedWeight, TileInfo, TileKind, TileMap, TileShape,
+    WeightDtype, WeightElement,
+};
+pub use half::{bf16, f16};
+
+/// Errors from running a kernel.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("unknown kernel path {0:?} (expected scalar, avx2 or avx512)")]
+    UnknownPath(String),
+    #[error("kernel path {0} is not supported by this CPU")]
+    UnsupportedPath(SimdPath),
+    #[error("bad thread count {0:?} (expected a positive integer)")]
+    BadThreads(String),
+    #[error("matmul [{m}, {k}] x [{k}, {n}]: {what} has {got} elements, expected {expected}")]
+    Shape {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+}

@@ -1,0 +1,225 @@
+//! AVX2 + FMA + F16C tile kernels (8 output columns per `ymm`, f32 accumulators in column
+//! layout): the same algorithm as [`crate::avx512`] on 256-bit vectors. `vpermilps` works
+//! inside 128-bit lanes, so broadcasting `x[4g .. 4g + 4]` to both lanes and indexing with
+//! the metadata word gives `x[4g + i0]` per column exactly as on AVX-512.
+
+use core::arch::x86_64::*;
+
+use crate::cpu::{TileJob, DT_BF16, DT_F16, DT_F32};
+
+/// Output columns per vector.
+pub(crate) const LANES: usize = 8;
+
+/// Loads 8 column pairs starting at `p` and returns (even-k values, odd-k values) as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn split<const DT: u8>(p: *const u8) -> (__m256, __m256) {
+    if DT == DT_BF16 {
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        let e = _mm256_slli_epi32::<16>(v);
+        let o = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+        (_mm256_castsi256_ps(e), _mm256_castsi256_ps(o))
+    } else {
+        let (a, b) = if DT == DT_F32 {
+            let q = p as *const f32;
+            (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)))
+        } else {
+            debug_assert_eq!(DT, DT_F16);
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            )
+        };
+        // shuffle gives [e0 e1 e4 e5 | e2 e3 e6 e7]; the 64-bit permute restores the order.
+        let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
+            _mm256_shuffle_ps::<0x88>(a, b),
+        )));
+        let odd = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
+            _mm256_shuffle_ps::<0xDD>(a, b),
+        )));
+        (even, odd)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_acc<const MR: usize, const NV: usize>(
+    acc: &[[__m256; NV]; MR],
+    y: *mut f32,
+    ys: usize,
+) {
+    for (r, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            let p = y.add(r * ys + v * LANES);
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *a));
+        }
+    }
+}
+
+/// Dense block: `MR` rows by `NV * 16` columns over `kpairs` K-pairs.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense<const DT: u8, const MR: usize, const NV: usize>(
+    x: *const f32,
+    xs: usize,
+    w: *const u8,
+    ws: usize,
+    kpairs: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    let esz = if DT == DT_F32 { 4 } else { 2 };
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    for kp in 0..kpairs {
+        let wp = w.add(kp * ws);
+        let mut e = [_mm256_setzero_ps(); NV];
+        let mut o = [_mm256_setzero_ps(); NV];
+        for v in 0..NV {
+            (e[v], o[v]) = split::<DT>(wp.add(v * LANES * 2 * esz));
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let xr = x.add(r * xs + 2 * kp);
+            let x0 = _mm256_set1_ps(*xr);
+            let x1 = _mm256_set1_ps(*xr.add(1));
+            for v in 0..NV {
+                acc_r[v] = _mm256_fmadd_ps(e[v], x0, acc_r[v]);
+                acc_r[v] = _mm256_fmadd_ps(o[v], x1, acc_r[v]);
+            }
+        }
+    }
+    store_acc(&acc, y, ys);
+}
+
+/// 2:4 block: `MR` rows by `NV * 16` columns over `groups` groups of four K rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sparse<const DT: u8, const MR: usize, const NV: usize>(
+    x: *const f32,
+    xs: usize,
+    vals: *const u8,
+    vs: usize,
+    meta: *const u32,
+    ms: usize,
+    groups: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    let esz = if DT == DT_F32 { 4 } else { 2 };
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    let mut mw = [_mm256_setzero_si256(); NV];
+    for g in 0..groups {
+        if g % 8 == 0 {
+            for (v, m) in mw.iter_mut().enumerate() {
+                *m = _mm256_loadu_si256(meta.add((g / 8) * ms + v * LANES) as *const __m256i);
+            }
+        }
+        let vp = vals.add(g * vs);
+        let mut e = [_mm256_setzero_ps(); NV];
+        let mut o = [_mm256_setzero_ps(); NV];
+        let mut s1 = [_mm256_setzero_si256(); NV];
+        for v in 0..NV {
+            (e[v], o[v]) = split::<DT>(vp.add(v * LANES * 2 * esz));
+            s1[v] = _mm256_srli_epi32::<2>(mw[v]);
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // x[4g .. 4g + 4] in every 128-bit lane; vpermilps uses bits 1:0 of each index.
+            let x4h = _mm_loadu_ps(x.add(r * xs + 4 * g));
+            let x4 = _mm256_set_m128(x4h, x4h);
+            for v in 0..NV {
+                let xa = _mm256_permutevar_ps(x4, mw[v]);
+                let xb = _mm256_permutevar_ps(x4, s1[v]);
+                acc_r[v] = _mm256_fmadd_ps(e[v], xa, acc_r[v]);
+                acc_r[v] = _mm256_fmadd_ps(o[v], xb, acc_r[v]);
+            }
+        }
+        for m in mw.iter_mut() {
+            *m = _mm256_srli_epi32::<4>(*m);
+        }
+    }
+    store_acc(&acc, y, ys);
+}
+
+macro_rules! dispatch {
+    ($kern:ident, $dt:ident, $mr:expr, $nv:expr, ($($a:expr),*)) => {
+        match ($mr, $nv) {
+            (1, 1) => $kern::<$dt, 1, 1>($($a),*),
+            (1, 2) => $kern::<$dt, 1, 2>($($a),*),
+            (1, 3) => $kern::<$dt, 1, 3>($($a),*),
+            (1, 4) => $kern::<$dt, 1, 4>($($a),*),
+            (2, 1) => $kern::<$dt, 2, 1>($($a),*),
+            (2, 2) => $kern::<$dt, 2, 2>($($a),*),
+            (3, 1) => $kern::<$dt, 3, 1>($($a),*),
+            (3, 2) => $kern::<$dt, 3, 2>($($a),*),
+            (4, 1) => $kern::<$dt, 4, 1>($($a),*),
+            (4, 2) => $kern::<$dt, 4, 2>($($a),*),
+            other => unreachable!("no avx2 block kernel for {other:?}"),
+        }
+    };
+}
+
+/// Runs the tile job over `nvec` full vectors of 8 columns starting at `job.col0`.
+///
+/// # Safety
+/// The CPU must support the AVX2 path and `job` must satisfy the [`TileJob`] contract for
+/// `nvec * 8` columns.
+pub(crate) unsafe fn run_tile(job: &TileJob, nvec: usize) {
+    match job.dtype {
+        DT_F32 => run::<DT_F32>(job, nvec),
+        DT_BF16 => run::<DT_BF16>(job, nvec),
+        _ => run::<DT_F16>(job, nvec),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run<const DT: u8>(job: &TileJob, nvec: usize) {
+    let esz = if DT == DT_F32 { 4 } else { 2 };
+    // 16 ymm registers: GEMV 1 row x 32 columns; GEMM 4 rows x 16 (dense) or 8 (2:4) columns.
+    let (mr_max, nv_max) = match (job.rows, job.sparse) {
+        (1, _) => (1, 4),
+        (_, false) => (4, 2),
+        (_, true) => (4, 1),
+    };
+    let row_bytes = job.nw * 2 * esz;
+    let mut v0 = 0;
+    while v0 < nvec {
+        let nv = (nvec - v0).min(nv_max);
+        let col = job.col0 + v0 * LANES;
+        let mut m0 = 0;
+        while m0 < job.rows {
+            let mr = (job.rows - m0).min(mr_max);
+            let x = job.x.add(m0 * job.xs);
+            let y = job.y.add(m0 * job.ys + v0 * LANES);
+            let w = job.vals.add(col * 2 * esz);
+            if job.sparse {
+                let meta = job.meta.add(col);
+                dispatch!(
+                    sparse,
+                    DT,
+                    mr,
+                    nv,
+                    (
+                        x,
+                        job.xs,
+                        w,
+                        row_bytes,
+                        meta,
+                        job.nw,
+                        job.kpad / 4,
+                        y,
+                        job.ys
+                    )
+                );
+            } else {
+                dispatch!(
+                    dense,
+                    DT,
+                    mr,
+                    nv,
+                    (x, job.xs, w, row_bytes, job.kpad / 2, y, job.ys)
+                );
+            }
+            m0 += mr;
+        }
+        v0 += nv;
+    }
+}

@@ -1,0 +1,291 @@
+//! The CPU driver: `Y[M, N] = X[M, K] · W (+ bias)` over a [`PackedWeight`], multi-threaded
+//! over output column panels, dispatching every tile to the SIMD path chosen at run time.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use crate::dispatch::{threads_from_env, SimdPath};
+use crate::format::{PackedWeight, TileKind, WeightDtype};
+use crate::pool::ThreadPool;
+use crate::{scalar, KernelError};
+
+pub(crate) const DT_F32: u8 = 0;
+pub(crate) const DT_BF16: u8 = 1;
+pub(crate) const DT_F16: u8 = 2;
+
+/// Columns in one unit of work handed to a thread (a multiple of every path's lane count).
+const UNIT: usize = 16;
+/// Rows of X processed per pass over a weight column panel (keeps the X panel in L2).
+const ROW_CHUNK: usize = 256;
+
+/// One tile's worth of work for a kernel.
+///
+/// Contract: `x` points at `X[m0, tile.k0]` of an X whose rows hold at least
+/// `tile.k0 + kpad` readable floats (zero padded past K), row stride `xs`; `vals`/`meta` point
+/// at the tile's values and metadata; `y` points at `Y[m0, tile.n0 + col0]`, row stride `ys`,
+/// and the kernel owns those `rows` x `cols` outputs for the duration of the call.
+pub(crate) struct TileJob {
+    pub dtype: u8,
+    pub sparse: bool,
+    pub x: *const f32,
+    pub xs: usize,
+    pub rows: usize,
+    pub vals: *const u8,
+    pub meta: *const u32,
+    pub nw: usize,
+    pub kpad: usize,
+    pub col0: usize,
+    pub y: *mut f32,
+    pub ys: usize,
+}
+
+/// Output pointer shared by the threads of one call; each writes a disjoint column range.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: threads write disjoint column ranges of Y (see `CpuKernels::matmul`), and the
+// pointer does not outlive the `&mut [f32]` it comes from (the pool joins before returning).
+unsafe impl Sync for SharedOut {}
+// SAFETY: as above.
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// CPU kernels bound to one SIMD path and one thread pool.
+pub struct CpuKernels {
+    path: SimdPath,
+    pool: ThreadPool,
+}
+
+impl std::fmt::Debug for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuKernels")
+            .field("path", &self.path)
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+impl CpuKernels {
+    /// Kernels on `path` (an error if this CPU lacks it) with `threads` threads (≥ 1).
+    pub fn new(path: SimdPath, threads: usize) -> Result<Self, KernelError> {
+        if !path.is_supported() {
+            return Err(KernelError::UnsupportedPath(path));
+        }
+        if threads == 0 {
+            return Err(KernelError::BadThreads("0".into()));
+        }
+        Ok(CpuKernels {
+            path,
+            pool: ThreadPool::new(threads),
+        })
+    }
+
+    /// Path from `PATCH_KERNEL_PATH` (else detected), threads from `PATCH_THREADS` (else all).
+    pub fn from_env() -> Result<Self, KernelError> {
+        Self::new(SimdPath::from_env()?, threads_from_env()?)
+    }
+
+    /// The process-wide instance, built once by [`from_env`](Self::from_env).
+    pub fn global() -> Result<&'static CpuKernels, KernelError> {
+        static GLOBAL: OnceLock<Result<CpuKernels, KernelError>> = OnceLock::new();
+        GLOBAL
+            .get_or_init(CpuKernels::from_env)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    pub fn path(&self) -> SimdPath {
+        self.path
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// `y[M, N] = x[M, K] · W (+ bias)`, all row-major f32, accumulation in f32.
+    pub fn matmul(
+        &self,
+        m: usize,
+        x: &[f32],
+        w: &PackedWeight,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (k, n) = (w.k(), w.n());
+        let check = |what: &'static str, expected: usize, got: usize| {
+            if expected == got {
+                Ok(())
+            } else {
+                Err(KernelError::Shape {
+                    what,
+                    expected,
+                    got,
+                    m,
+                    k,
+                    n,
+                })
+            }
+        };
+        check("x", m * k, x.len())?;
+        check("y", m * n, y.len())?;
+        if let Some(b) = bias {
+            check("bias", n, b.len())?;
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // X rows padded to a multiple of 4 so every tile can read whole groups.
+        let kp = k.div_ceil(4) * 4;
+        let xpad: Cow<[f32]> = if kp == k {
+            Cow::Borrowed(x)
+        } else {
+            let mut v = vec![0f32; m * kp];
+            for (dst, src) in v.chunks_exact_mut(kp).zip(x.chunks_exact(k.max(1))) {
+                dst[..k].copy_from_slice(src);
+            }
+            Cow::Owned(v)
+        };
+        let map = w.tile_map();
+        let nt = map.n_tiles();
+        let units_of = |j: usize| w.tile(0, j).nw.div_ceil(UNIT);
+        let total: usize = if map.k_tiles() == 0 {
+            n.div_ceil(UNIT)
+        } else {
+            (0..nt).map(units_of).sum()
+        };
+        let used = self.threads().min(total).max(1);
+        let out = SharedOut(y.as_mut_ptr());
+        let xs: &[f32] = &xpad;
+        let work = |t: usize| {
+            if t >= used {
+                return;
+            }
+            let (u0, u1) = (total * t / used, total * (t + 1) / used);
+            if map.k_tiles() == 0 {
+                // K == 0: Y is just the bias.
+                let (c0, c1) = (u0 * UNIT, (u1 * UNIT).min(n));
+                for r in 0..m {
+                    for c in c0..c1 {
+                        // SAFETY: (r, c) is inside Y and column c belongs to this thread only.
+                        unsafe { *out.ptr().add(r * n + c) = bias.map_or(0.0, |b| b[c]) };
+                    }
+                }
+                return;
+            }
+            let mut base = 0;
+            for j in 0..nt {
+                let nu = units_of(j);
+                let (a, b) = (u0.max(base), u1.min(base + nu));
+                if a < b {
+                    let nw = w.tile(0, j).nw;
+                    let (c0, c1) = ((a - base) * UNIT, ((b - base) * UNIT).min(nw));
+                    // SAFETY: columns c0..c1 of tile column j belong to this thread only;
+                    // `xs` has m rows of kp floats.
+                    unsafe { self.panel(m, xs, kp, w, bias, out.ptr(), j, c0, c1) };
+                }
+                base += nu;
+            }
+        };
+        if used == 1 {
+            work(0);
+        } else {
+            self.pool.run(&work);
+        }
+        Ok(())
+    }
+
+    /// Computes columns `c0..c1` of tile column `j` for all rows.
+    ///
+    /// # Safety
+    /// `y` is the start of an `m x n` row-major output no one else writes in those columns;
+    /// `xs` holds `m` rows of `kp` floats.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panel(
+        &self,
+        m: usize,
+        xs: &[f32],
+        kp: usize,
+        w: &PackedWeight,
+        bias: Option<&[f32]>,
+        y: *mut f32,
+        j: usize,
+        c0: usize,
+        c1: usize,
+    ) {
+        let n = w.n();
+        let n0 = w.tile(0, j).n0;
+        let lanes = self.path.lanes();
+        let dtype = match w.dtype() {
+            WeightDtype::F32 => DT_F32,
+            WeightDtype::Bf16 => DT_BF16,
+            WeightDtype::F16 => DT_F16,
+        };
+        let vals = w.values().as_ptr();
+        let meta = w.meta().as_ptr();
+        for mc in (0..m).step_by(ROW_CHUNK) {
+            let rows = ROW_CHUNK.min(m - mc);
+            for r in mc..mc + rows {
+                let yr = y.add(r * n + n0);
+                for c in c0..c1 {
+                    *yr.add(c) = bias.map_or(0.0, |b| b[n0 + c]);
+                }
+            }
+            for i in 0..w.tile_map().k_tiles() {
+                let t = w.tile(i, j);
+                let mut job = TileJob {
+                    dtype,
+                    sparse: t.kind == TileKind::Sparse24,
+                    x: xs.as_ptr().add(mc * kp + t.k0),
+                    xs: kp,
+                    rows,
+                    vals: vals.add(t.val_offset),
+                    meta: meta.add(t.meta_offset),
+                    nw: t.nw,
+                    kpad: t.kpad,
+                    col0: c0,
+                    y: y.add(mc * n + n0 + c0),
+                    ys: n,
+                };
+                let nvec = match self.path {
+                    SimdPath::Scalar => 0,
+                    _ => (c1 - c0) / lanes,
+                };
+                match self.path {
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx512 => crate::avx512::run_tile(&job, nvec),
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx2 => crate::avx2::run_tile(&job, nvec),
+                    _ => {}
+                }
+                let done = nvec * lanes;
+                if done < c1 - c0 {
+                    job.col0 += done;
+                    job.y = job.y.add(done);
+                    let cols = c1 - c0 - done;
+                    match w.dtype() {
+                        WeightDtype::F32 => scalar::tile::<f32>(&job, cols),
+                        WeightDtype::Bf16 => scalar::tile::<bf16>(&job, cols),
+                        WeightDtype::F16 => scalar::tile::<f16>(&job, cols),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = x · W (+ bias)` on the process-wide [`CpuKernels::global`] instance.
+pub fn matmul(
+    m: usize,
+    x: &[f32],
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    CpuKernels::global()?.matmul(m, x, w, bias, y)
+}

@@ -1,0 +1,146 @@
+//! Run-time choice of the SIMD path.
+//!
+//! Kernels are compiled for every path with `#[target_feature(enable = ...)]`; which one runs
+//! is decided when a [`crate::CpuKernels`] is built, from `is_x86_feature_detected!`, or forced
+//! with the `PATCH_KERNEL_PATH` environment variable (`scalar`, `avx2`, `avx512`) or
+//! [`crate::CpuKernels::new`]. No RUSTFLAGS are needed.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::KernelError;
+
+/// Environment variable that forces a path.
+pub const PATH_ENV: &str = "PATCH_KERNEL_PATH";
+/// Environment variable that sets the default thread count.
+pub const THREADS_ENV: &str = "PATCH_THREADS";
+
+/// An instruction-set path. Every SIMD path has the scalar path as its twin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SimdPath {
+    /// Portable scalar code: the twin every SIMD kernel is tested against.
+    Scalar,
+    /// AVX2 + FMA + F16C, 8 output columns per vector.
+    Avx2,
+    /// AVX-512 F/BW/VL/DQ, 16 output columns per vector.
+    Avx512,
+}
+
+impl SimdPath {
+    pub const ALL: [SimdPath; 3] = [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512];
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            SimdPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best path this CPU supports.
+    pub fn detect() -> SimdPath {
+        [SimdPath::Avx512, SimdPath::Avx2]
+            .into_iter()
+            .find(|p| p.is_supported())
+            .unwrap_or(SimdPath::Scalar)
+    }
+
+    /// Every path this CPU supports, scalar first.
+    pub fn available() -> Vec<SimdPath> {
+        SimdPath::ALL
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect()
+    }
+
+    /// The path named by `PATCH_KERNEL_PATH`, or the detected one when unset.
+    pub fn from_env() -> Result<SimdPath, KernelError> {
+        match std::env::var(PATH_ENV) {
+            Ok(s) if !s.trim().is_empty() => {
+                let p: SimdPath = s.parse()?;
+                if !p.is_supported() {
+                    return Err(KernelError::UnsupportedPath(p));
+                }
+                Ok(p)
+            }
+            _ => Ok(SimdPath::detect()),
+        }
+    }
+
+    /// Output columns one vector register holds (the column granularity of the kernel).
+    pub(crate) fn lanes(self) -> usize {
+        match self {
+            SimdPath::Scalar => 1,
+            SimdPath::Avx2 => 8,
+            SimdPath::Avx512 => 16,
+        }
+    }
+}
+
+impl fmt::Display for SimdPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SimdPath::Scalar => "scalar",
+            SimdPath::Avx2 => "avx2",
+            SimdPath::Avx512 => "avx512",
+        })
+    }
+}
+
+impl FromStr for SimdPath {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Ok(SimdPath::Scalar),
+            "avx2" => Ok(SimdPath::Avx2),
+            "avx512" | "avx-512" => Ok(SimdPath::Avx512),
+            _ => Err(KernelError::UnknownPath(s.to_string())),
+        }
+    }
+}
+
+/// Default thread count: `PATCH_THREADS`, else the available parallelism.
+pub fn threads_from_env() -> Result<usize, KernelError> {
+    match std::env::var(THREADS_ENV) {
+        Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(KernelError::BadThreads(s)),
+        },
+        _ => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_paths() {
+        assert_eq!("AVX512".parse::<SimdPath>().unwrap(), SimdPath::Avx512);
+        assert_eq!("scalar".parse::<SimdPath>().unwrap(), SimdPath::Scalar);
+        assert!(matches!(
+            "neon".parse::<SimdPath>(),
+            Err(KernelError::UnknownPath(_))
+        ));
+        assert!(SimdPath::available().contains(&SimdPath::Scalar));
+        assert!(SimdPath::detect().is_supported());
+    }
+}
