@@ -89,3 +89,45 @@ fn errors_are_one_clear_line_and_a_failure_status() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
+    let dir = std::env::temp_dir().join(format!("patchc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("gpt2.patch");
+    let out_s = out.to_string_lossy().into_owned();
+    let (ok, _, err) = patchc(&["compile", &fixture("gpt2"), "-o", &out_s]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("compiled") && err.contains("weight matmuls"),
+        "{err}"
+    );
+
+    let bundle = patch_runtime::bundle::load_bundle(
+        &out,
+        &patch_runtime::ops::OpRegistry::onnx(),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(bundle
+        .contents
+        .compile_report_json
+        .contains("\"sparsity\":0.0"));
+    assert!(bundle.contents.graph.node_count() > 100);
+
+    for bad in ["0.6", "-0.1", "NaN"] {
+        let flag = format!("--sparsity={bad}");
+        let (ok, _, err) = patchc(&["compile", &fixture("gpt2"), "-o", &out_s, &flag]);
+        assert!(!ok && err.contains("within [0, 0.5]"), "{bad}: {err}");
+    }
+    let (ok, _, err) = patchc(&[
+        "compile",
+        &fixture("gpt2"),
+        "-o",
+        &out_s,
+        "--sparsity",
+        "0.4",
+    ]);
+    assert!(!ok && err.contains("calibration"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

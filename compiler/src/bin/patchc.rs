@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use patch_compiler::{inspect, onnx};
+use patch_compiler::{inspect, onnx, pipeline};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -29,6 +29,20 @@ enum Command {
         #[arg(long)]
         ir: bool,
     },
+    /// Compile an ONNX model into a `.patch` bundle.
+    Compile {
+        /// The ONNX model (external data is found beside it).
+        model: PathBuf,
+        /// Where to write the bundle (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The Hugging Face tokenizer.json (default: the one beside the model, if any).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Global sparsity in [0, 0.5]: the fraction of prunable weights set to zero.
+        #[arg(long, default_value_t = 0.0)]
+        sparsity: f64,
+    },
     /// List the ops the importer and interpreter support.
     ListOps,
 }
@@ -45,6 +59,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", inspect::summary(&graph));
             }
+        }
+        Command::Compile {
+            model,
+            output,
+            tokenizer,
+            sparsity,
+        } => {
+            let options = pipeline::CompileOptions {
+                model,
+                output: output.clone(),
+                tokenizer,
+                sparsity,
+            };
+            let report = pipeline::compile(&options, &registry)?;
+            let r = &report.json;
+            eprintln!(
+                "compiled {} nodes ({} imported), {} parameters, {} weight matmuls -> {}",
+                r["nodes"]["final"],
+                r["nodes"]["imported"],
+                r["parameters"],
+                r["weight_matmuls"],
+                output.display()
+            );
         }
         Command::ListOps => {
             println!("{:<12} {:<24} since opset", "domain", "op");

@@ -1,0 +1,201 @@
+//! The compile pipeline behind `patchc compile`: ONNX → IR → passes → `.patch` bundle.
+//!
+//! Today the pipeline is dense (sparsity 0): it imports, eliminates dead code, and packs the
+//! graph with its tokenizer, generation metadata and a compile report into one bundle.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use patch_passes::{dce::DeadCodeElimination, PassError, PassManager};
+use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
+use patch_runtime::ops::OpRegistry;
+use serde_json::{json, Value};
+
+use crate::inspect;
+use crate::onnx::{self, import::ImportError, LoadError};
+
+/// What to compile and how.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub model: PathBuf,
+    pub output: PathBuf,
+    /// `tokenizer.json`; when `None`, one beside the model is used if present.
+    pub tokenizer: Option<PathBuf>,
+    /// Target global sparsity in [0, 0.5].
+    pub sparsity: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("--sparsity must be within [0, 0.5] (0 = dense, 0.5 = every tile 2:4), got {0}")]
+    SparsityRange(f64),
+    #[error("--sparsity {0} needs the calibration pass, which this build does not have yet; compile with --sparsity 0")]
+    SparsityUnsupported(f64),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("importing `{path}`: {source}")]
+    Import {
+        path: PathBuf,
+        #[source]
+        source: ImportError,
+    },
+    #[error(transparent)]
+    Pass(#[from] PassError),
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}
+
+/// A summary of one compilation.
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    pub json: Value,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CompileError> {
+    std::fs::read(path).map_err(|source| CompileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Generation metadata from a `generation.json` or Hugging Face `generation_config.json` /
+/// `tokenizer_config.json` / `config.json` beside the model, whichever exist.
+fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
+    let mut gen = Generation::default();
+    let ids = |v: &Value| -> Vec<i64> {
+        match v {
+            Value::Number(n) => n.as_i64().into_iter().collect(),
+            Value::Array(a) => a.iter().filter_map(Value::as_i64).collect(),
+            _ => Vec::new(),
+        }
+    };
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "generation.json",
+    ] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_slice(&read(&path)?).map_err(|source| CompileError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(e) = v.get("eos_token_id").or_else(|| v.get("eos_token_ids")) {
+            let found = ids(e);
+            if !found.is_empty() {
+                gen.eos_token_ids = found;
+            }
+        }
+        if let Some(b) = v.get("bos_token_id").and_then(Value::as_i64) {
+            gen.bos_token_id = Some(b);
+        }
+        if let Some(t) = v.get("chat_template").and_then(Value::as_str) {
+            gen.chat_template = Some(t.to_string());
+        }
+        for key in ["max_position_embeddings", "n_positions", "max_context"] {
+            if let Some(n) = v.get(key).and_then(Value::as_u64) {
+                gen.max_context = Some(n);
+            }
+        }
+    }
+    Ok(gen)
+}
+
+/// Compiles `options.model` into `options.output`.
+pub fn compile(
+    options: &CompileOptions,
+    registry: &OpRegistry,
+) -> Result<CompileReport, CompileError> {
+    let s = options.sparsity;
+    if !(0.0..=0.5).contains(&s) || s.is_nan() {
+        return Err(CompileError::SparsityRange(s));
+    }
+    if s > 0.0 {
+        return Err(CompileError::SparsityUnsupported(s));
+    }
+    let mut phases = BTreeMap::new();
+    let t = Instant::now();
+    let model = onnx::load_model(&options.model)?;
+    let mut graph =
+        onnx::import_model(&model, registry, &Default::default()).map_err(|source| {
+            CompileError::Import {
+                path: options.model.clone(),
+                source,
+            }
+        })?;
+    phases.insert("import", t.elapsed().as_secs_f64());
+    let nodes_imported = graph.node_count();
+
+    let t = Instant::now();
+    let changed = PassManager::new(registry)
+        .with_pass(DeadCodeElimination)
+        .run(&mut graph)?;
+    phases.insert("passes", t.elapsed().as_secs_f64());
+
+    let dir = options
+        .model
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let tokenizer_path = options
+        .tokenizer
+        .clone()
+        .or_else(|| Some(dir.join("tokenizer.json")).filter(|p| p.exists()));
+    let tokenizer_json = tokenizer_path
+        .as_deref()
+        .map(read)
+        .transpose()?
+        .map(Bytes::from);
+    let generation = generation_metadata(&dir)?;
+
+    let matmuls = inspect::weight_matmuls(&graph);
+    let report = json!({
+        "source": options.model.display().to_string(),
+        "sparsity": s,
+        "nodes": { "imported": nodes_imported, "final": graph.node_count() },
+        "passes_changed": changed,
+        "parameters": graph.const_elements(),
+        "weight_matmuls": matmuls.len(),
+        "tokenizer": tokenizer_path.as_ref().map(|p| p.display().to_string()),
+        "phase_seconds": phases,
+    });
+    let metadata = BTreeMap::from([
+        ("source".to_string(), options.model.display().to_string()),
+        (
+            "compiler".to_string(),
+            format!("patchc {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]);
+    let t = Instant::now();
+    bundle::write_bundle(
+        &options.output,
+        &BundleContents {
+            graph,
+            tokenizer_json,
+            generation,
+            compile_report_json: report.to_string(),
+            metadata,
+        },
+    )?;
+    let mut report = report;
+    report["phase_seconds"]["write"] = json!(t.elapsed().as_secs_f64());
+    Ok(CompileReport { json: report })
+}
