@@ -36,4 +36,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONHASHSEED=0 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 cd "$HERE"
 "$VENV/bin/python" "$HERE/export_fixtures.py" "$@"
+"$VENV/bin/python" "$HERE/make_op_goldens.py"  # per-op goldens in fixtures/ops/
 echo "fixtures written to $HERE/fixtures ($(du -sh "$HERE/fixtures" | cut -f1))"

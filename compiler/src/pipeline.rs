@@ -39,10 +39,10 @@ pub enum CompileError {
     Import {
         path: PathBuf,
         #[source]
-        source: ImportError,
+        source: Box<ImportError>,
     },
     #[error(transparent)]
-    Pass(#[from] PassError),
+    Pass(#[from] Box<PassError>),
     #[error("cannot read `{path}`: {source}")]
     Read {
         path: PathBuf,
@@ -138,7 +138,7 @@ pub fn compile(
         onnx::import_model(&model, registry, &Default::default()).map_err(|source| {
             CompileError::Import {
                 path: options.model.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     phases.insert("import", t.elapsed().as_secs_f64());
@@ -147,7 +147,8 @@ pub fn compile(
     let t = Instant::now();
     let changed = PassManager::new(registry)
         .with_pass(DeadCodeElimination)
-        .run(&mut graph)?;
+        .run(&mut graph)
+        .map_err(Box::new)?;
     phases.insert("passes", t.elapsed().as_secs_f64());
 
     let dir = options
