@@ -147,7 +147,15 @@ pub fn export_graph(graph: &Graph) -> ModelProto {
                 .iter()
                 .map(|o| graph.value(*o).name.clone())
                 .collect(),
-            attribute: attrs_proto(&node.attrs),
+            attribute: attrs_proto(&node.attrs)
+                .into_iter()
+                // `num_outputs` exists from opset 18; earlier the output count says it.
+                .filter(|a| {
+                    !(node.op_type == "Split"
+                        && graph.opset < 18
+                        && a.name.as_deref() == Some("num_outputs"))
+                })
+                .collect(),
             ..NodeProto::default()
         });
     }

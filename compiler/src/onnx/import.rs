@@ -3,7 +3,7 @@
 //! Graph inputs keep their declared dtypes and symbolic dims (`dim_param` names become
 //! symbols), initializers and `Constant` nodes become IR constants borrowing the model's
 //! memory, and nodes are added in a topological order through the op registry, which infers
-//! every value's type. Opsets 13 to 21 of the default domain are accepted.
+//! every value's type. Opsets 13 to 23 of the default domain are accepted.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,7 +15,7 @@ use super::load::{LoadError, OnnxModel};
 use super::proto::{attribute_proto::AttributeType, type_proto, NodeProto, ValueInfoProto};
 
 pub const MIN_OPSET: i64 = 13;
-pub const MAX_OPSET: i64 = 21;
+pub const MAX_OPSET: i64 = 23;
 
 /// Errors of importing a decoded model into the IR.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,16 @@ pub fn import_model(
                     value: name.clone(),
                 })?;
             inputs.push(Some(id));
+        }
+        // Before opset 18 an equal Split takes its part count from the node's outputs; the
+        // op only sees attributes, so state the count as opset 18's `num_outputs`.
+        let mut attrs = attrs;
+        if op_type == "Split"
+            && domain.is_empty()
+            && inputs.get(1).copied().flatten().is_none()
+            && attrs.get("num_outputs").is_none()
+        {
+            attrs = attrs.with("num_outputs", Attr::Int(node.output.len() as i64));
         }
         let outputs: Vec<String> = node
             .output

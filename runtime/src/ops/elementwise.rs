@@ -19,7 +19,6 @@ pub fn register(r: &mut OpRegistry) {
         ("Mul", Binary::Mul),
         ("Div", Binary::Div),
         ("Pow", Binary::Pow),
-        ("Mod", Binary::Mod),
         ("Equal", Binary::Equal),
         ("Less", Binary::Less),
         ("LessOrEqual", Binary::LessOrEqual),
@@ -52,10 +51,33 @@ pub fn register(r: &mut OpRegistry) {
         ("Softplus", Unary::Softplus),
         ("Not", Unary::Not),
         ("IsNaN", Unary::IsNaN),
-        ("IsInf", Unary::IsInf),
     ] {
         r.register("", name, 13, unary_builder(op));
     }
+    r.register("", "Mod", 13, |attrs, _| {
+        // fmod = 1: C fmod (sign of the dividend); fmod = 0: sign of the divisor (ints only).
+        let op = match attrs.int_or("fmod", 0)? {
+            0 => Binary::Mod,
+            1 => Binary::Fmod,
+            other => {
+                return Err(OpError::BadAttr {
+                    name: "fmod".into(),
+                    msg: format!("must be 0 or 1, found {other}"),
+                })
+            }
+        };
+        Ok(Arc::new(BinaryOp(op)))
+    });
+    r.register("", "IsInf", 13, |attrs, _| {
+        let positive = attrs.int_or("detect_positive", 1)? != 0;
+        let negative = attrs.int_or("detect_negative", 1)? != 0;
+        Ok(Arc::new(UnaryOp(match (positive, negative) {
+            (true, true) => Unary::IsInf,
+            (true, false) => Unary::IsPosInf,
+            (false, true) => Unary::IsNegInf,
+            (false, false) => Unary::IsNoInf,
+        })))
+    });
     r.register("", "Where", 13, |_, _| Ok(Arc::new(Where)));
     r.register("", "Cast", 13, |attrs, _| {
         let code = attrs.req_int("to")?;
@@ -102,6 +124,7 @@ fn binary_builder(op: Binary) -> super::OpBuilder {
         Div,
         Pow,
         Mod,
+        Fmod,
         Max,
         Min,
         Equal,
@@ -125,7 +148,7 @@ fn unary_builder(op: Unary) -> super::OpBuilder {
     }
     u!(
         Sqrt, Reciprocal, Neg, Exp, Log, Tanh, Erf, Sigmoid, Cos, Sin, Abs, Relu, Floor, Ceil,
-        Softplus, Gelu, GeluTanh, Not, IsNaN, IsInf
+        Softplus, Gelu, GeluTanh, Not, IsNaN, IsInf, IsPosInf, IsNegInf, IsNoInf
     )
 }
 
@@ -164,7 +187,8 @@ pub fn broadcast_shapes(shapes: &[&Shape]) -> Result<Shape, OpError> {
     Ok(out)
 }
 
-fn broadcast_concrete(a: &[usize], b: &[usize]) -> Result<Vec<usize>, OpError> {
+/// Numpy broadcast of two concrete shapes.
+pub(crate) fn broadcast_concrete(a: &[usize], b: &[usize]) -> Result<Vec<usize>, OpError> {
     let rank = a.len().max(b.len());
     (0..rank)
         .map(|i| {
@@ -210,6 +234,7 @@ pub enum Binary {
     Div,
     Pow,
     Mod,
+    Fmod,
     Max,
     Min,
     Equal,
@@ -306,7 +331,7 @@ macro_rules! float_arith {
                     Binary::Mul => a * b,
                     Binary::Div => a / b,
                     Binary::Pow => a.powf(b),
-                    Binary::Mod => a % b,
+                    Binary::Mod | Binary::Fmod => a % b,
                     Binary::Max => if a.is_nan() || b.is_nan() { <$t>::NAN } else if a >= b { a } else { b },
                     Binary::Min => if a.is_nan() || b.is_nan() { <$t>::NAN } else if a <= b { a } else { b },
                     _ => unreachable!("not arithmetic"),
@@ -326,12 +351,13 @@ macro_rules! int_arith {
                     Binary::Add => a.wrapping_add(b),
                     Binary::Sub => a.wrapping_sub(b),
                     Binary::Mul => a.wrapping_mul(b),
-                    Binary::Div | Binary::Mod if b == 0 => {
+                    Binary::Div | Binary::Mod | Binary::Fmod if b == 0 => {
                         return Err(OpError::Invalid("integer division by zero".into()))
                     }
                     // ONNX integer Div truncates toward zero; Mod (fmod = 0) takes the sign of
                     // the divisor.
                     Binary::Div => a.wrapping_div(b),
+                    Binary::Fmod => a.wrapping_rem(b),
                     Binary::Mod => {
                         let r = a.wrapping_rem(b);
                         if r != 0 && ((r < 0) != (b < 0)) { r + b } else { r }
@@ -582,6 +608,10 @@ pub enum Unary {
     Not,
     IsNaN,
     IsInf,
+    IsPosInf,
+    IsNegInf,
+    /// `IsInf` detecting neither sign: always false.
+    IsNoInf,
 }
 
 /// Error function in f64: Maclaurin series below |x| = 2, Lentz's continued fraction for
@@ -663,7 +693,12 @@ macro_rules! float_unary {
                 let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
                 (0.5 * x * (1.0 + inner.tanh())) as $t
             }
-            Unary::Not | Unary::IsNaN | Unary::IsInf => unreachable!("not a float map"),
+            Unary::Not
+            | Unary::IsNaN
+            | Unary::IsInf
+            | Unary::IsPosInf
+            | Unary::IsNegInf
+            | Unary::IsNoInf => unreachable!("not a float map"),
         }
     }};
 }
@@ -682,28 +717,23 @@ pub fn unary(op: Unary, a: &Tensor) -> Result<Tensor, OpError> {
             }
             map::<bool, bool>(a, |x| !x)
         }
-        Unary::IsNaN | Unary::IsInf => match d {
-            DType::F32 => map::<f32, bool>(a, move |x| {
-                if op == Unary::IsNaN {
-                    x.is_nan()
-                } else {
-                    x.is_infinite()
-                }
-            }),
-            DType::F64 => map::<f64, bool>(a, move |x| {
-                if op == Unary::IsNaN {
-                    x.is_nan()
-                } else {
-                    x.is_infinite()
-                }
-            }),
-            DType::F16 | DType::BF16 => unary(op, &cast(a, DType::F32)?),
-            _ => Err(OpError::DType {
-                index: 0,
-                got: d,
-                expected: "a float type".into(),
-            }),
-        },
+        Unary::IsNaN | Unary::IsInf | Unary::IsPosInf | Unary::IsNegInf | Unary::IsNoInf => {
+            if !d.is_float() {
+                return Err(OpError::DType {
+                    index: 0,
+                    got: d,
+                    expected: "a float type".into(),
+                });
+            }
+            // Widening to f64 keeps NaN and both infinities.
+            map::<f64, bool>(&cast(a, DType::F64)?, move |x| match op {
+                Unary::IsNaN => x.is_nan(),
+                Unary::IsInf => x.is_infinite(),
+                Unary::IsPosInf => x == f64::INFINITY,
+                Unary::IsNegInf => x == f64::NEG_INFINITY,
+                _ => false,
+            })
+        }
         _ => match d {
             DType::F32 => map::<f32, f32>(a, |x| float_unary!(f32, op, x)),
             DType::F64 => map::<f64, f64>(a, |x| float_unary!(f64, op, x)),
@@ -744,7 +774,9 @@ impl Op for UnaryOp {
         arity(inputs, 1, 1)?;
         let a = req(inputs, 0)?;
         let dtype = match self.0 {
-            Unary::IsNaN | Unary::IsInf => DType::Bool,
+            Unary::IsNaN | Unary::IsInf | Unary::IsPosInf | Unary::IsNegInf | Unary::IsNoInf => {
+                DType::Bool
+            }
             _ => a.ty.dtype,
         };
         let ty = TensorType::new(dtype, a.ty.shape.clone());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use ndarray::{ArrayD, Dimension, IxDyn};
 
+use super::elementwise::{binary, Binary};
 use super::shape::{as_bits, by_width, check_int, const_ints, ints_of, retype, rt, sym_of, view};
 use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
 use crate::dim::{shape_to_string, Dim, Shape};
@@ -42,13 +43,20 @@ pub fn register(r: &mut OpRegistry) {
         }))
     });
     r.register("", "ScatterND", 13, |attrs, _| {
-        match attrs.string("reduction")?.unwrap_or("none") {
-            "none" => Ok(Arc::new(ScatterNd)),
-            other => Err(OpError::BadAttr {
-                name: "reduction".into(),
-                msg: format!("only \"none\" is supported, found {other:?}"),
-            }),
-        }
+        let reduction = match attrs.string("reduction")?.unwrap_or("none") {
+            "none" => None,
+            "add" => Some(Binary::Add),
+            "mul" => Some(Binary::Mul),
+            "max" => Some(Binary::Max),
+            "min" => Some(Binary::Min),
+            other => {
+                return Err(OpError::BadAttr {
+                    name: "reduction".into(),
+                    msg: format!("expected none, add, mul, max or min, found {other:?}"),
+                })
+            }
+        };
+        Ok(Arc::new(ScatterNd { reduction }))
     });
     r.register("", "Trilu", 14, |attrs, _| {
         Ok(Arc::new(Trilu {
@@ -446,8 +454,52 @@ impl Op for GatherNd {
     }
 }
 
+/// `ScatterND`; with a reduction, updates combine with the data (and with each other, for
+/// duplicate indices, in index order) through that binary op.
 #[derive(Debug)]
-struct ScatterNd;
+struct ScatterNd {
+    reduction: Option<Binary>,
+}
+
+/// Scatter with a reduction: each updated slice becomes `op(current, update)`, evaluated by
+/// the elementwise kernel so that dtypes and rounding follow `Add`/`Mul`/`Max`/`Min`.
+fn scatter_nd_reduce(
+    op: Binary,
+    data: &Tensor,
+    offsets: &[usize],
+    updates: &Tensor,
+    slice: usize,
+) -> Result<Tensor, OpError> {
+    let flat = |t: &Tensor| t.reshaped(vec![t.len()]).map_err(rt);
+    let mut out = as_bits(&flat(data)?)?;
+    let ubits = as_bits(&flat(updates)?)?;
+    for (j, &o) in offsets.iter().enumerate() {
+        let current = by_width!(out.dtype(), T => slice_t::<T>(&out, o, slice))?;
+        let update = by_width!(ubits.dtype(), T => slice_t::<T>(&ubits, j * slice, slice))?;
+        let combined = binary(
+            op,
+            &retype(current, data.dtype())?,
+            &retype(update, data.dtype())?,
+        )?;
+        let combined = as_bits(&combined)?;
+        out = by_width!(out.dtype(), T => write_t::<T>(&out, o, &combined))?;
+    }
+    retype(out, data.dtype())?
+        .reshaped(data.shape().to_vec())
+        .map_err(rt)
+}
+
+fn slice_t<T: Element>(t: &Tensor, start: usize, len: usize) -> Result<Tensor, OpError> {
+    let v = t.as_slice::<T>().map_err(rt)?;
+    Tensor::from_vec(vec![len], v[start..start + len].to_vec()).map_err(rt)
+}
+
+fn write_t<T: Element>(t: &Tensor, start: usize, part: &Tensor) -> Result<Tensor, OpError> {
+    let mut v = t.as_slice::<T>().map_err(rt)?.to_vec();
+    let p = part.as_slice::<T>().map_err(rt)?;
+    v[start..start + p.len()].copy_from_slice(p);
+    Tensor::from_vec(vec![v.len()], v).map_err(rt)
+}
 
 fn scatter_nd_t<T: Element>(
     data: &Tensor,
@@ -540,6 +592,9 @@ impl Op for ScatterNd {
         let tuples = product(&indices.shape()[..indices.rank() - 1]);
         let offsets = tuple_offsets(data.shape(), &idx, m, 0, tuples)?;
         let slice = product(&data.shape()[m..]);
+        if let Some(op) = self.reduction {
+            return Ok(vec![scatter_nd_reduce(op, data, &offsets, updates, slice)?]);
+        }
         let (bits, ubits) = (as_bits(data)?, as_bits(updates)?);
         let out = by_width!(data.dtype(), T => scatter_nd_t::<T>(&bits, &offsets, &ubits, slice))?;
         Ok(vec![retype(out, data.dtype())?])
@@ -997,7 +1052,7 @@ mod tests {
         assert!(run(&op, &[&data, &idx, &bad]).is_err());
         let mut r = OpRegistry::empty();
         register(&mut r);
-        let attrs = Attrs::new().with("reduction", Attr::String("add".into()));
+        let attrs = Attrs::new().with("reduction", Attr::String("sum".into()));
         assert!(r.build("", "ScatterND", 18, &attrs, "n").is_err());
     }
 

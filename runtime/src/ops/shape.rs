@@ -1151,25 +1151,6 @@ impl Op for Split {
 // ---------------------------------------------------------------------------------------------
 // Expand, Tile
 
-/// Numpy broadcast of two concrete shapes.
-pub(crate) fn broadcast_concrete(a: &[usize], b: &[usize]) -> Result<Vec<usize>, OpError> {
-    let rank = a.len().max(b.len());
-    (0..rank)
-        .map(|i| {
-            let x = (a.len() + i).checked_sub(rank).map_or(1, |j| a[j]);
-            let y = (b.len() + i).checked_sub(rank).map_or(1, |j| b[j]);
-            match (x, y) {
-                (x, y) if x == y => Ok(x),
-                (1, y) => Ok(y),
-                (x, 1) => Ok(x),
-                _ => Err(OpError::Shape(format!(
-                    "cannot broadcast {a:?} against {b:?}"
-                ))),
-            }
-        })
-        .collect()
-}
-
 fn expand_t<T: Element>(x: &Tensor, shape: &[usize]) -> Result<Tensor, OpError> {
     let v = view::<T>(x)?;
     let b = v
@@ -1216,7 +1197,7 @@ impl Op for Expand {
                     .map_err(|_| OpError::Shape(format!("Expand: negative size in {target:?}")))
             })
             .collect::<Result<_, _>>()?;
-        let shape = broadcast_concrete(x.shape(), &target)?;
+        let shape = super::elementwise::broadcast_concrete(x.shape(), &target)?;
         let bits = as_bits(x)?;
         let out = by_width!(x.dtype(), T => expand_t::<T>(&bits, &shape))?;
         Ok(vec![retype(out, x.dtype())?])
