@@ -196,9 +196,13 @@ fn value_info_type(
                 Some(Value::DimValue(v)) => {
                     Err(bad(format!("negative dimension {v} at axis {axis}")))
                 }
+                // Exporters name dims with expressions too (Optimum's
+                // `past_sequence_length + sequence_length`): keep them as expressions.
                 Some(Value::DimParam(p)) if !p.is_empty() => Ok(match options.fixed_dims.get(p) {
                     Some(&v) => Dim::constant(v),
-                    None => Dim::sym(&sanitize_symbol(p)),
+                    None => p
+                        .parse::<Dim>()
+                        .unwrap_or_else(|_| Dim::sym(&sanitize_symbol(p))),
                 }),
                 _ => Ok(Dim::sym(&format!("{}_{axis}", sanitize_symbol(&name)))),
             }
