@@ -402,55 +402,6 @@ fn compare_typed<T: Element + PartialOrd>(
     })
 }
 
-/// Runs `$body` with `$t` bound to the Rust type of a numeric dtype.
-macro_rules! numeric_dispatch {
-    ($dtype:expr, $t:ident => $body:expr, $other:ident => $fallback:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I16 => {
-                type $t = i16;
-                $body
-            }
-            DType::I8 => {
-                type $t = i8;
-                $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            DType::U16 => {
-                type $t = u16;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::U64 => {
-                type $t = u64;
-                $body
-            }
-            $other => $fallback,
-        }
-    };
-}
-
 /// f16 and bf16 compute through f32 and round back.
 fn via_f32(a: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor, OpError>) -> Result<Tensor, OpError> {
     let dtype = a.dtype();

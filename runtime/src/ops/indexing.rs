@@ -78,63 +78,6 @@ pub fn register(r: &mut OpRegistry) {
     });
 }
 
-/// Runs `$body` with `$t` bound to the Rust type of a numeric dtype (floats, halves, ints).
-macro_rules! numeric_dispatch {
-    ($dtype:expr, $t:ident => $body:expr, $other:ident => $fallback:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I16 => {
-                type $t = i16;
-                $body
-            }
-            DType::I8 => {
-                type $t = i8;
-                $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            DType::U16 => {
-                type $t = u16;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::U64 => {
-                type $t = u64;
-                $body
-            }
-            $other => $fallback,
-        }
-    };
-}
-
 /// A possibly negative index normalized against an axis of size `d`.
 fn norm_index(i: i64, d: usize, axis: usize) -> Result<usize, OpError> {
     let n = d as i64;
@@ -782,7 +725,7 @@ impl Op for CumSum {
                 )))
             }
         };
-        let out = numeric_dispatch!(x.dtype(),
+        let out = numeric_or_half_dispatch!(x.dtype(),
             T => cumsum_t::<T>(x, axis, self.exclusive, self.reverse),
             d => Err(OpError::DType { index: 0, got: d, expected: "a numeric type".into() }))?;
         Ok(vec![out])
@@ -866,7 +809,7 @@ impl Op for ArgMax {
         let x = req(inputs, 0)?;
         let (axis, shape) = self.out_shape(x.shape(), 1)?;
         let last = self.select_last_index;
-        let out = numeric_dispatch!(x.dtype(),
+        let out = numeric_or_half_dispatch!(x.dtype(),
         T => argmax_t::<T>(x, axis, last, shape),
         d => match d {
             DType::Bool => argmax_t::<bool>(x, axis, last, shape),

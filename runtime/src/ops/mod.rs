@@ -5,6 +5,73 @@
 //! its input facts (dtype, symbolic shape, constant value or symbolic content), and evaluate
 //! on concrete tensors (the reference interpreter). Ops live in one file per family.
 
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype` for every integer type, f32 and
+/// f64; any other dtype (f16, bf16, bool) goes to `$fallback` with `$other` bound to it.
+macro_rules! numeric_dispatch {
+    ($dtype:expr, $t:ident => $body:expr, $other:ident => $fallback:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::dtype::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            $crate::dtype::DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            $crate::dtype::DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            $crate::dtype::DType::I16 => {
+                type $t = i16;
+                $body
+            }
+            $crate::dtype::DType::I8 => {
+                type $t = i8;
+                $body
+            }
+            $crate::dtype::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            $crate::dtype::DType::U16 => {
+                type $t = u16;
+                $body
+            }
+            $crate::dtype::DType::U32 => {
+                type $t = u32;
+                $body
+            }
+            $crate::dtype::DType::U64 => {
+                type $t = u64;
+                $body
+            }
+            $other => $fallback,
+        }
+    };
+}
+
+/// Like `numeric_dispatch!`, with f16 and bf16 dispatched too.
+macro_rules! numeric_or_half_dispatch {
+    ($dtype:expr, $t:ident => $body:expr, $other:ident => $fallback:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::dtype::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            dtype => numeric_dispatch!(dtype, $t => $body, $other => $fallback),
+        }
+    };
+}
+
 pub mod elementwise;
 pub mod indexing;
 pub mod linalg;
