@@ -78,6 +78,13 @@ pub fn register(r: &mut OpRegistry) {
     });
 }
 
+/// The elements of a symbolic 1-D value at constant (possibly negative) indices.
+fn pick_sym(s: &[Dim], idx: &[i64]) -> Result<Vec<Dim>, OpError> {
+    idx.iter()
+        .map(|&i| norm_index(i, s.len(), 0).map(|j| s[j].clone()))
+        .collect()
+}
+
 /// A possibly negative index normalized against an axis of size `d`.
 fn norm_index(i: i64, d: usize, axis: usize) -> Result<usize, OpError> {
     let n = d as i64;
@@ -167,11 +174,7 @@ impl Op for Gather {
         // Picking elements of a symbolic 1-D value with constant indices.
         if let (Some(s), 1, true) = (sym_of(&data), data.ty.rank(), indices.ty.rank() <= 1) {
             if let Ok(idx) = const_ints(&indices, 1) {
-                let picked = idx
-                    .iter()
-                    .map(|&i| norm_index(i, s.len(), 0).map(|j| s[j].clone()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                return Ok(vec![OutputFact::with_sym(ty, picked)]);
+                return Ok(vec![OutputFact::with_sym(ty, pick_sym(&s, &idx)?)]);
             }
         }
         Ok(vec![OutputFact::new(ty)])
@@ -242,11 +245,7 @@ impl Op for GatherElements {
         let ty = TensorType::new(data.ty.dtype, indices.ty.shape.clone());
         if let (Some(s), 1) = (sym_of(&data), data.ty.rank()) {
             if let Ok(idx) = const_ints(&indices, 1) {
-                let picked = idx
-                    .iter()
-                    .map(|&i| norm_index(i, s.len(), 0).map(|j| s[j].clone()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                return Ok(vec![OutputFact::with_sym(ty, picked)]);
+                return Ok(vec![OutputFact::with_sym(ty, pick_sym(&s, &idx)?)]);
             }
         }
         Ok(vec![OutputFact::new(ty)])
