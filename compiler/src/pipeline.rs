@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bytes::Bytes;
+use patch_kernels::{TileShape, WeightDtype};
+use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
 use patch_passes::{dce::DeadCodeElimination, PassError, PassManager};
 use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
 use serde_json::{json, Value};
 
-use crate::inspect;
 use crate::onnx::{self, import::ImportError, LoadError};
 
 /// What to compile and how.
@@ -25,6 +26,24 @@ pub struct CompileOptions {
     pub tokenizer: Option<PathBuf>,
     /// Target global sparsity in [0, 0.5].
     pub sparsity: f64,
+    /// Element type the packed weights are stored in.
+    pub weights: WeightDtype,
+    /// Tile shape of the hybrid format.
+    pub tile: TileShape,
+}
+
+impl CompileOptions {
+    /// Dense f32 weights in 128x128 tiles.
+    pub fn new(model: PathBuf, output: PathBuf) -> CompileOptions {
+        CompileOptions {
+            model,
+            output,
+            tokenizer: None,
+            sparsity: 0.0,
+            weights: WeightDtype::F32,
+            tile: TileShape::new(128, 128).expect("128x128 is a valid tile"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +163,11 @@ pub fn compile(
     phases.insert("import", t.elapsed().as_secs_f64());
     let nodes_imported = graph.node_count();
 
+    let targets = weight_matmuls(&graph);
     let t = Instant::now();
     let changed = PassManager::new(registry)
+        .with_pass(DeadCodeElimination)
+        .with_pass(HybridMatMulRewrite::dense(options.tile, options.weights))
         .with_pass(DeadCodeElimination)
         .run(&mut graph)
         .map_err(Box::new)?;
@@ -167,14 +189,20 @@ pub fn compile(
         .map(Bytes::from);
     let generation = generation_metadata(&dir)?;
 
-    let matmuls = inspect::weight_matmuls(&graph);
+    let rewritten: Vec<_> = targets.iter().filter(|t| t.rewritable).collect();
+    let kept: Vec<_> = targets.iter().filter(|t| !t.rewritable).collect();
     let report = json!({
         "source": options.model.display().to_string(),
         "sparsity": s,
+        "weights": patch_runtime::ops::hybrid::dtype_name(options.weights),
+        "tile": [options.tile.k, options.tile.n],
         "nodes": { "imported": nodes_imported, "final": graph.node_count() },
         "passes_changed": changed,
         "parameters": graph.const_elements(),
-        "weight_matmuls": matmuls.len(),
+        "weight_matmuls": targets.len(),
+        "hybrid_matmuls": rewritten.len(),
+        "hybrid_parameters": rewritten.iter().map(|t| t.k * t.n).sum::<usize>(),
+        "plain_matmuls": kept.iter().map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
         "tokenizer": tokenizer_path.as_ref().map(|p| p.display().to_string()),
         "phase_seconds": phases,
     });

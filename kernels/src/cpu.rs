@@ -108,6 +108,13 @@ impl CpuKernels {
         self.pool.threads()
     }
 
+    /// Runs `f(t)` for every thread index `t < threads()` on this instance's pool and returns
+    /// when all are done (for other data-parallel ops that want the same workers). `f` must
+    /// not call back into this pool.
+    pub fn run_on_threads(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.pool.run(f)
+    }
+
     /// `y[M, N] = x[M, K] · W (+ bias)`, all row-major f32, accumulation in f32.
     pub fn matmul(
         &self,

@@ -37,6 +37,7 @@
 //! (shifted) metadata word — no unpacking pass, no second layout.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 use half::{bf16, f16};
@@ -338,7 +339,24 @@ unsafe impl Pod for Line {}
 /// Nibble of a group with nothing kept: positions 0 and 1, values zero.
 pub const EMPTY_GROUP_NIBBLE: u32 = 0b0100;
 
-/// A packed hybrid weight. Build it with [`pack`].
+/// Bytes owned elsewhere (a memory-mapped bundle, say) that a [`PackedWeight`] can borrow.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where a packed weight's bytes live: built by [`pack`], or borrowed from a loaded file.
+#[derive(Clone)]
+enum Storage {
+    Owned {
+        values: Vec<Line>,
+        meta: Vec<u32>,
+    },
+    Shared {
+        values: SharedBytes,
+        meta: SharedBytes,
+    },
+}
+
+/// A packed hybrid weight. Build it with [`pack`], or wrap stored bytes with
+/// [`PackedWeight::from_parts`].
 #[derive(Clone)]
 pub struct PackedWeight {
     k: usize,
@@ -348,8 +366,7 @@ pub struct PackedWeight {
     map: TileMap,
     /// Row-major over the tile grid `(i, j)`.
     tiles: Vec<TileInfo>,
-    values: Vec<Line>,
-    meta: Vec<u32>,
+    storage: Storage,
 }
 
 impl fmt::Debug for PackedWeight {
@@ -366,6 +383,52 @@ impl fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
+    /// A packed weight over bytes stored elsewhere: `values` and `meta` exactly as
+    /// [`values`](Self::values) and [`meta`](Self::meta) return them for the same `k`, `n`,
+    /// tile shape, dtype and map. Lengths are checked against the layout, and `meta` must be
+    /// 4-byte aligned; the bytes are not copied.
+    pub fn from_parts(
+        k: usize,
+        n: usize,
+        tile: TileShape,
+        dtype: WeightDtype,
+        map: TileMap,
+        values: SharedBytes,
+        meta: SharedBytes,
+    ) -> Result<PackedWeight, PackError> {
+        tile.validate()?;
+        let (kt, nt) = tile.grid(k, n);
+        if map.k_tiles != kt || map.n_tiles != nt {
+            return Err(PackError::TileMapMismatch {
+                expected: (kt, nt),
+                got_len: map.kinds.len(),
+            });
+        }
+        let (tiles, val_bytes, meta_words) = layout(k, n, tile, &map, dtype.size());
+        let (vlen, mbytes) = ((*values).as_ref().len(), (*meta).as_ref().len());
+        if vlen != val_bytes || mbytes != meta_words * 4 {
+            return Err(PackError::Corrupt(format!(
+                "a {k}x{n} {dtype:?} weight with this tile map needs {val_bytes} value bytes and \
+                 {} metadata bytes, got {vlen} and {mbytes}",
+                meta_words * 4
+            )));
+        }
+        if bytemuck::try_cast_slice::<u8, u32>((*meta).as_ref()).is_err() {
+            return Err(PackError::Corrupt(
+                "metadata is not 4-byte aligned".to_string(),
+            ));
+        }
+        Ok(PackedWeight {
+            k,
+            n,
+            tile,
+            dtype,
+            map,
+            tiles,
+            storage: Storage::Shared { values, meta },
+        })
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }
@@ -390,11 +453,18 @@ impl PackedWeight {
     }
     /// All stored values (tiles at their `val_offset`, 64-byte aligned, gaps zero).
     pub fn values(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.values)
+        match &self.storage {
+            Storage::Owned { values, .. } => bytemuck::cast_slice(values),
+            Storage::Shared { values, .. } => (**values).as_ref(),
+        }
     }
     /// All metadata words.
     pub fn meta(&self) -> &[u32] {
-        &self.meta
+        match &self.storage {
+            Storage::Owned { meta, .. } => meta,
+            // Alignment and length were checked in `from_parts`.
+            Storage::Shared { meta, .. } => bytemuck::cast_slice((**meta).as_ref()),
+        }
     }
     /// Bytes a kernel must read: stored values plus metadata (alignment gaps excluded).
     pub fn packed_bytes(&self) -> usize {
@@ -419,7 +489,7 @@ impl PackedWeight {
     }
     /// Metadata words of one tile (empty for dense tiles).
     pub fn tile_meta(&self, t: &TileInfo) -> &[u32] {
-        &self.meta[t.meta_offset..t.meta_offset + t.meta_words()]
+        &self.meta()[t.meta_offset..t.meta_offset + t.meta_words()]
     }
 
     /// Rebuilds the dense `[K, N]` weight (pruned elements are zero). Exact inverse of
@@ -658,8 +728,7 @@ pub fn pack<T: WeightElement>(
         dtype: T::DTYPE,
         map: map.clone(),
         tiles,
-        values,
-        meta,
+        storage: Storage::Owned { values, meta },
     })
 }
 

@@ -6,11 +6,37 @@
 //! lasts a few microseconds: one broadcast wake-up and one completion count is all the
 //! machinery needed. The caller thread always takes part (task 0), so a pool of `n` threads
 //! spawns `n - 1` workers.
+//!
+//! Decode calls the pool hundreds of times per token with a few microseconds of other work in
+//! between, and a futex wake-up costs tens of microseconds: so a worker that finished a round
+//! spins (for at most [`SPIN`]) watching for the next one before it sleeps, and the caller
+//! spins the same way for the round to complete.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle thread busy-waits for the next event before blocking.
+pub const SPIN: Duration = Duration::from_micros(300);
+
+/// Busy-waits until `ready()` or [`SPIN`] has passed; returns `ready()`.
+fn spin_until(ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= SPIN {
+            return ready();
+        }
+    }
+}
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -33,6 +59,9 @@ struct Shared {
     state: Mutex<State>,
     work: Condvar,
     done: Condvar,
+    /// Mirrors of `State::generation` and `State::remaining` for spinning without the lock.
+    generation: AtomicU64,
+    remaining: AtomicUsize,
 }
 
 /// Persistent pool of `threads()` threads (the caller included).
@@ -57,6 +86,8 @@ impl ThreadPool {
             }),
             work: Condvar::new(),
             done: Condvar::new(),
+            generation: AtomicU64::new(0),
+            remaining: AtomicUsize::new(0),
         });
         let workers = (1..threads)
             .map(|idx| {
@@ -96,9 +127,16 @@ impl ThreadPool {
             st.job = Some(job);
             st.remaining = self.workers.len();
             st.generation += 1;
+            self.shared
+                .remaining
+                .store(self.workers.len(), Ordering::Release);
+            self.shared
+                .generation
+                .store(st.generation, Ordering::Release);
             self.shared.work.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+        spin_until(|| self.shared.remaining.load(Ordering::Acquire) == 0);
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.remaining > 0 {
             st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -118,6 +156,7 @@ impl ThreadPool {
 fn worker(shared: Arc<Shared>, idx: usize) {
     let mut seen = 0u64;
     loop {
+        spin_until(|| shared.generation.load(Ordering::Acquire) != seen);
         let job = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             while st.generation == seen && !st.shutdown {
@@ -137,6 +176,7 @@ fn worker(shared: Arc<Shared>, idx: usize) {
             st.panic.get_or_insert(p);
         }
         st.remaining -= 1;
+        shared.remaining.store(st.remaining, Ordering::Release);
         if st.remaining == 0 {
             shared.done.notify_all();
         }

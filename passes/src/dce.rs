@@ -1,4 +1,5 @@
-//! Dead-code elimination: removes nodes none of whose outputs reach a graph output.
+//! Dead-code elimination: removes nodes none of whose outputs reach a graph output, then
+//! detaches the constants nothing uses any more.
 
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError};
@@ -26,6 +27,6 @@ impl Pass for DeadCodeElimination {
                 removed = true;
             }
         }
-        Ok(removed)
+        Ok(graph.detach_unused_consts() > 0 || removed)
     }
 }

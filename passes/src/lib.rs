@@ -2,6 +2,7 @@
 //! the verifier after every pass, with the pass name in any error.
 
 pub mod dce;
+pub mod hybrid;
 
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError};

@@ -4,116 +4,212 @@
 //! produced tensor against the shape inference derived for it (so a wrong inference rule is
 //! caught at the node that has it). Intermediate tensors are dropped after their last use.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use crate::dim::{shape_to_string, Bindings};
 use crate::error::RuntimeError;
-use crate::ir::{Def, Graph, ValueId};
+use crate::ir::{Def, Graph};
 use crate::tensor::Tensor;
 
 /// Runs `graph` on `inputs` (in graph input order) and returns its outputs in order.
 pub fn run(graph: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-    if inputs.len() != graph.inputs().len() {
-        return Err(RuntimeError::Input {
-            name: graph.name.clone(),
-            msg: format!(
-                "the graph takes {} inputs but {} were given",
-                graph.inputs().len(),
-                inputs.len()
-            ),
-        });
+    Plan::new(graph)?.run(inputs)
+}
+
+/// A graph prepared for repeated runs: constants aligned once, and for every node the values
+/// whose last use it is, so that each run touches only a flat slot array.
+#[derive(Debug)]
+pub struct Plan {
+    graph: Graph,
+    /// Constants by value index (aligned copies of misaligned ones).
+    consts: Vec<Option<Tensor>>,
+    /// Per node in order: values to drop after it runs.
+    frees: Vec<Vec<usize>>,
+    /// Time per op type, when profiling is on.
+    profile: Option<Mutex<BTreeMap<String, OpTime>>>,
+}
+
+/// Calls and seconds spent in one op type.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OpTime {
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+impl Plan {
+    pub fn new(graph: &Graph) -> Result<Plan, RuntimeError> {
+        let mut consts = vec![None; graph.value_count()];
+        for (id, t) in graph.consts() {
+            consts[id.0 as usize] = Some(t.to_aligned());
+        }
+        let mut last_use = vec![usize::MAX; graph.value_count()];
+        for (pos, (_, node)) in graph.nodes().enumerate() {
+            for id in node.inputs.iter().flatten() {
+                last_use[id.0 as usize] = pos;
+            }
+        }
+        for (id, _) in graph.outputs() {
+            last_use[id.0 as usize] = usize::MAX;
+        }
+        let mut frees = vec![Vec::new(); graph.node_count()];
+        for (v, &pos) in last_use.iter().enumerate() {
+            if pos != usize::MAX && consts[v].is_none() {
+                frees[pos].push(v);
+            }
+        }
+        Ok(Plan {
+            graph: graph.clone(),
+            consts,
+            frees,
+            profile: None,
+        })
     }
-    let mut bindings = Bindings::new();
-    for ((id, _), t) in graph.inputs().iter().zip(inputs) {
-        let v = graph.value(*id);
-        if t.dtype() != v.ty.dtype {
+
+    /// Turns per-op-type timing on (and clears it) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| Mutex::new(BTreeMap::new()));
+    }
+
+    /// Time per op type (domain-qualified outside the default domain) since profiling began,
+    /// most expensive first.
+    pub fn profile(&self) -> Vec<(String, OpTime)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = p
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        v
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph on `inputs` (in graph input order) and returns its outputs in order.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        let graph = &self.graph;
+        if inputs.len() != graph.inputs().len() {
             return Err(RuntimeError::Input {
-                name: v.name.clone(),
-                msg: format!("expected {}, got {}", v.ty.dtype, t.dtype()),
+                name: graph.name.clone(),
+                msg: format!(
+                    "the graph takes {} inputs but {} were given",
+                    graph.inputs().len(),
+                    inputs.len()
+                ),
             });
         }
-        bind_shape(&mut bindings, &v.ty.shape, t.shape()).map_err(|msg| RuntimeError::Input {
-            name: v.name.clone(),
-            msg,
-        })?;
-    }
-
-    let mut uses = graph.use_counts();
-    let mut env: HashMap<ValueId, Tensor> = HashMap::new();
-    for ((id, _), t) in graph.inputs().iter().zip(inputs) {
-        env.insert(*id, t.clone());
-    }
-    let fetch = |env: &HashMap<ValueId, Tensor>, id: ValueId| -> Option<Tensor> {
-        match &graph.value(id).def {
-            // A misaligned weight is copied for this use only and dropped after it.
-            Def::Const(t) => Some(t.to_aligned()),
-            _ => env.get(&id).cloned(),
-        }
-    };
-
-    for (_, node) in graph.nodes() {
-        let args: Vec<Option<Tensor>> = node
-            .inputs
-            .iter()
-            .map(|i| i.and_then(|id| fetch(&env, id)))
-            .collect();
-        for (slot, arg) in node.inputs.iter().zip(&args) {
-            if let (Some(id), None) = (slot, arg) {
-                return Err(RuntimeError::Undefined(graph.value(*id).name.clone()));
-            }
-        }
-        let refs: Vec<Option<&Tensor>> = args.iter().map(|a| a.as_ref()).collect();
-        let results = node
-            .op
-            .eval(&refs)
-            .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?;
-        if results.len() < node.outputs.len() {
-            return Err(RuntimeError::at_node(
-                &node.name,
-                &node.op_type,
-                crate::OpError::Invalid(format!(
-                    "produced {} outputs, the node has {}",
-                    results.len(),
-                    node.outputs.len()
-                )),
-            ));
-        }
-        for (out, t) in node.outputs.iter().zip(results) {
-            let v = graph.value(*out);
+        let mut bindings = Bindings::new();
+        for ((id, _), t) in graph.inputs().iter().zip(inputs) {
+            let v = graph.value(*id);
             if t.dtype() != v.ty.dtype {
-                return Err(RuntimeError::Verify(format!(
-                    "node `{}` ({}): output `{}` is {} but inference said {}",
-                    node.name,
-                    node.op_type,
-                    v.name,
-                    t.dtype(),
-                    v.ty.dtype
-                )));
+                return Err(RuntimeError::Input {
+                    name: v.name.clone(),
+                    msg: format!("expected {}, got {}", v.ty.dtype, t.dtype()),
+                });
             }
             bind_shape(&mut bindings, &v.ty.shape, t.shape()).map_err(|msg| {
-                RuntimeError::Verify(format!(
-                    "node `{}` ({}): output `{}`: {msg}",
-                    node.name, node.op_type, v.name
-                ))
+                RuntimeError::Input {
+                    name: v.name.clone(),
+                    msg,
+                }
             })?;
-            env.insert(*out, t);
         }
-        for id in node.inputs.iter().flatten() {
-            let n = &mut uses[id.0 as usize];
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                env.remove(id);
+
+        let mut env: Vec<Option<Tensor>> = vec![None; graph.value_count()];
+        for ((id, _), t) in graph.inputs().iter().zip(inputs) {
+            env[id.0 as usize] = Some(t.clone());
+        }
+        for ((_, node), frees) in graph.nodes().zip(&self.frees) {
+            let mut refs: Vec<Option<&Tensor>> = Vec::with_capacity(node.inputs.len());
+            for slot in &node.inputs {
+                match slot {
+                    None => refs.push(None),
+                    Some(id) => {
+                        let i = id.0 as usize;
+                        let t = self.consts[i].as_ref().or(env[i].as_ref());
+                        if t.is_none() {
+                            return Err(RuntimeError::Undefined(graph.value(*id).name.clone()));
+                        }
+                        refs.push(t);
+                    }
+                }
+            }
+            let started = self.profile.as_ref().map(|_| Instant::now());
+            let results = node
+                .op
+                .eval(&refs)
+                .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?;
+            drop(refs);
+            if let (Some(p), Some(t)) = (&self.profile, started) {
+                let key = if node.domain.is_empty() {
+                    node.op_type.clone()
+                } else {
+                    format!("{}.{}", node.domain, node.op_type)
+                };
+                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(key).or_default();
+                e.calls += 1;
+                e.seconds += t.elapsed().as_secs_f64();
+            }
+            if results.len() < node.outputs.len() {
+                return Err(RuntimeError::at_node(
+                    &node.name,
+                    &node.op_type,
+                    crate::OpError::Invalid(format!(
+                        "produced {} outputs, the node has {}",
+                        results.len(),
+                        node.outputs.len()
+                    )),
+                ));
+            }
+            for (out, t) in node.outputs.iter().zip(results) {
+                let v = graph.value(*out);
+                if t.dtype() != v.ty.dtype {
+                    return Err(RuntimeError::Verify(format!(
+                        "node `{}` ({}): output `{}` is {} but inference said {}",
+                        node.name,
+                        node.op_type,
+                        v.name,
+                        t.dtype(),
+                        v.ty.dtype
+                    )));
+                }
+                bind_shape(&mut bindings, &v.ty.shape, t.shape()).map_err(|msg| {
+                    RuntimeError::Verify(format!(
+                        "node `{}` ({}): output `{}`: {msg}",
+                        node.name, node.op_type, v.name
+                    ))
+                })?;
+                env[out.0 as usize] = Some(t);
+            }
+            for &v in frees {
+                env[v] = None;
             }
         }
-    }
 
-    graph
-        .outputs()
-        .iter()
-        .map(|(id, _)| {
-            fetch(&env, *id).ok_or_else(|| RuntimeError::Undefined(graph.value(*id).name.clone()))
-        })
-        .collect()
+        graph
+            .outputs()
+            .iter()
+            .map(|(id, _)| {
+                let i = id.0 as usize;
+                self.consts[i]
+                    .clone()
+                    .or_else(|| env[i].clone())
+                    .or_else(|| match graph.value(*id).def {
+                        Def::Input(k) => Some(inputs[k].clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| RuntimeError::Undefined(graph.value(*id).name.clone()))
+            })
+            .collect()
+    }
 }
 
 /// Unifies a symbolic shape with a concrete one: binds single-symbol dims seen for the first

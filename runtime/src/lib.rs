@@ -8,6 +8,7 @@ pub mod error;
 pub mod infer;
 pub mod interp;
 pub mod ir;
+pub mod llm;
 pub mod ops;
 pub mod tensor;
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use patch_compiler::{inspect, onnx, pipeline};
+use patch_kernels::{TileShape, WeightDtype};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -42,9 +43,31 @@ enum Command {
         /// Global sparsity in [0, 0.5]: the fraction of prunable weights set to zero.
         #[arg(long, default_value_t = 0.0)]
         sparsity: f64,
+        /// Element type of the packed weights: f32, bf16 or f16 (activations stay f32).
+        #[arg(long, default_value = "f32", value_parser = parse_weights)]
+        weights: WeightDtype,
+        /// Tile shape KxN of the hybrid format (K a multiple of 4).
+        #[arg(long, default_value = "128x128", value_parser = parse_tile)]
+        tile: TileShape,
     },
     /// List the ops the importer and interpreter support.
     ListOps,
+}
+
+fn parse_weights(s: &str) -> Result<WeightDtype, String> {
+    patch_runtime::ops::hybrid::dtype_from_name(s)
+        .ok_or_else(|| format!("`{s}` is not one of f32, bf16, f16"))
+}
+
+fn parse_tile(s: &str) -> Result<TileShape, String> {
+    let (k, n) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}` is not of the form KxN (e.g. 128x128)"))?;
+    let parse = |v: &str| {
+        v.parse::<usize>()
+            .map_err(|_| format!("`{v}` in `{s}` is not a size"))
+    };
+    TileShape::new(parse(k)?, parse(n)?).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,12 +88,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             tokenizer,
             sparsity,
+            weights,
+            tile,
         } => {
             let options = pipeline::CompileOptions {
-                model,
-                output: output.clone(),
                 tokenizer,
                 sparsity,
+                weights,
+                tile,
+                ..pipeline::CompileOptions::new(model, output.clone())
             };
             let report = pipeline::compile(&options, &registry)?;
             let r = &report.json;

@@ -1,10 +1,18 @@
-//! `patchrt`: load and inspect PATCH bundles.
+//! `patchrt`: run, evaluate, benchmark and inspect PATCH bundles.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use patch_kernels::CpuKernels;
 use patch_runtime::bundle::{self, LoadOptions};
+use patch_runtime::llm::text::{render_chat, StreamDecoder};
+use patch_runtime::llm::{
+    bench, eval, ChatMessage, LanguageModel, LlmError, Sampler, SamplingOptions,
+};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -18,8 +26,87 @@ struct Cli {
     command: Command,
 }
 
+/// Options every command that runs the model shares.
+#[derive(Args)]
+struct RunOpts {
+    /// The bundle (`patchc compile ... -o model.patch`).
+    bundle: PathBuf,
+    /// Worker threads for the kernels (default: PATCH_THREADS, else every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Skip the checksum of the whole file at load (faster start on large bundles).
+    #[arg(long)]
+    no_verify: bool,
+    /// Print the time spent per op type on stderr at the end.
+    #[arg(long)]
+    profile: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt, streamed to stdout (tokens/s on stderr).
+    Run {
+        #[command(flatten)]
+        opts: RunOpts,
+        /// The prompt.
+        #[arg(long, short)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (default: the template's own).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 = greedy; otherwise sample with this temperature.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample only among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample only from the smallest set of tokens whose probability reaches p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (a given seed always gives the same text).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Perplexity of a text file: non-overlapping windows of --seq tokens, no BOS.
+    Eval {
+        #[command(flatten)]
+        opts: RunOpts,
+        /// UTF-8 text to evaluate.
+        #[arg(long)]
+        text: PathBuf,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        /// Use only the first N tokens of the text (default: all).
+        #[arg(long)]
+        tokens: Option<usize>,
+        /// Also print one line per window with its summed NLL.
+        #[arg(long)]
+        per_window: bool,
+    },
+    /// Prefill and decode throughput: a table of medians and spreads over repeats.
+    Bench {
+        #[command(flatten)]
+        opts: RunOpts,
+        /// Timed repeats of every row (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Prompt lengths of the prefill rows.
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        prefill: Vec<usize>,
+        /// Context before the timed decode steps.
+        #[arg(long, default_value_t = 128)]
+        decode_context: usize,
+        /// Single-token steps timed per decode repeat.
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+    },
     /// Print what a bundle holds: graph, tensors, tokenizer, generation metadata, report.
     Inspect {
         bundle: PathBuf,
@@ -29,9 +116,312 @@ enum Command {
     },
 }
 
+fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, String> {
+    if let Some(t) = opts.threads {
+        if t == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        // Read once, when the kernels first start; nothing has started them yet.
+        std::env::set_var("PATCH_THREADS", t.to_string());
+    }
+    CpuKernels::global().map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let b = bundle::load_bundle(
+        &opts.bundle,
+        registry,
+        LoadOptions {
+            verify_checksum: !opts.no_verify,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut model =
+        LanguageModel::new(b.contents).map_err(|e| format!("{}: {e}", opts.bundle.display()))?;
+    model.set_profiling(opts.profile);
+    eprintln!(
+        "loaded {} in {:.2} s ({} layers, vocab {}, {})",
+        opts.bundle.display(),
+        t.elapsed().as_secs_f64(),
+        model.layers(),
+        model.vocab(),
+        if model.has_kv_cache() {
+            "KV cache"
+        } else {
+            "no KV cache"
+        }
+    );
+    Ok(model)
+}
+
+fn print_profile(model: &LanguageModel) {
+    let rows = model.profile();
+    if rows.is_empty() {
+        return;
+    }
+    let total: f64 = rows.iter().map(|(_, t)| t.seconds).sum();
+    eprintln!("time per op type ({total:.3} s in ops):");
+    eprintln!(
+        "  {:<24} {:>9} {:>10} {:>7}",
+        "op", "calls", "seconds", "share"
+    );
+    for (op, t) in rows {
+        eprintln!(
+            "  {op:<24} {:>9} {:>10.4} {:>6.1}%",
+            t.calls,
+            t.seconds,
+            100.0 * t.seconds / total
+        );
+    }
+}
+
+fn kernels_line() -> String {
+    match CpuKernels::global() {
+        Ok(k) => format!("{} threads, {:?} kernels", k.threads(), k.path()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    // Hidden automatically when stderr is not a terminal.
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn read_text(path: &Path) -> Result<String, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "`{}` is not UTF-8 (first bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    model: &LanguageModel,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+    max_tokens: usize,
+    sampling: SamplingOptions,
+) -> Result<(), LlmError> {
+    let tok = model.tokenizer()?;
+    let text = if chat {
+        let template = model
+            .generation
+            .chat_template
+            .as_deref()
+            .ok_or(LlmError::NoChatTemplate)?;
+        let name = |id: Option<i64>| id.and_then(|i| tok.token(i as u32)).unwrap_or_default();
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(ChatMessage::system(s));
+        }
+        messages.push(ChatMessage::user(prompt));
+        render_chat(
+            template,
+            &messages,
+            &name(model.generation.bos_token_id),
+            &name(model.generation.eos_token_ids.first().copied()),
+        )?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text)?;
+    if ids.is_empty() {
+        return Err(LlmError::Invalid("the prompt is empty".into()));
+    }
+    if let Some(ctx) = model.max_context() {
+        if ids.len() >= ctx {
+            return Err(LlmError::PromptTooLong {
+                tokens: ids.len(),
+                context: ctx,
+            });
+        }
+    }
+    if !model.has_kv_cache() {
+        eprintln!(
+            "note: this graph has no past key/value inputs, so every step recomputes the whole \
+             prefix; compile the with-past export (e.g. Optimum's) for fast generation"
+        );
+    }
+    let eos: Vec<u32> = model
+        .generation
+        .eos_token_ids
+        .iter()
+        .map(|&e| e as u32)
+        .collect();
+    let mut sampler = Sampler::new(sampling);
+    let mut cache = model.new_cache();
+    let t0 = Instant::now();
+    let mut logits = model.forward(&mut cache, &ids, 1)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut decoder = StreamDecoder::new();
+    let mut out = std::io::stdout().lock();
+    let t1 = Instant::now();
+    let mut generated = 0;
+    let mut stop = "max tokens";
+    while generated < max_tokens {
+        let next = sampler.sample(logits.last());
+        if eos.contains(&next) {
+            stop = "end of sequence";
+            break;
+        }
+        generated += 1;
+        let piece = decoder.push(tok, next)?;
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+        if generated == max_tokens {
+            break;
+        }
+        if model.max_context().is_some_and(|c| cache.len() + 1 > c) {
+            stop = "context full";
+            break;
+        }
+        logits = model.forward(&mut cache, &[next], 1)?;
+    }
+    let rest = decoder.finish(tok)?;
+    let _ = writeln!(out, "{rest}");
+    let decode_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "prompt: {} tokens in {:.2} s ({:.1} tokens/s); generated {} tokens in {:.2} s ({:.1} tokens/s), stopped at {stop}; {}",
+        ids.len(),
+        prefill_s,
+        ids.len() as f64 / prefill_s,
+        generated,
+        decode_s,
+        generated as f64 / decode_s.max(1e-9),
+        kernels_line()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let registry = OpRegistry::onnx();
     match cli.command {
+        Command::Run {
+            opts,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            let sampling = SamplingOptions {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            sampling.validate()?;
+            let model = load_model(&opts, &registry)?;
+            generate(
+                &model,
+                &prompt,
+                chat,
+                system.as_deref(),
+                max_tokens,
+                sampling,
+            )
+            .map_err(|e| e.to_string())?;
+            print_profile(&model);
+        }
+        Command::Eval {
+            opts,
+            text,
+            seq,
+            tokens,
+            per_window,
+        } => {
+            let model = load_model(&opts, &registry)?;
+            let tok = model.tokenizer().map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let mut ids = tok.encode(&read_text(&text)?).map_err(|e| e.to_string())?;
+            eprintln!(
+                "tokenized {} into {} tokens in {:.2} s",
+                text.display(),
+                ids.len(),
+                t.elapsed().as_secs_f64()
+            );
+            if let Some(n) = tokens {
+                ids.truncate(n);
+            }
+            let bar = progress((ids.len() / seq.max(1)) as u64, "windows");
+            let t = Instant::now();
+            let p = eval::perplexity(&model, &ids, seq, |done, _| bar.set_position(done as u64))
+                .map_err(|e| e.to_string())?;
+            bar.finish_and_clear();
+            let secs = t.elapsed().as_secs_f64();
+            if per_window {
+                for (i, nll) in p.window_nll.iter().enumerate() {
+                    println!("window {i:>5}  nll_sum {nll:.4}");
+                }
+            }
+            println!(
+                "perplexity {:.4}  (mean NLL {:.6} nats; {} windows of {} tokens, {} predictions, {} tokens used)",
+                p.perplexity(),
+                p.mean_nll(),
+                p.windows(),
+                seq,
+                p.predicted,
+                p.tokens_used()
+            );
+            eprintln!(
+                "{:.1} s, {:.0} tokens/s; {}",
+                secs,
+                p.tokens_used() as f64 / secs,
+                kernels_line()
+            );
+            print_profile(&model);
+        }
+        Command::Bench {
+            opts,
+            repeats,
+            prefill,
+            decode_context,
+            decode_steps,
+        } => {
+            let model = load_model(&opts, &registry)?;
+            println!("bundle: {}", opts.bundle.display());
+            println!("{}; repeats {repeats} (+1 warm-up); decode: {decode_steps} steps after a {decode_context}-token prefill", kernels_line());
+            if !model.has_kv_cache() {
+                println!(
+                    "note: no KV cache in this graph; decode recomputes the prefix every step"
+                );
+            }
+            println!("| row | median tokens/s | spread | runs |");
+            println!("|---|---|---|---|");
+            let options = bench::BenchOptions {
+                prefill,
+                decode_context,
+                decode_steps,
+                repeats,
+            };
+            bench::run(&model, &options, |row| {
+                let runs: Vec<String> =
+                    row.tokens_per_s.iter().map(|v| format!("{v:.1}")).collect();
+                println!(
+                    "| {} | {:.1} | ±{:.1}% | {} |",
+                    row.name,
+                    row.median(),
+                    row.spread_pct(),
+                    runs.join(" ")
+                );
+            })
+            .map_err(|e| e.to_string())?;
+            print_profile(&model);
+        }
         Command::Inspect { bundle: path, ir } => {
             let b = bundle::load_bundle(&path, &registry, LoadOptions::default())
                 .map_err(|e| e.to_string())?;

@@ -190,6 +190,9 @@ pub enum Def {
     Const(Tensor),
     /// Output `index` of a node.
     Node(NodeId, usize),
+    /// A constant that nothing uses any more, detached so it is neither stored nor printed;
+    /// its id stays valid (ids are arena indices) but it is no longer defined.
+    Detached,
 }
 
 #[derive(Clone, Debug)]
@@ -430,6 +433,72 @@ impl Graph {
             counts[v.0 as usize] += 1;
         }
         counts
+    }
+
+    /// Replaces node `id`'s op and inputs, keeping its name, position and outputs. The new op
+    /// must infer the same output types, so that no user of the outputs is affected. Inputs
+    /// that are not constants or graph inputs must be defined before the node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn replace_node(
+        &mut self,
+        registry: &OpRegistry,
+        id: NodeId,
+        domain: &str,
+        op_type: &str,
+        attrs: Attrs,
+        inputs: Vec<Option<ValueId>>,
+    ) -> Result<(), RuntimeError> {
+        let node = self.node(id);
+        let name = node.name.clone();
+        let opset = if domain.is_empty() || domain == "ai.onnx" {
+            self.opset
+        } else {
+            1
+        };
+        let op = registry.build(domain, op_type, opset, &attrs, &name)?;
+        let inferred = infer::infer_node(self, &name, op_type, op.as_ref(), &inputs)?;
+        let outputs = self.node(id).outputs.clone();
+        if inferred.len() < outputs.len() {
+            return Err(RuntimeError::Verify(format!(
+                "replacing node `{name}` with {op_type}: it produces {} outputs, the node has {}",
+                inferred.len(),
+                outputs.len()
+            )));
+        }
+        for (out, fact) in outputs.iter().zip(&inferred) {
+            let v = self.value(*out);
+            if v.ty != fact.ty {
+                return Err(RuntimeError::Verify(format!(
+                    "replacing node `{name}` with {op_type}: output `{}` was {} and would be {}",
+                    v.name, v.ty, fact.ty
+                )));
+            }
+        }
+        let node = self.nodes[id.0 as usize]
+            .as_mut()
+            .expect("node was removed");
+        node.domain = domain.to_string();
+        node.op_type = op_type.to_string();
+        node.attrs = attrs;
+        node.op = op;
+        node.inputs = inputs;
+        Ok(())
+    }
+
+    /// Detaches every constant that no node and no graph output uses (see [`Def::Detached`]);
+    /// returns how many.
+    pub fn detach_unused_consts(&mut self) -> usize {
+        let uses = self.use_counts();
+        let mut detached = 0;
+        for (i, v) in self.values.iter_mut().enumerate() {
+            if uses[i] == 0 && matches!(v.def, Def::Const(_)) {
+                v.def = Def::Detached;
+                v.sym = None;
+                self.by_name.remove(&v.name);
+                detached += 1;
+            }
+        }
+        detached
     }
 
     /// Removes a node whose outputs are unused. Its output values stay in the arena, unused.

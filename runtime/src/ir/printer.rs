@@ -90,7 +90,7 @@ pub fn print(graph: &Graph) -> String {
         let source = match v.def {
             Def::Input(_) => " (input)",
             Def::Const(_) => " (const)",
-            Def::Node(..) => "",
+            Def::Node(..) | Def::Detached => "",
         };
         let _ = writeln!(
             out,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, IxDyn, LinalgScalar};
+use ndarray::{ArrayView2, ArrayViewMut2, IxDyn, LinalgScalar, ShapeBuilder};
 
 use super::elementwise::{broadcast_shapes, cast};
 use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
@@ -245,6 +245,177 @@ fn mat_mul_blas<T: LinalgScalar>(
     Ok(())
 }
 
+/// Rows of X up to which the f32 product streams W once, row by row (a GEMV), instead of
+/// packing it for a GEMM.
+const GEMV_MAX_ROWS: usize = 4;
+/// Columns per block of the GEMV: the accumulators of one block stay in L1.
+const GEMV_BLOCK: usize = 256;
+/// Products smaller than this many multiply-adds run on the calling thread alone.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// `y[.., c0..c1] = x · w[.., c0..c1]` for `m ≤ GEMV_MAX_ROWS`, W read once in column blocks.
+/// Compiled for AVX-512 and AVX2+FMA too, chosen at run time (the body is plain Rust that the
+/// compiler vectorizes).
+#[allow(clippy::too_many_arguments)]
+fn gemv_columns(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    c0: usize,
+    c1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { gemv_avx512(m, k, n, x, w, y, c0, c1) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { gemv_avx2(m, k, n, x, w, y, c0, c1) };
+        }
+    }
+    gemv_body(m, k, n, x, w, y, c0, c1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_avx512(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    c0: usize,
+    c1: usize,
+) {
+    gemv_body(m, k, n, x, w, y, c0, c1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_avx2(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    c0: usize,
+    c1: usize,
+) {
+    gemv_body(m, k, n, x, w, y, c0, c1)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_body(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    c0: usize,
+    c1: usize,
+) {
+    let mut acc = [[0f32; GEMV_BLOCK]; GEMV_MAX_ROWS];
+    let mut b0 = c0;
+    while b0 < c1 {
+        let bw = GEMV_BLOCK.min(c1 - b0);
+        for a in acc.iter_mut().take(m) {
+            a.fill(0.0);
+        }
+        for kk in 0..k {
+            let wr = &w[kk * n + b0..kk * n + b0 + bw];
+            for (i, a) in acc.iter_mut().enumerate().take(m) {
+                let xv = x[i * k + kk];
+                for (av, &wv) in a[..bw].iter_mut().zip(wr) {
+                    // Not `mul_add`: without FMA in the target that is a libm call.
+                    *av += xv * wv;
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate().take(m) {
+            y[i * n + b0..i * n + b0 + bw].copy_from_slice(&a[..bw]);
+        }
+        b0 += bw;
+    }
+}
+
+/// `y = x · w` in f32 (row-major `[m, k] x [k, n]`): a blocked GEMV for a few rows, else
+/// matrixmultiply; split over the kernels' thread pool by output columns when large enough.
+fn mat_mul_f32(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+) -> Result<(), OpError> {
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1);
+    let parts = match pool {
+        Some(p) if m * k * n >= PARALLEL_MIN_WORK && n >= 64 => p.threads(),
+        _ => 1,
+    };
+    if parts == 1 {
+        if m <= GEMV_MAX_ROWS {
+            gemv_columns(m, k, n, x, w, y, 0, n);
+            return Ok(());
+        }
+        return mat_mul_blas(m, k, n, x, w, y);
+    }
+    let out = SharedF32(y.as_mut_ptr());
+    let work = |t: usize| {
+        // Column ranges on 16-column boundaries, disjoint across threads.
+        let edge = |t: usize| ((n.div_ceil(16) * t / parts) * 16).min(n);
+        let (c0, c1) = (edge(t), edge(t + 1));
+        if c0 >= c1 {
+            return;
+        }
+        if m <= GEMV_MAX_ROWS {
+            // SAFETY: this thread only writes columns c0..c1 of every row of Y.
+            let y = unsafe { std::slice::from_raw_parts_mut(out.ptr(), m * n) };
+            gemv_columns(m, k, n, x, w, y, c0, c1);
+        } else {
+            let cols = c1 - c0;
+            let xa = ArrayView2::from_shape((m, k), x).expect("x is m x k");
+            let wa = ArrayView2::from_shape((k, n), w).expect("w is k x n");
+            let wa = wa.slice(ndarray::s![.., c0..c1]);
+            // SAFETY: rows of `cols` floats at stride n starting at column c0: inside Y and
+            // written by this thread only.
+            let mut ya = unsafe {
+                ArrayViewMut2::from_shape_ptr((m, cols).strides((n, 1)), out.ptr().add(c0))
+            };
+            general_mat_mul(1.0, &xa, &wa, 0.0, &mut ya);
+        }
+    };
+    pool.expect("parts > 1 needs the pool")
+        .run_on_threads(&work);
+    Ok(())
+}
+
+/// The output pointer shared by the column-split workers (each writes its own columns).
+#[derive(Clone, Copy)]
+struct SharedF32(*mut f32);
+// SAFETY: workers write disjoint columns; the caller waits for all of them.
+unsafe impl Send for SharedF32 {}
+unsafe impl Sync for SharedF32 {}
+impl SharedF32 {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y = x · w` for one row-major `[m, k] x [k, n]` pair with wrapping integer arithmetic.
 fn mat_mul_int(
     m: usize,
@@ -300,7 +471,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
                 &plan,
                 a.as_slice::<f32>().map_err(tensor_err)?,
                 b.as_slice::<f32>().map_err(tensor_err)?,
-                mat_mul_blas::<f32>,
+                mat_mul_f32,
             )?,
         ),
         DType::F64 => Tensor::from_vec(

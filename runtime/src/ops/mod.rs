@@ -73,6 +73,7 @@ macro_rules! numeric_or_half_dispatch {
 }
 
 pub mod elementwise;
+pub mod hybrid;
 pub mod indexing;
 pub mod linalg;
 pub mod norm;
@@ -190,6 +191,7 @@ impl OpRegistry {
     pub fn onnx() -> OpRegistry {
         let mut r = OpRegistry::empty();
         elementwise::register(&mut r);
+        hybrid::register(&mut r);
         linalg::register(&mut r);
         norm::register(&mut r);
         reduce::register(&mut r);

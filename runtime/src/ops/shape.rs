@@ -506,9 +506,44 @@ impl Transpose {
     }
 }
 
+/// Strided copy into the permuted layout: an odometer over the output's outer axes, and
+/// along the last output axis a contiguous copy when it is also the input's last axis.
 fn transpose_t<T: Element>(x: &Tensor, perm: &[usize]) -> Result<Tensor, OpError> {
-    let v = view::<T>(x)?;
-    Ok(Tensor::from_array(v.permuted_axes(IxDyn(perm)).to_owned()))
+    let src = x.as_slice::<T>().map_err(rt)?;
+    let shape = x.shape();
+    let rank = shape.len();
+    let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+    let total: usize = out_shape.iter().product();
+    if rank <= 1 || total == 0 {
+        return Tensor::from_vec(out_shape, src.to_vec()).map_err(rt);
+    }
+    let mut in_strides = vec![1usize; rank];
+    for a in (0..rank - 1).rev() {
+        in_strides[a] = in_strides[a + 1] * shape[a + 1];
+    }
+    let strides: Vec<usize> = perm.iter().map(|&a| in_strides[a]).collect();
+    let inner = out_shape[rank - 1];
+    let inner_stride = strides[rank - 1];
+    let mut out = Vec::with_capacity(total);
+    let mut index = vec![0usize; rank - 1];
+    let mut base = 0usize;
+    for _ in 0..total / inner {
+        if inner_stride == 1 {
+            out.extend_from_slice(&src[base..base + inner]);
+        } else {
+            out.extend((0..inner).map(|i| src[base + i * inner_stride]));
+        }
+        for a in (0..rank - 1).rev() {
+            index[a] += 1;
+            base += strides[a];
+            if index[a] < out_shape[a] {
+                break;
+            }
+            base -= strides[a] * out_shape[a];
+            index[a] = 0;
+        }
+    }
+    Tensor::from_vec(out_shape, out).map_err(rt)
 }
 
 impl Op for Transpose {
@@ -666,14 +701,44 @@ struct Concat {
     axis: i64,
 }
 
+/// Row-major concatenation: for each index of the axes before `axis`, every part's
+/// contiguous block in turn.
 fn concat_t<T: Element>(parts: &[Tensor], axis: usize) -> Result<Tensor, OpError> {
-    let views = parts
+    let first = parts.first().ok_or_else(|| OpError::Arity {
+        expected: "at least 1".into(),
+        got: 0,
+    })?;
+    let rank = first.rank();
+    let mut out_shape = first.shape().to_vec();
+    out_shape[axis] = 0;
+    for (i, p) in parts.iter().enumerate() {
+        let same_rest =
+            p.rank() == rank && (0..rank).all(|a| a == axis || p.shape()[a] == first.shape()[a]);
+        if !same_rest {
+            return Err(OpError::Shape(format!(
+                "Concat on axis {axis}: input {i} has shape {:?} but input 0 has {:?}",
+                p.shape(),
+                first.shape()
+            )));
+        }
+        out_shape[axis] += p.shape()[axis];
+    }
+    let outer: usize = out_shape[..axis].iter().product();
+    let slices = parts
         .iter()
-        .map(|p| view::<T>(p))
+        .map(|p| p.as_slice::<T>().map_err(rt))
         .collect::<Result<Vec<_>, _>>()?;
-    let out = ndarray::concatenate(Axis(axis), &views)
-        .map_err(|e| OpError::Shape(format!("Concat: {e}")))?;
-    Ok(Tensor::from_array(out))
+    let blocks: Vec<usize> = parts
+        .iter()
+        .map(|p| p.shape()[axis..].iter().product())
+        .collect();
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    for o in 0..outer {
+        for (s, &b) in slices.iter().zip(&blocks) {
+            out.extend_from_slice(&s[o * b..(o + 1) * b]);
+        }
+    }
+    Tensor::from_vec(out_shape, out).map_err(rt)
 }
 
 impl Op for Concat {

@@ -1,0 +1,444 @@
+//! Causal language models on top of a graph: the KV cache, the forward step, generation,
+//! perplexity and benchmarking.
+//!
+//! A graph qualifies when its inputs carry the roles a generation loop can fill (token ids,
+//! and optionally attention mask, position ids and past key/values per layer) and one output
+//! is the logits `[batch, seq, vocab]`. With past inputs and present outputs (Optimum's
+//! with-past layout) the cache is native: each step feeds only the new tokens. Without them
+//! the model recomputes the whole prefix every step ([`LanguageModel::has_kv_cache`] says
+//! which, so that callers can tell the user).
+
+pub mod bench;
+pub mod eval;
+pub mod sampler;
+pub mod text;
+
+use std::collections::BTreeMap;
+
+use crate::bundle::{BundleContents, Generation};
+use crate::dtype::DType;
+use crate::error::RuntimeError;
+use crate::interp::Plan;
+use crate::ir::{Graph, InputRole, OutputRole};
+use crate::tensor::Tensor;
+
+pub use sampler::{Sampler, SamplingOptions};
+pub use text::{ChatMessage, TextTokenizer};
+
+/// Errors of running a language model, with what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("the graph is not a causal LM this runtime can drive: {0}")]
+    Layout(String),
+    #[error("the prompt has {tokens} tokens and the model's context is {context}; shorten it")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("{0} tokens would exceed the model's context of {1}")]
+    ContextFull(usize, usize),
+    #[error("the bundle has no tokenizer; recompile it with `patchc compile --tokenizer tokenizer.json`")]
+    NoTokenizer,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the bundle has no chat template (none was found beside the model at compile time)")]
+    NoChatTemplate,
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Which graph inputs and outputs mean what (indices into the graph's input/output lists).
+#[derive(Clone, Debug)]
+struct IoLayout {
+    ids: usize,
+    mask: Option<usize>,
+    positions: Option<usize>,
+    /// Per layer: (past key input, past value input).
+    past: Vec<(usize, usize)>,
+    logits: usize,
+    /// Per layer: (present key output, present value output).
+    present: Vec<(usize, usize)>,
+    /// Shape of one past tensor with the sequence axis at 0: `[1, heads, 0, head_dim]`.
+    past_shape: Vec<usize>,
+    past_axis: usize,
+}
+
+fn layout_of(graph: &Graph) -> Result<IoLayout, LlmError> {
+    let bad = |m: String| LlmError::Layout(m);
+    let mut ids = None;
+    let mut mask = None;
+    let mut positions = None;
+    let mut past_k = BTreeMap::new();
+    let mut past_v = BTreeMap::new();
+    for (i, (id, role)) in graph.inputs().iter().enumerate() {
+        match role {
+            InputRole::TokenIds => ids = Some(i),
+            InputRole::AttentionMask => mask = Some(i),
+            InputRole::PositionIds => positions = Some(i),
+            InputRole::PastKey(l) => {
+                past_k.insert(*l, i);
+            }
+            InputRole::PastValue(l) => {
+                past_v.insert(*l, i);
+            }
+            InputRole::Other => {
+                return Err(bad(format!(
+                    "input `{}` has no role a generation loop can fill (expected input_ids, \
+                     attention_mask, position_ids, past_key_values.N.key/value)",
+                    graph.value(*id).name
+                )))
+            }
+        }
+    }
+    let ids = ids.ok_or_else(|| bad("no token-ids input (`input_ids`)".into()))?;
+    let mut logits = None;
+    let mut pres_k = BTreeMap::new();
+    let mut pres_v = BTreeMap::new();
+    for (i, (_, role)) in graph.outputs().iter().enumerate() {
+        match role {
+            OutputRole::Logits => logits = Some(i),
+            OutputRole::PresentKey(l) => {
+                pres_k.insert(*l, i);
+            }
+            OutputRole::PresentValue(l) => {
+                pres_v.insert(*l, i);
+            }
+            OutputRole::Other => {}
+        }
+    }
+    let logits = logits.ok_or_else(|| bad("no logits output (`logits`)".into()))?;
+    let layers = past_k.len();
+    let complete =
+        |m: &BTreeMap<usize, usize>| m.len() == layers && m.keys().copied().eq(0..layers);
+    if !(complete(&past_k) && complete(&past_v) && complete(&pres_k) && complete(&pres_v)) {
+        return Err(bad(format!(
+            "past/present inputs and outputs do not pair up: {} past keys, {} past values, \
+             {} present keys, {} present values (layers must be numbered 0..L)",
+            past_k.len(),
+            past_v.len(),
+            pres_k.len(),
+            pres_v.len()
+        )));
+    }
+    let past: Vec<_> = (0..layers).map(|l| (past_k[&l], past_v[&l])).collect();
+    let present: Vec<_> = (0..layers).map(|l| (pres_k[&l], pres_v[&l])).collect();
+    let (mut past_shape, mut past_axis) = (Vec::new(), 0);
+    if let Some(&(k, _)) = past.first() {
+        // `[batch, heads, past, head_dim]`: every dim but one symbolic sequence axis (and the
+        // batch) must be a constant.
+        let v = graph.value(graph.inputs()[k].0);
+        if v.ty.dtype != DType::F32 {
+            return Err(bad(format!(
+                "past input `{}` is {}, expected f32",
+                v.name, v.ty.dtype
+            )));
+        }
+        let shape = &v.ty.shape;
+        if shape.len() != 4 {
+            return Err(bad(format!(
+                "past input `{}` has rank {}, expected 4",
+                v.name,
+                shape.len()
+            )));
+        }
+        past_axis = 2;
+        for (axis, d) in shape.iter().enumerate() {
+            past_shape.push(match (axis, d.as_const()) {
+                (0, _) => 1,
+                (2, _) => 0,
+                (_, Some(c)) => c as usize,
+                (_, None) => {
+                    return Err(bad(format!(
+                        "past input `{}` has a symbolic dim `{d}` at axis {axis}",
+                        v.name
+                    )))
+                }
+            });
+        }
+    }
+    Ok(IoLayout {
+        ids,
+        mask,
+        positions,
+        past,
+        logits,
+        present,
+        past_shape,
+        past_axis,
+    })
+}
+
+/// The state of one sequence: the tokens seen so far and, for with-past graphs, the cached
+/// keys and values of every layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    tokens: Vec<u32>,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Number of tokens already processed.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+/// Logits of the last `rows` positions of a forward step, row-major `[rows, vocab]`.
+#[derive(Clone, Debug)]
+pub struct Logits {
+    pub rows: usize,
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.vocab..(r + 1) * self.vocab]
+    }
+    pub fn last(&self) -> &[f32] {
+        self.row(self.rows - 1)
+    }
+}
+
+/// A compiled causal LM ready to run: the graph's execution plan, its I/O layout, generation
+/// metadata and tokenizer.
+pub struct LanguageModel {
+    plan: Plan,
+    layout: IoLayout,
+    input_dtypes: Vec<DType>,
+    pub generation: Generation,
+    pub tokenizer: Option<TextTokenizer>,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for LanguageModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LanguageModel")
+            .field("layers", &self.layout.past.len())
+            .field("vocab", &self.vocab)
+            .field("kv_cache", &self.has_kv_cache())
+            .finish()
+    }
+}
+
+impl LanguageModel {
+    /// Prepares a loaded bundle for generation.
+    pub fn new(contents: BundleContents) -> Result<LanguageModel, LlmError> {
+        let layout = layout_of(&contents.graph)?;
+        let graph = &contents.graph;
+        let logits_ty = &graph.value(graph.outputs()[layout.logits].0).ty;
+        if logits_ty.dtype != DType::F32 {
+            return Err(LlmError::Layout(format!(
+                "logits are {}, expected f32",
+                logits_ty.dtype
+            )));
+        }
+        let vocab = logits_ty
+            .shape
+            .last()
+            .and_then(|d| d.as_const())
+            .ok_or_else(|| {
+                LlmError::Layout(format!(
+                    "the logits' last dim must be the vocabulary size, got {}",
+                    logits_ty
+                ))
+            })? as usize;
+        let input_dtypes: Vec<DType> = graph
+            .inputs()
+            .iter()
+            .map(|(id, _)| graph.value(*id).ty.dtype)
+            .collect();
+        for i in [Some(layout.ids), layout.mask, layout.positions]
+            .into_iter()
+            .flatten()
+        {
+            if !matches!(input_dtypes[i], DType::I64 | DType::I32) {
+                let v = graph.value(graph.inputs()[i].0);
+                return Err(LlmError::Layout(format!(
+                    "input `{}` is {}, expected int64 or int32",
+                    v.name, v.ty.dtype
+                )));
+            }
+        }
+        let tokenizer = contents
+            .tokenizer_json
+            .as_ref()
+            .map(|b| TextTokenizer::from_bytes(b))
+            .transpose()?;
+        Ok(LanguageModel {
+            plan: Plan::new(&contents.graph)?,
+            layout,
+            input_dtypes,
+            generation: contents.generation,
+            tokenizer,
+            vocab,
+        })
+    }
+
+    /// Turns per-op-type timing of every forward step on or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.plan.set_profiling(on);
+    }
+
+    /// Time per op type since profiling was turned on, most expensive first.
+    pub fn profile(&self) -> Vec<(String, crate::interp::OpTime)> {
+        self.plan.profile()
+    }
+
+    /// True when the graph takes past keys/values (each step feeds only new tokens).
+    pub fn has_kv_cache(&self) -> bool {
+        !self.layout.past.is_empty()
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layout.past.len()
+    }
+
+    /// The longest sequence the model supports, when the bundle says.
+    pub fn max_context(&self) -> Option<usize> {
+        self.generation.max_context.map(|c| c as usize)
+    }
+
+    pub fn tokenizer(&self) -> Result<&TextTokenizer, LlmError> {
+        self.tokenizer.as_ref().ok_or(LlmError::NoTokenizer)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::default()
+    }
+
+    fn int_tensor(
+        &self,
+        input: usize,
+        shape: Vec<usize>,
+        values: Vec<i64>,
+    ) -> Result<Tensor, LlmError> {
+        Ok(match self.input_dtypes[input] {
+            DType::I32 => Tensor::from_vec(shape, values.into_iter().map(|v| v as i32).collect())?,
+            _ => Tensor::from_vec(shape, values)?,
+        })
+    }
+
+    /// Feeds `tokens` after what `cache` holds and returns the logits of the last `keep`
+    /// of them (`keep` ≤ `tokens.len()`; 1 for generation, all for perplexity).
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        keep: usize,
+    ) -> Result<Logits, LlmError> {
+        if tokens.is_empty() || keep == 0 || keep > tokens.len() {
+            return Err(LlmError::Invalid(format!(
+                "forward needs at least one token and 1 ≤ keep ≤ tokens ({keep} of {})",
+                tokens.len()
+            )));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(LlmError::TokenOutOfRange {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let total = cache.len() + tokens.len();
+        if let Some(ctx) = self.max_context() {
+            if total > ctx {
+                return Err(LlmError::ContextFull(total, ctx));
+            }
+        }
+        let native = self.has_kv_cache();
+        // The tokens this call runs the graph on, and the position of the first.
+        let (run, start): (Vec<u32>, usize) = if native {
+            (tokens.to_vec(), cache.len())
+        } else {
+            let mut all = cache.tokens.clone();
+            all.extend_from_slice(tokens);
+            (all, 0)
+        };
+        let n = run.len();
+        let l = &self.layout;
+        let mut inputs: Vec<Option<Tensor>> = vec![None; self.input_dtypes.len()];
+        inputs[l.ids] =
+            Some(self.int_tensor(l.ids, vec![1, n], run.iter().map(|&t| t as i64).collect())?);
+        if let Some(m) = l.mask {
+            inputs[m] = Some(self.int_tensor(m, vec![1, start + n], vec![1; start + n])?);
+        }
+        if let Some(p) = l.positions {
+            inputs[p] = Some(self.int_tensor(
+                p,
+                vec![1, n],
+                (start..start + n).map(|v| v as i64).collect(),
+            )?);
+        }
+        if native {
+            for (layer, &(k, v)) in l.past.iter().enumerate() {
+                let (pk, pv) = match cache.layers.get(layer) {
+                    Some((pk, pv)) => (pk.clone(), pv.clone()),
+                    None => {
+                        let empty = Tensor::zeros(DType::F32, l.past_shape.clone());
+                        (empty.clone(), empty)
+                    }
+                };
+                inputs[k] = Some(pk);
+                inputs[v] = Some(pv);
+            }
+        }
+        let inputs: Vec<Tensor> = inputs
+            .into_iter()
+            .map(|t| t.expect("every input has a role"))
+            .collect();
+        let mut outputs = self.plan.run(&inputs)?;
+        let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
+        let shape = logits.shape().to_vec();
+        let rows = match shape.as_slice() {
+            [1, r, v] if *v == self.vocab => *r,
+            [r, v] if *v == self.vocab => *r,
+            _ => {
+                return Err(LlmError::Invalid(format!(
+                    "logits came out as {shape:?}, expected [1, {n}, {}]",
+                    self.vocab
+                )))
+            }
+        };
+        if rows < keep {
+            return Err(LlmError::Invalid(format!(
+                "the graph returns logits for {rows} positions, {keep} were asked for"
+            )));
+        }
+        let data = logits.as_slice::<f32>()?;
+        let data = data[(rows - keep) * self.vocab..rows * self.vocab].to_vec();
+        if native {
+            cache.layers = l
+                .present
+                .iter()
+                .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
+                .collect();
+            if let Some((k, _)) = cache.layers.first() {
+                let got = k.shape().get(l.past_axis).copied().unwrap_or(0);
+                if got != total {
+                    return Err(LlmError::Invalid(format!(
+                        "present keys hold {got} positions after {total} tokens"
+                    )));
+                }
+            }
+        }
+        cache.tokens.extend_from_slice(tokens);
+        Ok(Logits {
+            rows: keep,
+            vocab: self.vocab,
+            data,
+        })
+    }
+}
