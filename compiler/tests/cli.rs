@@ -131,3 +131,123 @@ fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
     assert!(!ok && err.contains("calibration"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `patchrt`, built by the same `cargo test` run next to `patchc` (another package's binary).
+fn patchrt(args: &[&str]) -> (bool, String, String) {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_patchc")).with_file_name("patchrt");
+    assert!(
+        exe.exists(),
+        "{} not found: run the workspace's tests (`cargo test --workspace`) so that it is built",
+        exe.display()
+    );
+    let out = Command::new(exe).args(args).output().expect("patchrt runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_compiled_fixture_runs_evaluates_and_benchmarks_through_patchrt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("llama_optimum_with_past"), d.join("model.onnx")).unwrap();
+    let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
+    std::fs::write(
+        d.join("tokenizer.json"),
+        format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
+            "post_processor": null, "decoder": null,
+            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+            vocab.join(", ")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("generation.json"),
+        r#"{"eos_token_id": 511, "max_context": 24,
+            "chat_template": "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"}"#,
+    )
+    .unwrap();
+    let bundle = d.join("m.patch");
+    let b = bundle.to_string_lossy().into_owned();
+    let model = d.join("model.onnx").to_string_lossy().into_owned();
+    let (ok, _, err) = patchc(&["compile", &model, "-o", &b, "--weights", "bf16"]);
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = patchrt(&["run", &b, "--prompt", "w5 w17 w3", "--max-tokens", "6"]);
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty(), "no text generated: {err}");
+    assert!(
+        err.contains("tokens/s") && err.contains("KV cache"),
+        "{err}"
+    );
+
+    let sampled = |seed: &str| {
+        let (ok, out, err) = patchrt(&[
+            "run",
+            &b,
+            "--prompt",
+            "w5 w17",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(sampled("7"), sampled("7"), "a seed fixes the sample");
+
+    let (ok, _, err) = patchrt(&["run", &b, "--chat", "--prompt", "w9", "--max-tokens", "2"]);
+    assert!(ok, "{err}");
+
+    let long = vec!["w4"; 30].join(" ");
+    let (ok, _, err) = patchrt(&["run", &b, "--prompt", &long]);
+    assert!(
+        !ok && err.contains("30 tokens") && err.contains("context is 24"),
+        "{err}"
+    );
+    let (ok, _, err) = patchrt(&["run", &b, "--prompt", "w1", "--top-p", "0"]);
+    assert!(!ok && err.contains("--top-p"), "{err}");
+
+    let text = d.join("text.txt");
+    let words: Vec<String> = (0..40).map(|i| format!("w{}", (i * 37) % 500)).collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let t = text.to_string_lossy().into_owned();
+    let (ok, out, err) = patchrt(&["eval", &b, "--text", &t, "--seq", "16"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("perplexity") && out.contains("2 windows of 16"),
+        "{out}"
+    );
+
+    let (ok, out, err) = patchrt(&[
+        "bench",
+        &b,
+        "--threads",
+        "1",
+        "--repeats",
+        "2",
+        "--prefill",
+        "8,16",
+        "--decode-context",
+        "8",
+        "--decode-steps",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    for row in ["| prefill8 |", "| prefill16 |", "| decode8 |"] {
+        assert!(out.contains(row), "{row} missing: {out}");
+    }
+    let (ok, _, err) = patchrt(&["bench", &b, "--prefill", "64"]);
+    assert!(!ok && err.contains("context of 24"), "{err}");
+}

@@ -330,6 +330,8 @@ macro_rules! float_arith {
                     Binary::Sub => a - b,
                     Binary::Mul => a * b,
                     Binary::Div => a / b,
+                    // x² is the RMSNorm hot path; powf(x, 2) is exactly x * x anyway.
+                    Binary::Pow if b == 2.0 => a * a,
                     Binary::Pow => a.powf(b),
                     Binary::Mod | Binary::Fmod => a % b,
                     Binary::Max => if a.is_nan() || b.is_nan() { <$t>::NAN } else if a >= b { a } else { b },
@@ -491,6 +493,11 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
         let wide_b = cast(b, DType::F32)?;
         return via_f32(a, |wa| binary(op, wa, &wide_b));
     }
+    if a.dtype() == DType::F32 {
+        if let Some(t) = f32_arith_fast(op, a, b) {
+            return t;
+        }
+    }
     if op.is_comparison() {
         return numeric_dispatch!(a.dtype(), T => compare_typed::<T>(op, a, b),
         d => match d {
@@ -500,6 +507,63 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     }
     numeric_dispatch!(a.dtype(), T => arith_typed::<T>(op, a, b),
         d => Err(OpError::DType { index: 0, got: d, expected: "a numeric type".into() }))
+}
+
+/// True when `small` broadcasts against `big` as a repeated trailing block: after its leading
+/// ones, `small`'s shape equals the trailing dims of `big` (a row vector, a scalar).
+fn is_trailing_block(small: &[usize], big: &[usize]) -> bool {
+    let lead = small.iter().take_while(|&&d| d == 1).count();
+    let core = &small[lead..];
+    small.len() <= big.len() && big.ends_with(core)
+}
+
+/// f32 `+ - * /` on same-shape operands or a trailing block (bias rows, scalars): a flat loop
+/// instead of the general broadcasting iterator. `None` when the shapes need the general path.
+fn f32_arith_fast(op: Binary, a: &Tensor, b: &Tensor) -> Option<Result<Tensor, OpError>> {
+    let f: fn(f32, f32) -> f32 = match op {
+        Binary::Add => |x, y| x + y,
+        Binary::Sub => |x, y| x - y,
+        Binary::Mul => |x, y| x * y,
+        Binary::Div => |x, y| x / y,
+        _ => return None,
+    };
+    let (sa, sb) = (a.shape(), b.shape());
+    let (xa, xb) = (a.as_slice::<f32>().ok()?, b.as_slice::<f32>().ok()?);
+    if xa.is_empty() || xb.is_empty() {
+        return None;
+    }
+    // `row` repeats along the longer operand `long`; `row_first` says which side it was.
+    let apply = |long: &[f32], row: &[f32], row_first: bool| -> Vec<f32> {
+        let mut out = vec![0f32; long.len()];
+        for (o, l) in out
+            .chunks_exact_mut(row.len())
+            .zip(long.chunks_exact(row.len()))
+        {
+            if row_first {
+                for ((d, &x), &y) in o.iter_mut().zip(row).zip(l) {
+                    *d = f(x, y);
+                }
+            } else {
+                for ((d, &x), &y) in o.iter_mut().zip(l).zip(row) {
+                    *d = f(x, y);
+                }
+            }
+        }
+        out
+    };
+    let out: Vec<f32> = if sa == sb || (sa.len() >= sb.len() && is_trailing_block(sb, sa)) {
+        apply(xa, xb, false)
+    } else if sb.len() >= sa.len() && is_trailing_block(sa, sb) {
+        apply(xb, xa, true)
+    } else {
+        return None;
+    };
+    let shape = if sa.len() >= sb.len() && out.len() == xa.len() {
+        sa.to_vec()
+    } else {
+        sb.to_vec()
+    };
+    Some(Tensor::from_vec(shape, out).map_err(|e| OpError::Invalid(e.to_string())))
 }
 
 /// `Max`, `Min`, `Sum`: one or more inputs folded with a binary op.

@@ -467,7 +467,11 @@ impl Softmax {
     /// Evaluates on one tensor.
     pub fn softmax(&self, x: &Tensor) -> Result<Tensor, OpError> {
         self.check_dtype(x.dtype())?;
-        let axis = Axis(norm_axis(self.axis, x.rank())?);
+        let axis_index = norm_axis(self.axis, x.rank())?;
+        if x.dtype() == DType::F32 && !self.log && axis_index + 1 == x.rank() {
+            return softmax_rows_f32(x);
+        }
+        let axis = Axis(axis_index);
         let log = self.log;
         fn run<T: Element>(
             x: &Tensor,
@@ -494,6 +498,71 @@ impl Softmax {
             }),
         }
     }
+}
+
+/// Softmax over the contiguous last axis of an f32 tensor, rows split over the kernels'
+/// thread pool: one `exp` per element (in f32, of `x - max`), the sum accumulated in f64.
+/// Matches the f64 lane path to a few ulps of f32.
+fn softmax_rows_f32(x: &Tensor) -> Result<Tensor, OpError> {
+    let src = x.as_slice::<f32>().map_err(tensor_err)?;
+    let width = *x.shape().last().expect("rank ≥ 1");
+    let mut out = vec![0f32; src.len()];
+    if width == 0 || src.is_empty() {
+        return Tensor::from_vec(x.shape().to_vec(), out).map_err(tensor_err);
+    }
+    let rows = src.len() / width;
+    let row = |inp: &[f32], o: &mut [f32]| {
+        let m = inp.iter().fold(f32::NEG_INFINITY, |a, &v| {
+            if a.is_nan() || v.is_nan() {
+                f32::NAN
+            } else {
+                a.max(v)
+            }
+        });
+        let mut sum = 0f64;
+        for (d, &v) in o.iter_mut().zip(inp) {
+            let e = (v - m).exp();
+            *d = e;
+            sum += e as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        for d in o.iter_mut() {
+            *d *= inv;
+        }
+    };
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && src.len() >= 1 << 15);
+    match pool {
+        None => {
+            for (i, o) in src.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                row(i, o);
+            }
+        }
+        Some(pool) => {
+            let parts = pool.threads();
+            let chunks: Vec<std::sync::Mutex<&mut [f32]>> = {
+                let mut rest: &mut [f32] = &mut out;
+                let mut v = Vec::with_capacity(parts);
+                for t in 0..parts {
+                    let take = (rows * (t + 1) / parts - rows * t / parts) * width;
+                    let (head, tail) = rest.split_at_mut(take);
+                    v.push(std::sync::Mutex::new(head));
+                    rest = tail;
+                }
+                v
+            };
+            pool.run_on_threads(&|t| {
+                let r0 = rows * t / parts;
+                let mut dst = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
+                for (k, o) in dst.chunks_exact_mut(width).enumerate() {
+                    let r = r0 + k;
+                    row(&src[r * width..(r + 1) * width], o);
+                }
+            });
+        }
+    }
+    Tensor::from_vec(x.shape().to_vec(), out).map_err(tensor_err)
 }
 
 /// Numerically stable softmax of one lane in place: `exp(x - max) / sum`, or its log

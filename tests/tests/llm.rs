@@ -1,0 +1,223 @@
+//! The hybrid MatMul rewrite and the generation loop on the exporter fixtures, against their
+//! ONNX Runtime goldens: rewritten graphs keep the outputs, the KV cache reproduces ORT's
+//! greedy steps, the no-past path and perplexity agree with ORT's logits.
+
+use std::path::{Path, PathBuf};
+
+use patch_compiler::pipeline::{self, CompileOptions};
+use patch_kernels::{TileShape, WeightDtype};
+use patch_passes::dce::DeadCodeElimination;
+use patch_passes::hybrid::HybridMatMulRewrite;
+use patch_passes::PassManager;
+use patch_runtime::bundle::{self, LoadOptions};
+use patch_runtime::llm::eval::{nll, perplexity};
+use patch_runtime::llm::sampler::argmax;
+use patch_runtime::llm::LanguageModel;
+use patch_runtime::ops::OpRegistry;
+use patch_runtime::{interp, Tensor};
+use patch_tests::{argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, FIXTURES};
+
+/// A WordLevel `tokenizer.json` over `w0 .. w{n-1}` (whitespace pre-tokenizer), so that the
+/// fixtures' random models can be driven through text.
+pub fn word_tokenizer_json(n: usize) -> String {
+    let vocab: Vec<String> = (0..n).map(|i| format!("\"w{i}\": {i}")).collect();
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null,
+        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+        vocab.join(", ")
+    )
+}
+
+fn rewritten(name: &str, dtype: WeightDtype) -> patch_runtime::Graph {
+    let registry = OpRegistry::onnx();
+    let mut g = import_fixture(name);
+    let tile = TileShape::new(32, 16).unwrap();
+    PassManager::new(&registry)
+        .with_pass(HybridMatMulRewrite::dense(tile, dtype))
+        .with_pass(DeadCodeElimination)
+        .run(&mut g)
+        .unwrap();
+    g
+}
+
+fn hybrid_count(g: &patch_runtime::Graph) -> usize {
+    g.nodes()
+        .filter(|(_, n)| n.op_type == "HybridMatMul")
+        .count()
+}
+
+#[test]
+fn dense_rewrite_keeps_every_fixture_within_1e_4_of_onnx_runtime() {
+    for name in FIXTURES {
+        let g = rewritten(name, WeightDtype::F32);
+        assert!(hybrid_count(&g) > 0, "{name}: nothing was rewritten");
+        for case in ["seq7", "batch2_leftpad"] {
+            let c = read_case(&fixture_dir(name).join("cases").join(case));
+            let inputs: Vec<Tensor> = c.inputs.iter().map(|(_, t)| t.clone()).collect();
+            let got = interp::run(&g, &inputs).unwrap();
+            let err = max_abs_diff(&got[0], &c.outputs[0].1);
+            println!("{name}/{case}: f32 hybrid vs ORT max abs {err:.2e}");
+            assert!(err <= 1e-4, "{name}/{case}: {err}");
+            assert_eq!(argmax_last(&got[0]), argmax_last(&c.outputs[0].1));
+        }
+    }
+}
+
+#[test]
+fn bf16_and_f16_weights_stay_close_to_onnx_runtime() {
+    for name in FIXTURES {
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+            let g = rewritten(name, dtype);
+            let c = read_case(&fixture_dir(name).join("cases").join("seq7"));
+            let inputs: Vec<Tensor> = c.inputs.iter().map(|(_, t)| t.clone()).collect();
+            let got = interp::run(&g, &inputs).unwrap();
+            let want = &c.outputs[0].1;
+            let scale = want
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs()));
+            let err = max_abs_diff(&got[0], want);
+            println!("{name}: {dtype:?} weights vs ORT max abs {err:.2e} (max |logit| {scale:.2})");
+            // Rounding the weights to 8 (bf16) or 11 (f16) significant bits.
+            let bound = if dtype == WeightDtype::Bf16 {
+                0.05
+            } else {
+                0.01
+            };
+            assert!(err <= bound * scale, "{name} {dtype:?}: {err} vs {scale}");
+        }
+    }
+}
+
+/// Compiles a fixture with a word tokenizer and `generation.json` into `dir`.
+fn compile_fixture(name: &str, dir: &Path, max_context: usize) -> PathBuf {
+    let src = fixture_dir(name);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).unwrap();
+    std::fs::write(
+        dir.join("generation.json"),
+        format!(r#"{{"eos_token_id": 511, "bos_token_id": 1, "max_context": {max_context}}}"#),
+    )
+    .unwrap();
+    let out = dir.join(format!("{name}.patch"));
+    let options = CompileOptions {
+        tile: TileShape::new(32, 16).unwrap(),
+        ..CompileOptions::new(dir.join("model.onnx"), out.clone())
+    };
+    pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
+    out
+}
+
+fn load_model(path: &Path) -> LanguageModel {
+    let b = bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default()).unwrap();
+    LanguageModel::new(b.contents).unwrap()
+}
+
+fn ids_of(t: &Tensor) -> Vec<u32> {
+    t.to_i64_vec()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+#[test]
+fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = compile_fixture("llama_optimum_with_past", dir.path(), 256);
+    let model = load_model(&path);
+    assert!(model.has_kv_cache());
+    assert_eq!(model.layers(), 2);
+    let greedy = fixture_dir("llama_optimum_with_past").join("cases/greedy8");
+    let mut cache = model.new_cache();
+    let mut feed = ids_of(&read_case(&greedy.join("step_0")).inputs[0].1);
+    for step in 0..=8 {
+        let c = read_case(&greedy.join(format!("step_{step}")));
+        assert_eq!(ids_of(&c.inputs[0].1), feed, "step {step}: fed tokens");
+        let logits = model.forward(&mut cache, &feed, 1).unwrap();
+        let want = c.outputs[0].1.as_slice::<f32>().unwrap();
+        let want_last = &want[want.len() - model.vocab()..];
+        let err = logits
+            .last()
+            .iter()
+            .zip(want_last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= 1e-4, "step {step}: last logits differ by {err}");
+        let next = argmax(logits.last());
+        assert_eq!(next as usize, argmax_last(&c.outputs[0].1).pop().unwrap());
+        feed = vec![next];
+    }
+}
+
+#[test]
+fn no_past_forward_and_perplexity_agree_with_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = compile_fixture("llama_dynamo_op18", dir.path(), 256);
+    let model = load_model(&path);
+    assert!(!model.has_kv_cache());
+    let c = read_case(&fixture_dir("llama_dynamo_op18").join("cases/seq64"));
+    let ids = ids_of(&c.inputs[0].1);
+    let want = c.outputs[0].1.as_slice::<f32>().unwrap();
+    let v = model.vocab();
+    // Prefix then one token at a time: the no-past path recomputes and returns the last rows.
+    let mut cache = model.new_cache();
+    let all = model.forward(&mut cache, &ids[..60], 60).unwrap();
+    for step in 60..64 {
+        let l = model.forward(&mut cache, &ids[step..step + 1], 1).unwrap();
+        let err = l
+            .last()
+            .iter()
+            .zip(&want[step * v..(step + 1) * v])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= 1e-4, "position {step}: {err}");
+    }
+    assert_eq!(cache.len(), 64);
+    assert!((all.row(0)[0] - want[0]).abs() <= 1e-4);
+    // One window of 64: the summed NLL equals the one computed from ORT's logits.
+    let p = perplexity(&model, &ids, 64, |_, _| {}).unwrap();
+    let want_nll: f64 = (0..63)
+        .map(|i| nll(&want[i * v..(i + 1) * v], ids[i + 1]))
+        .sum();
+    assert_eq!(p.windows(), 1);
+    assert_eq!(p.predicted, 63);
+    assert!(
+        (p.window_nll[0] - want_nll).abs() <= 1e-3,
+        "{} vs {want_nll}",
+        p.window_nll[0]
+    );
+}
+
+#[test]
+fn generation_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = compile_fixture("llama_optimum_with_past", dir.path(), 16);
+    let model = load_model(&path);
+    let mut cache = model.new_cache();
+    let err = model.forward(&mut cache, &[3; 17], 1).unwrap_err();
+    assert!(
+        err.to_string().contains("exceed the model's context of 16"),
+        "{err}"
+    );
+    let err = model.forward(&mut cache, &[600], 1).unwrap_err();
+    assert!(
+        err.to_string().contains("outside the vocabulary of 512"),
+        "{err}"
+    );
+    let err = perplexity(&model, &[1, 2, 3], 8, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("fewer than one window"), "{err}");
+    let err = perplexity(&model, &[1; 64], 32, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("longer than the model's context"),
+        "{err}"
+    );
+}
