@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,8 +18,11 @@ use serde_json::{json, Value};
 
 use crate::onnx::{self, import::ImportError, LoadError};
 
+/// Reports `(phase, done, total)` while compiling (for a progress bar).
+pub type PhaseProgress = Arc<dyn Fn(&str, usize, usize) + Send + Sync>;
+
 /// What to compile and how.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CompileOptions {
     pub model: PathBuf,
     pub output: PathBuf,
@@ -30,6 +34,20 @@ pub struct CompileOptions {
     pub weights: WeightDtype,
     /// Tile shape of the hybrid format.
     pub tile: TileShape,
+    pub progress: Option<PhaseProgress>,
+}
+
+impl std::fmt::Debug for CompileOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompileOptions")
+            .field("model", &self.model)
+            .field("output", &self.output)
+            .field("tokenizer", &self.tokenizer)
+            .field("sparsity", &self.sparsity)
+            .field("weights", &self.weights)
+            .field("tile", &self.tile)
+            .finish()
+    }
 }
 
 impl CompileOptions {
@@ -42,6 +60,7 @@ impl CompileOptions {
             sparsity: 0.0,
             weights: WeightDtype::F32,
             tile: TileShape::new(128, 128).expect("128x128 is a valid tile"),
+            progress: None,
         }
     }
 }
@@ -150,8 +169,14 @@ pub fn compile(
     if s > 0.0 {
         return Err(CompileError::SparsityUnsupported(s));
     }
+    let report_phase = |phase: &str, done: usize, total: usize| {
+        if let Some(p) = &options.progress {
+            p(phase, done, total);
+        }
+    };
     let mut phases = BTreeMap::new();
     let t = Instant::now();
+    report_phase("import", 0, 1);
     let model = onnx::load_model(&options.model)?;
     let mut graph =
         onnx::import_model(&model, registry, &Default::default()).map_err(|source| {
@@ -162,12 +187,18 @@ pub fn compile(
         })?;
     phases.insert("import", t.elapsed().as_secs_f64());
     let nodes_imported = graph.node_count();
+    let parameters = graph.const_elements();
 
     let targets = weight_matmuls(&graph);
     let t = Instant::now();
     let changed = PassManager::new(registry)
         .with_pass(DeadCodeElimination)
-        .with_pass(HybridMatMulRewrite::dense(options.tile, options.weights))
+        .with_pass(HybridMatMulRewrite {
+            progress: options.progress.clone().map(|p| -> patch_passes::Progress {
+                Arc::new(move |done, total| p("pack weights", done, total))
+            }),
+            ..HybridMatMulRewrite::dense(options.tile, options.weights)
+        })
         .with_pass(DeadCodeElimination)
         .run(&mut graph)
         .map_err(Box::new)?;
@@ -198,11 +229,12 @@ pub fn compile(
         "tile": [options.tile.k, options.tile.n],
         "nodes": { "imported": nodes_imported, "final": graph.node_count() },
         "passes_changed": changed,
-        "parameters": graph.const_elements(),
+        "parameters": parameters,
         "weight_matmuls": targets.len(),
         "hybrid_matmuls": rewritten.len(),
         "hybrid_parameters": rewritten.iter().map(|t| t.k * t.n).sum::<usize>(),
         "plain_matmuls": kept.iter().map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
+        "dense_only_matmuls": rewritten.iter().filter(|t| !t.prunable).map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
         "tokenizer": tokenizer_path.as_ref().map(|p| p.display().to_string()),
         "phase_seconds": phases,
     });
@@ -214,6 +246,7 @@ pub fn compile(
         ),
     ]);
     let t = Instant::now();
+    report_phase("write", 0, 1);
     bundle::write_bundle(
         &options.output,
         &BundleContents {

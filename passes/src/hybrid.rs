@@ -3,8 +3,9 @@
 //!
 //! Targets are MatMul/Gemm nodes whose weight operand is a 2-D f32 constant, directly or
 //! through one `Transpose` (Gemm: `transA = 0`, `alpha = 1`, and `C` absent or a constant
-//! `[N]` bias with `beta = 1`). Never rewritten: any weight with a vocabulary-sized dimension
-//! (the LM head, a tied embedding), which stays a plain MatMul.
+//! `[N]` bias with `beta = 1`). A weight with a vocabulary-sized dimension (the LM head, a tied
+//! embedding) is never pruned: it is packed all dense (in the chosen dtype, so that a bf16
+//! bundle reads the LM head in bf16 too), and a mask given for it is an error.
 //!
 //! A weight listed in [`HybridMatMulRewrite::masks`] is packed with its tile map and keep-mask;
 //! every other target is packed all dense, which keeps the node's outputs equal to the
@@ -20,7 +21,7 @@ use patch_runtime::ops::hybrid::{HybridMatMul, DOMAIN, OP_TYPE};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{DType, Graph, OpError, RuntimeError, Tensor, ValueId};
 
-use crate::Pass;
+use crate::{Pass, Progress};
 
 /// A MatMul or Gemm whose weight operand is a constant (possibly through a `Transpose`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +39,11 @@ pub struct WeightMatMul {
     pub transposed: bool,
     /// Constant bias `[N]` (Gemm's `C`).
     pub bias: Option<ValueId>,
-    /// False for weights the rewrite leaves alone: a vocabulary-sized dimension, a
-    /// non-f32 weight or activation, or a Gemm form the kernels do not cover.
+    /// False for weights the rewrite leaves alone: a non-f32 weight or activation, or a Gemm
+    /// form the kernels do not cover.
     pub rewritable: bool,
+    /// False for weights that must stay dense: a vocabulary-sized dimension.
+    pub prunable: bool,
 }
 
 /// The constant behind `id`, seeing through one `Transpose` with the default or `[1, 0]` perm.
@@ -101,11 +104,8 @@ pub fn weight_matmuls(graph: &Graph) -> Vec<WeightMatMul> {
             .copied()
             .flatten()
             .is_some_and(|a| graph.value(a).ty.dtype == DType::F32);
-        let mut rewritable = t.dtype() == DType::F32
-            && a_is_f32
-            && vocab.is_none_or(|v| k != v && n != v)
-            && k > 0
-            && n > 0;
+        let mut rewritable = t.dtype() == DType::F32 && a_is_f32 && k > 0 && n > 0;
+        let prunable = vocab.is_none_or(|v| k != v && n != v);
         let mut bias = None;
         if is_gemm {
             let a = &node.attrs;
@@ -135,6 +135,7 @@ pub fn weight_matmuls(graph: &Graph) -> Vec<WeightMatMul> {
             transposed,
             bias,
             rewritable,
+            prunable,
         });
     }
     out
@@ -149,12 +150,24 @@ pub struct WeightMask {
 }
 
 /// Rewrites weight MatMuls into `patch.HybridMatMul` (see the module docs).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HybridMatMulRewrite {
     pub tile: TileShape,
     pub dtype: WeightDtype,
     /// Masks by weight constant name; weights not listed are packed all dense.
     pub masks: HashMap<String, WeightMask>,
+    /// Called after each packed weight with `(done, total)`.
+    pub progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for HybridMatMulRewrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridMatMulRewrite")
+            .field("tile", &self.tile)
+            .field("dtype", &self.dtype)
+            .field("masks", &self.masks.len())
+            .finish()
+    }
 }
 
 impl HybridMatMulRewrite {
@@ -164,6 +177,7 @@ impl HybridMatMulRewrite {
             tile,
             dtype,
             masks: HashMap::new(),
+            progress: None,
         }
     }
 
@@ -183,6 +197,16 @@ impl HybridMatMulRewrite {
             stored.to_vec()
         };
         let (map, keep) = match self.masks.get(&t.weight) {
+            Some(_) if !t.prunable => {
+                return Err(RuntimeError::at_node(
+                    &t.node,
+                    &t.op_type,
+                    OpError::Invalid(format!(
+                        "weight `{}` has a vocabulary-sized dimension and must stay dense",
+                        t.weight
+                    )),
+                ))
+            }
             Some(m) => (m.map.clone(), Some(m.keep.as_slice())),
             None => {
                 let (kt, nt) = self.tile.grid(k, n);
@@ -228,7 +252,15 @@ impl Pass for HybridMatMulRewrite {
         let mut changed = false;
         // One packed copy per (weight, orientation), shared by every node that uses it.
         let mut packed_consts = HashMap::new();
-        for t in weight_matmuls(graph).into_iter().filter(|t| t.rewritable) {
+        let targets: Vec<_> = weight_matmuls(graph)
+            .into_iter()
+            .filter(|t| t.rewritable)
+            .collect();
+        let total = targets.len();
+        for (done, t) in targets.into_iter().enumerate() {
+            if let Some(p) = &self.progress {
+                p(done, total);
+            }
             let key = (t.weight_id, t.transposed);
             let (attrs, values, meta) = match packed_consts.get(&key) {
                 Some(done) => Clone::clone(done),
@@ -258,6 +290,9 @@ impl Pass for HybridMatMulRewrite {
                 vec![x, Some(values), Some(meta), t.bias],
             )?;
             changed = true;
+        }
+        if let Some(p) = &self.progress {
+            p(total, total);
         }
         Ok(changed)
     }

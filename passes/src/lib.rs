@@ -4,8 +4,13 @@
 pub mod dce;
 pub mod hybrid;
 
+use std::sync::Arc;
+
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError};
+
+/// A progress callback for long passes: `(done, total)`.
+pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 /// Errors of running passes.
 #[derive(Debug, thiserror::Error)]

@@ -91,14 +91,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             weights,
             tile,
         } => {
+            // Hidden automatically when stderr is not a terminal.
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>14} [{bar:40}] {pos}/{len} ({elapsed})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let shown = bar.clone();
             let options = pipeline::CompileOptions {
                 tokenizer,
                 sparsity,
                 weights,
                 tile,
+                progress: Some(std::sync::Arc::new(move |phase: &str, done, total| {
+                    shown.set_message(phase.to_string());
+                    shown.set_length(total as u64);
+                    shown.set_position(done as u64);
+                })),
                 ..pipeline::CompileOptions::new(model, output.clone())
             };
-            let report = pipeline::compile(&options, &registry)?;
+            let report = pipeline::compile(&options, &registry);
+            bar.finish_and_clear();
+            let report = report?;
             let r = &report.json;
             eprintln!(
                 "compiled {} nodes ({} imported), {} parameters, {} weight matmuls -> {}",

@@ -520,13 +520,22 @@ fn is_trailing_block(small: &[usize], big: &[usize]) -> bool {
 /// f32 `+ - * /` on same-shape operands or a trailing block (bias rows, scalars): a flat loop
 /// instead of the general broadcasting iterator. `None` when the shapes need the general path.
 fn f32_arith_fast(op: Binary, a: &Tensor, b: &Tensor) -> Option<Result<Tensor, OpError>> {
-    let f: fn(f32, f32) -> f32 = match op {
-        Binary::Add => |x, y| x + y,
-        Binary::Sub => |x, y| x - y,
-        Binary::Mul => |x, y| x * y,
-        Binary::Div => |x, y| x / y,
-        _ => return None,
-    };
+    // One monomorphized loop per op: an indirect call per element would cost more than the
+    // arithmetic.
+    match op {
+        Binary::Add => f32_zip_fast(a, b, |x, y| x + y),
+        Binary::Sub => f32_zip_fast(a, b, |x, y| x - y),
+        Binary::Mul => f32_zip_fast(a, b, |x, y| x * y),
+        Binary::Div => f32_zip_fast(a, b, |x, y| x / y),
+        _ => None,
+    }
+}
+
+fn f32_zip_fast(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Copy,
+) -> Option<Result<Tensor, OpError>> {
     let (sa, sb) = (a.shape(), b.shape());
     let (xa, xb) = (a.as_slice::<f32>().ok()?, b.as_slice::<f32>().ok()?);
     if xa.is_empty() || xb.is_empty() {
@@ -534,6 +543,13 @@ fn f32_arith_fast(op: Binary, a: &Tensor, b: &Tensor) -> Option<Result<Tensor, O
     }
     // `row` repeats along the longer operand `long`; `row_first` says which side it was.
     let apply = |long: &[f32], row: &[f32], row_first: bool| -> Vec<f32> {
+        if let [v] = row {
+            return if row_first {
+                long.iter().map(|&y| f(*v, y)).collect()
+            } else {
+                long.iter().map(|&x| f(x, *v)).collect()
+            };
+        }
         let mut out = vec![0f32; long.len()];
         for (o, l) in out
             .chunks_exact_mut(row.len())

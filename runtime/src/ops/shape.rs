@@ -506,44 +506,90 @@ impl Transpose {
     }
 }
 
-/// Strided copy into the permuted layout: an odometer over the output's outer axes, and
-/// along the last output axis a contiguous copy when it is also the input's last axis.
-fn transpose_t<T: Element>(x: &Tensor, perm: &[usize]) -> Result<Tensor, OpError> {
-    let src = x.as_slice::<T>().map_err(rt)?;
-    let shape = x.shape();
-    let rank = shape.len();
-    let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+/// Copies the view of `src` with shape `out_shape` and element strides `strides` (0 for a
+/// broadcast axis) into a new row-major vector. Axes of extent 1 are dropped and adjacent axes
+/// that are contiguous in the source merged, so the innermost loop copies the longest run
+/// possible; when the two innermost axes are swapped (a transpose of the last two), it copies
+/// in 16x16 tiles so that both sides stay in cache.
+pub(crate) fn strided_copy<T: Copy>(src: &[T], out_shape: &[usize], strides: &[usize]) -> Vec<T> {
     let total: usize = out_shape.iter().product();
-    if rank <= 1 || total == 0 {
-        return Tensor::from_vec(out_shape, src.to_vec()).map_err(rt);
+    if total == 0 {
+        return Vec::new();
     }
-    let mut in_strides = vec![1usize; rank];
-    for a in (0..rank - 1).rev() {
-        in_strides[a] = in_strides[a + 1] * shape[a + 1];
-    }
-    let strides: Vec<usize> = perm.iter().map(|&a| in_strides[a]).collect();
-    let inner = out_shape[rank - 1];
-    let inner_stride = strides[rank - 1];
-    let mut out = Vec::with_capacity(total);
-    let mut index = vec![0usize; rank - 1];
-    let mut base = 0usize;
-    for _ in 0..total / inner {
-        if inner_stride == 1 {
-            out.extend_from_slice(&src[base..base + inner]);
-        } else {
-            out.extend((0..inner).map(|i| src[base + i * inner_stride]));
+    // (extent, stride) from the innermost axis outwards, merged.
+    let mut axes: Vec<(usize, usize)> = Vec::new();
+    for (&n, &st) in out_shape.iter().zip(strides).rev() {
+        if n == 1 {
+            continue;
         }
-        for a in (0..rank - 1).rev() {
+        match axes.last_mut() {
+            Some(inner) if st == inner.0 * inner.1 && inner.1 != 0 || st == 0 && inner.1 == 0 => {
+                inner.0 *= n;
+            }
+            _ => axes.push((n, st)),
+        }
+    }
+    if axes.is_empty() {
+        return vec![src[0]; total];
+    }
+    axes.reverse();
+    let rank = axes.len();
+    let (inner, inner_stride) = axes[rank - 1];
+    let mut out = vec![src[0]; total];
+    let tiled = inner_stride > 1 && rank >= 2 && axes[rank - 2].1 == 1;
+    let block = if tiled {
+        inner * axes[rank - 2].0
+    } else {
+        inner
+    };
+    let outer_axes = if tiled { rank - 2 } else { rank - 1 };
+    let mut index = vec![0usize; outer_axes];
+    let mut base = 0usize;
+    for chunk in out.chunks_exact_mut(block) {
+        if tiled {
+            let rows = axes[rank - 2].0;
+            const T16: usize = 16;
+            for i0 in (0..rows).step_by(T16) {
+                for j0 in (0..inner).step_by(T16) {
+                    for i in i0..(i0 + T16).min(rows) {
+                        for j in j0..(j0 + T16).min(inner) {
+                            chunk[i * inner + j] = src[base + i + j * inner_stride];
+                        }
+                    }
+                }
+            }
+        } else if inner_stride == 1 {
+            chunk.copy_from_slice(&src[base..base + inner]);
+        } else if inner_stride == 0 {
+            chunk.fill(src[base]);
+        } else {
+            for (i, d) in chunk.iter_mut().enumerate() {
+                *d = src[base + i * inner_stride];
+            }
+        }
+        for a in (0..outer_axes).rev() {
             index[a] += 1;
-            base += strides[a];
-            if index[a] < out_shape[a] {
+            base += axes[a].1;
+            if index[a] < axes[a].0 {
                 break;
             }
-            base -= strides[a] * out_shape[a];
+            base -= axes[a].1 * axes[a].0;
             index[a] = 0;
         }
     }
-    Tensor::from_vec(out_shape, out).map_err(rt)
+    out
+}
+
+fn transpose_t<T: Element>(x: &Tensor, perm: &[usize]) -> Result<Tensor, OpError> {
+    let src = x.as_slice::<T>().map_err(rt)?;
+    let shape = x.shape();
+    let mut in_strides = vec![1usize; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        in_strides[a] = in_strides[a + 1] * shape[a + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&a| in_strides[a]).collect();
+    Tensor::from_vec(out_shape.clone(), strided_copy(src, &out_shape, &strides)).map_err(rt)
 }
 
 impl Op for Transpose {
@@ -1217,11 +1263,28 @@ impl Op for Split {
 // Expand, Tile
 
 fn expand_t<T: Element>(x: &Tensor, shape: &[usize]) -> Result<Tensor, OpError> {
-    let v = view::<T>(x)?;
-    let b = v
-        .broadcast(IxDyn(shape))
-        .ok_or_else(|| OpError::Shape(format!("cannot expand {:?} to {shape:?}", x.shape())))?;
-    Ok(Tensor::from_array(b.to_owned()))
+    let xs = x.shape();
+    let fail = || OpError::Shape(format!("cannot expand {xs:?} to {shape:?}"));
+    if xs.len() > shape.len() {
+        return Err(fail());
+    }
+    let lead = shape.len() - xs.len();
+    let mut strides = vec![0usize; shape.len()];
+    let mut st = 1usize;
+    for a in (0..xs.len()).rev() {
+        let (have, want) = (xs[a], shape[lead + a]);
+        if have == want {
+            strides[lead + a] = st;
+        } else if have != 1 {
+            return Err(fail());
+        }
+        st *= have;
+    }
+    let src = x.as_slice::<T>().map_err(rt)?;
+    if src.is_empty() && shape.iter().product::<usize>() > 0 {
+        return Err(fail());
+    }
+    Tensor::from_vec(shape.to_vec(), strided_copy(src, shape, &strides)).map_err(rt)
 }
 
 #[derive(Debug)]
