@@ -194,31 +194,28 @@ fn sum_chunk(c: &[f32]) -> f32 {
 /// Windows rotate through the 256 MiB buffer, so each is cold (last read 240 MiB ago); a
 /// sample lasts about as long as one kernel sample (≈ 0.5–2 ms), so on a shared machine both
 /// see the same odds of being preempted and the median compares like with like.
-fn read_bandwidth_window(buf: &[f32], threads: usize, next: &mut usize) -> f64 {
+fn read_bandwidth_window(buf: &[f32], kernels: &CpuKernels, next: &mut usize) -> f64 {
     let win = 4 << 20;
     let nwin = buf.len() / win;
     let w = &buf[(*next % nwin) * win..(*next % nwin + 1) * win];
     *next += 1;
-    read_bandwidth(w, threads)
+    read_bandwidth(w, kernels)
 }
 
-/// Read bandwidth of one pass over `buf` split over `threads` threads (GB/s).
-fn read_bandwidth(buf: &[f32], threads: usize) -> f64 {
+/// Read bandwidth of one pass over `buf` split over the threads of `kernels`' pool, the same
+/// workers (already running) that the kernels use (GB/s).
+fn read_bandwidth(buf: &[f32], kernels: &CpuKernels) -> f64 {
+    let threads = kernels.threads();
+    let chunk = buf.len().div_ceil(threads);
+    let sums: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| 0f32.into()).collect();
     let t0 = Instant::now();
-    if threads <= 1 {
-        std::hint::black_box(sum_chunk(buf));
-        return (buf.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9;
-    }
-    let total: f32 = std::thread::scope(|s| {
-        let chunk = buf.len().div_ceil(threads);
-        let hs: Vec<_> = buf
-            .chunks(chunk)
-            .map(|c| s.spawn(move || sum_chunk(c)))
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("reader")).sum()
+    kernels.run_on_threads(&|t| {
+        let c = &buf[(t * chunk).min(buf.len())..((t + 1) * chunk).min(buf.len())];
+        *sums[t].lock().expect("sum") = sum_chunk(c);
     });
-    std::hint::black_box(total);
-    (buf.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9
+    let secs = t0.elapsed().as_secs_f64();
+    std::hint::black_box(sums);
+    (buf.len() * 4) as f64 / secs / 1e9
 }
 
 /// Single-core f32 FMA peak in GFLOP/s (AVX-512 or AVX2 FMA, 12 independent chains).
@@ -271,15 +268,19 @@ fn main() {
     };
     // 256 MiB: eight times the L3 cache.
     let buf: Vec<f32> = vec![1.0; 64 << 20];
-    let bw: Vec<(usize, f64)> = args
+    let kernels: Vec<(usize, CpuKernels)> = args
         .threads
         .iter()
-        .map(|&t| {
+        .map(|&t| (t, CpuKernels::new(args.path, t).expect("kernels")))
+        .collect();
+    let bw: Vec<(usize, f64)> = kernels
+        .iter()
+        .map(|(t, kern)| {
             let mut next = 0;
             let mut s: Vec<f64> = (0..31)
-                .map(|_| read_bandwidth_window(&buf, t, &mut next))
+                .map(|_| read_bandwidth_window(&buf, kern, &mut next))
                 .collect();
-            (t, median(&mut s))
+            (*t, median(&mut s))
         })
         .collect();
     let peak = fma_peak();
@@ -297,11 +298,6 @@ fn main() {
     println!("% BW: kernel GB/s over the read bandwidth sampled rep by rep in the same cell.");
     println!("| shape KxN | dtype | M | thr | variant | median µs | spread | GB/s | % BW | GFLOP/s | % peak | speed-up | ideal | % ideal |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let kernels: Vec<(usize, CpuKernels)> = args
-        .threads
-        .iter()
-        .map(|&t| (t, CpuKernels::new(args.path, t).expect("kernels")))
-        .collect();
     for &(k, n) in &args.shapes {
         for &dtype in &args.dtypes {
             let target = 256usize << 20;
@@ -343,7 +339,7 @@ fn main() {
                     let mut ratios = vec![Vec::new(); variants.len()];
                     for _ in 0..reps {
                         for _ in 0..3 {
-                            bw_cell.push(read_bandwidth_window(&buf, *t, &mut bw_next));
+                            bw_cell.push(read_bandwidth_window(&buf, kern, &mut bw_next));
                         }
                         let base = one(&variants[0], calls, &mut rot);
                         times[0].push(base);
@@ -392,10 +388,10 @@ fn main() {
         }
     }
     println!();
-    for &t in &args.threads {
+    for (t, kern) in &kernels {
         let mut next = 0;
         let mut s: Vec<f64> = (0..31)
-            .map(|_| read_bandwidth_window(&buf, t, &mut next))
+            .map(|_| read_bandwidth_window(&buf, kern, &mut next))
             .collect();
         println!(
             "read bandwidth at the end ({t} thread(s)): {:.1} GB/s",
