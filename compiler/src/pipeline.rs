@@ -3,7 +3,7 @@
 //! Today the pipeline is dense (sparsity 0): it imports, eliminates dead code, and packs the
 //! graph with its tokenizer, generation metadata and a compile report into one bundle.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +16,7 @@ use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
 use serde_json::{json, Value};
 
+use crate::calibrate::{self, CalibError, CalibOptions};
 use crate::onnx::{self, import::ImportError, LoadError};
 
 /// Reports `(phase, done, total)` while compiling (for a progress bar).
@@ -34,6 +35,8 @@ pub struct CompileOptions {
     pub weights: WeightDtype,
     /// Tile shape of the hybrid format.
     pub tile: TileShape,
+    /// Calibration and mask method (used when `sparsity > 0`).
+    pub calib: CalibOptions,
     pub progress: Option<PhaseProgress>,
 }
 
@@ -46,6 +49,7 @@ impl std::fmt::Debug for CompileOptions {
             .field("sparsity", &self.sparsity)
             .field("weights", &self.weights)
             .field("tile", &self.tile)
+            .field("calib", &self.calib)
             .finish()
     }
 }
@@ -60,6 +64,7 @@ impl CompileOptions {
             sparsity: 0.0,
             weights: WeightDtype::F32,
             tile: TileShape::new(128, 128).expect("128x128 is a valid tile"),
+            calib: CalibOptions::default(),
             progress: None,
         }
     }
@@ -69,8 +74,14 @@ impl CompileOptions {
 pub enum CompileError {
     #[error("--sparsity must be within [0, 0.5] (0 = dense, 0.5 = every tile 2:4), got {0}")]
     SparsityRange(f64),
-    #[error("--sparsity {0} needs the calibration pass, which this build does not have yet; compile with --sparsity 0")]
-    SparsityUnsupported(f64),
+    #[error(transparent)]
+    Calib(#[from] CalibError),
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("importing `{path}`: {source}")]
@@ -166,9 +177,6 @@ pub fn compile(
     if !(0.0..=0.5).contains(&s) || s.is_nan() {
         return Err(CompileError::SparsityRange(s));
     }
-    if s > 0.0 {
-        return Err(CompileError::SparsityUnsupported(s));
-    }
     let report_phase = |phase: &str, done: usize, total: usize| {
         if let Some(p) = &options.progress {
             p(phase, done, total);
@@ -189,21 +197,6 @@ pub fn compile(
     let nodes_imported = graph.node_count();
     let parameters = graph.const_elements();
 
-    let targets = weight_matmuls(&graph);
-    let t = Instant::now();
-    let changed = PassManager::new(registry)
-        .with_pass(DeadCodeElimination)
-        .with_pass(HybridMatMulRewrite {
-            progress: options.progress.clone().map(|p| -> patch_passes::Progress {
-                Arc::new(move |done, total| p("pack weights", done, total))
-            }),
-            ..HybridMatMulRewrite::dense(options.tile, options.weights)
-        })
-        .with_pass(DeadCodeElimination)
-        .run(&mut graph)
-        .map_err(Box::new)?;
-    phases.insert("passes", t.elapsed().as_secs_f64());
-
     let dir = options
         .model
         .parent()
@@ -219,6 +212,72 @@ pub fn compile(
         .transpose()?
         .map(Bytes::from);
     let generation = generation_metadata(&dir)?;
+
+    let mut changed = PassManager::new(registry)
+        .with_pass(DeadCodeElimination)
+        .run(&mut graph)
+        .map_err(Box::new)?;
+    let targets = weight_matmuls(&graph);
+    let mut sparse_report = Value::Null;
+    let mut masks = HashMap::new();
+    if s > 0.0 {
+        let c = calibrate::calibrate(
+            &graph,
+            &options.model,
+            tokenizer_json.as_ref(),
+            &generation,
+            s,
+            options.tile,
+            &options.calib,
+            &report_phase,
+        )?;
+        for (phase, secs) in &c.phase_seconds {
+            phases.insert(phase, *secs);
+        }
+        let svg_path = options.output.with_extension("tiles.svg");
+        let title = format!(
+            "{}: {} at sparsity {s} (achieved {:.4}), {}x{} tiles",
+            options.model.display(),
+            options.calib.method,
+            c.achieved,
+            options.tile.k,
+            options.tile.n
+        );
+        let svg = calibrate::tile_map_svg(&c.tile_maps, &title);
+        onnx::export::write_atomically(&svg_path, &[svg.as_bytes()]).map_err(|source| {
+            CompileError::Write {
+                path: svg_path.clone(),
+                source,
+            }
+        })?;
+        sparse_report = json!({
+            "method": options.calib.method.name(),
+            "target_sparsity": s,
+            "achieved_sparsity": c.achieved,
+            "calibration_tokens": c.calib_tokens,
+            "calibration_samples": options.calib.samples,
+            "calibration_seq": options.calib.seq,
+            "seed": options.calib.seed,
+            "update_weights": options.calib.update_weights,
+            "tile_map_svg": svg_path.display().to_string(),
+            "layers": c.layers,
+        });
+        masks = c.masks;
+    }
+    let t = Instant::now();
+    let more = PassManager::new(registry)
+        .with_pass(HybridMatMulRewrite {
+            masks,
+            progress: options.progress.clone().map(|p| -> patch_passes::Progress {
+                Arc::new(move |done, total| p("pack weights", done, total))
+            }),
+            ..HybridMatMulRewrite::dense(options.tile, options.weights)
+        })
+        .with_pass(DeadCodeElimination)
+        .run(&mut graph)
+        .map_err(Box::new)?;
+    changed.extend(more);
+    phases.insert("pack", t.elapsed().as_secs_f64());
 
     let rewritten: Vec<_> = targets.iter().filter(|t| t.rewritable).collect();
     let kept: Vec<_> = targets.iter().filter(|t| !t.rewritable).collect();
@@ -236,6 +295,7 @@ pub fn compile(
         "plain_matmuls": kept.iter().map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
         "dense_only_matmuls": rewritten.iter().filter(|t| !t.prunable).map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
         "tokenizer": tokenizer_path.as_ref().map(|p| p.display().to_string()),
+        "sparse": sparse_report,
         "phase_seconds": phases,
     });
     let metadata = BTreeMap::from([

@@ -251,3 +251,72 @@ fn a_compiled_fixture_runs_evaluates_and_benchmarks_through_patchrt() {
     let (ok, _, err) = patchrt(&["bench", &b, "--prefill", "64"]);
     assert!(!ok && err.contains("context of 24"), "{err}");
 }
+
+#[test]
+fn a_sparse_compile_prints_its_layers_and_draws_the_tile_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("llama_optimum_with_past"), d.join("model.onnx")).unwrap();
+    let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
+    std::fs::write(
+        d.join("tokenizer.json"),
+        format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
+            "post_processor": null, "decoder": null,
+            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+            vocab.join(", ")
+        ),
+    )
+    .unwrap();
+    let words: Vec<String> = (0..200).map(|i| format!("w{}", (i * 13) % 500)).collect();
+    let calib = d.join("calib.txt");
+    std::fs::write(&calib, words.join(" ")).unwrap();
+    let model = d.join("model.onnx").to_string_lossy().into_owned();
+    let out = d.join("s.patch");
+    let o = out.to_string_lossy().into_owned();
+    let c = calib.to_string_lossy().into_owned();
+    let args = |method: &str, tile: &str, samples: &str| -> Vec<String> {
+        [
+            "compile",
+            &model,
+            "-o",
+            &o,
+            "--sparsity",
+            "0.3",
+            "--calib",
+            &c,
+            "--calib-seq",
+            "32",
+            "--calib-samples",
+            samples,
+            "--tile",
+            tile,
+            "--method",
+            method,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| patchc(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, _, err) = run(args("wanda", "16x16", "4"));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("rel. error") && err.contains("method wanda"),
+        "{err}"
+    );
+    assert!(out.with_extension("tiles.svg").exists());
+    let svg = std::fs::read_to_string(out.with_extension("tiles.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("q_proj"), "{svg}");
+
+    let (ok, _, err) = run(args("obs", "16x16", "4"));
+    assert!(!ok && err.contains("unknown method `obs`"), "{err}");
+    let (ok, _, err) = run(args("wanda", "6x8", "4"));
+    assert!(
+        !ok && err.contains("6x8") && err.contains("multiple of 4"),
+        "{err}"
+    );
+    let (ok, _, err) = run(args("wanda", "16x16", "100"));
+    assert!(!ok && err.contains("need 3200"), "{err}");
+}

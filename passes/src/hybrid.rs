@@ -147,6 +147,8 @@ pub fn weight_matmuls(graph: &Graph) -> Vec<WeightMatMul> {
 pub struct WeightMask {
     pub map: TileMap,
     pub keep: Vec<bool>,
+    /// Replacement weights (row-major `[K, N]`, e.g. after a SparseGPT update).
+    pub weights: Option<Vec<f32>>,
 }
 
 /// Rewrites weight MatMuls into `patch.HybridMatMul` (see the module docs).
@@ -195,6 +197,10 @@ impl HybridMatMulRewrite {
             v
         } else {
             stored.to_vec()
+        };
+        let oriented = match self.masks.get(&t.weight).and_then(|m| m.weights.clone()) {
+            Some(w) if w.len() == k * n => w,
+            _ => oriented,
         };
         let (map, keep) = match self.masks.get(&t.weight) {
             Some(_) if !t.prunable => {

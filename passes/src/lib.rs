@@ -1,8 +1,10 @@
 //! Graph passes behind one [`Pass`] trait, and the [`PassManager`] that runs them and calls
 //! the verifier after every pass, with the pass name in any error.
 
+pub mod calibration;
 pub mod dce;
 pub mod hybrid;
+pub mod masks;
 
 use std::sync::Arc;
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::dim::{shape_to_string, Bindings};
 use crate::error::RuntimeError;
-use crate::ir::{Def, Graph};
+use crate::ir::{Def, Graph, Node};
 use crate::tensor::Tensor;
 
 /// Runs `graph` on `inputs` (in graph input order) and returns its outputs in order.
@@ -94,6 +94,16 @@ impl Plan {
 
     /// Runs the graph on `inputs` (in graph input order) and returns its outputs in order.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        self.run_observed(inputs, &mut |_, _| {})
+    }
+
+    /// [`run`](Self::run), calling `observe(node, inputs)` before each node is evaluated (how
+    /// calibration sees the activations entering every MatMul).
+    pub fn run_observed(
+        &self,
+        inputs: &[Tensor],
+        observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
+    ) -> Result<Vec<Tensor>, RuntimeError> {
         let graph = &self.graph;
         if inputs.len() != graph.inputs().len() {
             return Err(RuntimeError::Input {
@@ -141,6 +151,7 @@ impl Plan {
                     }
                 }
             }
+            observe(node, &refs);
             let started = self.profile.as_ref().map(|_| Instant::now());
             let results = node
                 .op

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use patch_compiler::calibrate::{layer_table, CalibOptions};
 use patch_compiler::{inspect, onnx, pipeline};
 use patch_kernels::{TileShape, WeightDtype};
+use patch_passes::masks::{patch::PatchOptions, Method};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -49,6 +51,31 @@ enum Command {
         /// Tile shape KxN of the hybrid format (K a multiple of 4).
         #[arg(long, default_value = "128x128", value_parser = parse_tile)]
         tile: TileShape,
+        /// Mask method when --sparsity > 0: patch (learned tiles), wanda, sparsegpt, magnitude.
+        #[arg(long, default_value = "patch")]
+        method: Method,
+        /// Calibration text (default: models/brown/build/calib.txt when present).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration samples (windows spread evenly over the text).
+        #[arg(long, default_value_t = 128)]
+        calib_samples: usize,
+        /// Tokens per calibration sample.
+        #[arg(long, default_value_t = 512)]
+        calib_seq: usize,
+        /// Seed of the learned method's noise (a seed always gives the same bundle).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// After the masks are fixed, update the kept weights SparseGPT-style.
+        #[arg(long)]
+        update_weights: bool,
+        /// Reuse calibration statistics from this file when it matches the model, text,
+        /// samples and length; otherwise compute and save them there.
+        #[arg(long)]
+        calib_cache: Option<PathBuf>,
+        /// Optimizer steps of the patch method.
+        #[arg(long, default_value_t = 2000)]
+        patch_steps: usize,
     },
     /// List the ops the importer and interpreter support.
     ListOps,
@@ -90,6 +117,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sparsity,
             weights,
             tile,
+            method,
+            calib,
+            calib_samples,
+            calib_seq,
+            seed,
+            update_weights,
+            patch_steps,
+            calib_cache,
         } => {
             // Hidden automatically when stderr is not a terminal.
             let bar = indicatif::ProgressBar::new(1);
@@ -106,6 +141,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sparsity,
                 weights,
                 tile,
+                calib: CalibOptions {
+                    method,
+                    text: calib,
+                    samples: calib_samples,
+                    seq: calib_seq,
+                    seed,
+                    update_weights,
+                    cache: calib_cache,
+                    patch: PatchOptions {
+                        steps: patch_steps,
+                        ..PatchOptions::default()
+                    },
+                },
                 progress: Some(std::sync::Arc::new(move |phase: &str, done, total| {
                     shown.set_message(phase.to_string());
                     shown.set_length(total as u64);
@@ -125,6 +173,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r["weight_matmuls"],
                 output.display()
             );
+            if let Some(sp) = r["sparse"].as_object() {
+                if let Some(layers) = sp.get("layers").and_then(|l| l.as_array()) {
+                    eprint!("{}", layer_table(layers));
+                }
+                eprintln!(
+                    "method {}: sparsity {:.4} (target {}), tile map picture: {}",
+                    sp["method"].as_str().unwrap_or("?"),
+                    sp["achieved_sparsity"].as_f64().unwrap_or(0.0),
+                    sp["target_sparsity"],
+                    sp["tile_map_svg"].as_str().unwrap_or("?")
+                );
+            }
+            eprintln!("phase seconds: {}", r["phase_seconds"]);
         }
         Command::ListOps => {
             println!("{:<12} {:<24} since opset", "domain", "op");

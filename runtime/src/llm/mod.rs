@@ -340,6 +340,18 @@ impl LanguageModel {
         tokens: &[u32],
         keep: usize,
     ) -> Result<Logits, LlmError> {
+        self.forward_observed(cache, tokens, keep, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward), with `observe(node, inputs)` called before every node
+    /// (see [`Plan::run_observed`]).
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        keep: usize,
+        observe: &mut dyn FnMut(&crate::ir::Node, &[Option<&Tensor>]),
+    ) -> Result<Logits, LlmError> {
         if tokens.is_empty() || keep == 0 || keep > tokens.len() {
             return Err(LlmError::Invalid(format!(
                 "forward needs at least one token and 1 ≤ keep ≤ tokens ({keep} of {})",
@@ -399,7 +411,7 @@ impl LanguageModel {
             .into_iter()
             .map(|t| t.expect("every input has a role"))
             .collect();
-        let mut outputs = self.plan.run(&inputs)?;
+        let mut outputs = self.plan.run_observed(&inputs, observe)?;
         let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
         let shape = logits.shape().to_vec();
         let rows = match shape.as_slice() {

@@ -1,0 +1,458 @@
+//! The calibration stage of `patchc compile --sparsity S`: run the imported model on
+//! calibration text, collect the Gram matrix of every prunable MatMul's input, compute the
+//! hybrid masks with the chosen method, and describe the result (report rows, tile-map
+//! picture).
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use patch_kernels::{TileKind, TileShape};
+use patch_passes::calibration::Calibration;
+use patch_passes::hybrid::{WeightMask, WeightMatMul};
+use patch_passes::masks::{self, patch::PatchOptions, LayerMask, MaskOptions, MaskTarget, Method};
+use patch_runtime::bundle::{BundleContents, Generation};
+use patch_runtime::llm::LanguageModel;
+use patch_runtime::Graph;
+use serde_json::{json, Value};
+
+/// How to calibrate.
+#[derive(Clone, Debug)]
+pub struct CalibOptions {
+    pub method: Method,
+    /// Calibration text; default: the project's Brown calibration split when present.
+    pub text: Option<PathBuf>,
+    pub samples: usize,
+    pub seq: usize,
+    pub seed: u64,
+    pub update_weights: bool,
+    pub patch: PatchOptions,
+    /// File to reuse the calibration statistics from (when it was made from the same model,
+    /// text, samples and length) or to save them to.
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        CalibOptions {
+            method: Method::Patch,
+            text: None,
+            samples: 128,
+            seq: 512,
+            seed: 0,
+            update_weights: false,
+            patch: PatchOptions::default(),
+            cache: None,
+        }
+    }
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"PATCHCAL";
+
+/// Writes the Gram matrices (by activation name) under `key`.
+fn save_cache(path: &Path, key: &str, graph: &Graph, calib: &Calibration) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(CACHE_MAGIC);
+    buf.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    buf.extend_from_slice(key.as_bytes());
+    let mut grams: Vec<_> = calib.grams.iter().collect();
+    grams.sort_by_key(|(id, _)| **id);
+    buf.extend_from_slice(&(grams.len() as u64).to_le_bytes());
+    for (id, g) in grams {
+        let name = &graph.value(*id).name;
+        buf.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(&(g.k as u64).to_le_bytes());
+        buf.extend_from_slice(&(g.rows as u64).to_le_bytes());
+        for v in &g.h {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    crate::onnx::export::write_atomically(path, &[&buf])
+}
+
+/// Reads a cache written by [`save_cache`] if its key is `key`; `None` otherwise (a stale or
+/// unreadable cache is recomputed, never trusted).
+fn load_cache(path: &Path, key: &str, graph: &Graph) -> Option<Calibration> {
+    let b = std::fs::read(path).ok()?;
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    if take(8)? != CACHE_MAGIC {
+        return None;
+    }
+    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes")) as usize;
+    let klen = u64_of(take(8)?);
+    if take(klen)? != key.as_bytes() {
+        return None;
+    }
+    let count = u64_of(take(8)?);
+    let mut calib = Calibration::default();
+    for _ in 0..count {
+        let nlen = u64_of(take(8)?);
+        let name = std::str::from_utf8(take(nlen)?).ok()?.to_string();
+        let k = u64_of(take(8)?);
+        let rows = u64_of(take(8)?);
+        let raw = take(k.checked_mul(k)?.checked_mul(8)?)?;
+        let h = raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let id = graph.value_by_name(&name)?;
+        calib
+            .grams
+            .insert(id, patch_passes::calibration::Gram { k, h, rows });
+    }
+    Some(calib)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error("no prunable weight MatMul in the model (every MatMul/Gemm with a constant 2-D f32 weight that has no vocabulary-sized dimension is prunable)")]
+    NothingToPrune,
+    #[error("--method {0} needs calibration text: pass --calib FILE (the default, models/brown/build/calib.txt, was not found; `bash models/brown/prepare.sh` makes it)")]
+    NoText(Method),
+    #[error("--method {0} needs the model's tokenizer to read calibration text: put tokenizer.json beside the model or pass --tokenizer")]
+    NoTokenizer(Method),
+    #[error("cannot read calibration text `{path}`: {msg}")]
+    Read { path: PathBuf, msg: String },
+    #[error("calibration text `{path}` has {have} tokens; {samples} samples of {seq} need {need} (lower --calib-samples or --calib-seq)")]
+    TooShort {
+        path: PathBuf,
+        have: usize,
+        need: usize,
+        samples: usize,
+        seq: usize,
+    },
+    #[error("--calib-samples and --calib-seq must be at least 1 and 2")]
+    BadSize,
+    #[error("calibration run: {0}")]
+    Run(String),
+    #[error(transparent)]
+    Mask(#[from] masks::MaskError),
+}
+
+/// The project's calibration split, looked for from the current directory and from the
+/// model's directory upwards.
+fn default_text(model: &Path) -> Option<PathBuf> {
+    let rel = Path::new("models/brown/build/calib.txt");
+    let mut roots = vec![std::env::current_dir().ok()?];
+    let mut dir = model.canonicalize().ok()?.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        roots.push(d.clone());
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    roots.into_iter().map(|r| r.join(rel)).find(|p| p.is_file())
+}
+
+/// The prunable targets of `graph`.
+pub fn prunable(graph: &Graph) -> Vec<WeightMatMul> {
+    patch_passes::hybrid::weight_matmuls(graph)
+        .into_iter()
+        .filter(|t| t.rewritable && t.prunable)
+        .collect()
+}
+
+/// A weight oriented `[K, N]` as f32.
+fn oriented(graph: &Graph, t: &WeightMatMul) -> Vec<f32> {
+    let w = graph
+        .const_value(t.weight_id)
+        .expect("weight is a constant")
+        .to_aligned();
+    let s = w.as_slice::<f32>().expect("prunable weights are f32");
+    if !t.transposed {
+        return s.to_vec();
+    }
+    let (k, n) = (t.k, t.n);
+    let mut v = vec![0f32; k * n];
+    for (r, row) in s.chunks_exact(k).enumerate() {
+        for (kk, &x) in row.iter().enumerate() {
+            v[kk * n + r] = x;
+        }
+    }
+    v
+}
+
+/// What calibration produced.
+pub struct Calibrated {
+    pub masks: HashMap<String, WeightMask>,
+    pub layers: Vec<Value>,
+    pub tile_maps: Vec<(String, patch_kernels::TileMap)>,
+    pub achieved: f64,
+    pub phase_seconds: Vec<(&'static str, f64)>,
+    pub calib_tokens: usize,
+}
+
+/// Runs calibration and mask selection for `graph` at `sparsity`.
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate(
+    graph: &Graph,
+    model_path: &Path,
+    tokenizer_json: Option<&Bytes>,
+    generation: &Generation,
+    sparsity: f64,
+    tile: TileShape,
+    options: &CalibOptions,
+    progress: &dyn Fn(&str, usize, usize),
+) -> Result<Calibrated, CalibError> {
+    let targets = prunable(graph);
+    if targets.is_empty() {
+        return Err(CalibError::NothingToPrune);
+    }
+    if options.samples == 0 || options.seq < 2 {
+        return Err(CalibError::BadSize);
+    }
+    let method = options.method;
+    let mut phase_seconds = Vec::new();
+    let mut calib = Calibration::default();
+    let mut calib_tokens = 0;
+    if method.needs_calibration() || options.update_weights {
+        // Everything that can fail cheaply is checked before the long run.
+        let tok_json = tokenizer_json.ok_or(CalibError::NoTokenizer(method))?;
+        let path = options
+            .text
+            .clone()
+            .or_else(|| default_text(model_path))
+            .ok_or(CalibError::NoText(method))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| CalibError::Read {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let t0 = std::time::Instant::now();
+        let meta = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let key = format!(
+            "v1 model={} ({} bytes) text={} ({} bytes) samples={} seq={} targets={}",
+            model_path.display(),
+            meta(model_path),
+            path.display(),
+            meta(&path),
+            options.samples,
+            options.seq,
+            targets.len()
+        );
+        let cached = options
+            .cache
+            .as_deref()
+            .and_then(|c| load_cache(c, &key, graph));
+        let model = LanguageModel::new(BundleContents {
+            graph: graph.clone(),
+            tokenizer_json: Some(tok_json.clone()),
+            generation: generation.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| CalibError::Run(e.to_string()))?;
+        let ids = model
+            .tokenizer()
+            .and_then(|t| t.encode(&text))
+            .map_err(|e| CalibError::Run(e.to_string()))?;
+        let need = options.samples * options.seq;
+        if ids.len() < need {
+            return Err(CalibError::TooShort {
+                path,
+                have: ids.len(),
+                need,
+                samples: options.samples,
+                seq: options.seq,
+            });
+        }
+        let widths: HashMap<String, usize> =
+            targets.iter().map(|t| (t.node.clone(), t.k)).collect();
+        let span = ids.len() - options.seq;
+        if let Some(c) = cached {
+            calib = c;
+        }
+        let todo = if calib.grams.is_empty() {
+            options.samples
+        } else {
+            0
+        };
+        for i in 0..todo {
+            progress("calibrate", i, options.samples);
+            // Samples spread evenly over the text.
+            let start = span * i / options.samples.max(1);
+            let sample = &ids[start..start + options.seq];
+            let mut cache = model.new_cache();
+            let mut observe = calib.observe(&widths);
+            model
+                .forward_observed(&mut cache, sample, 1, &mut observe)
+                .map_err(|e| CalibError::Run(e.to_string()))?;
+        }
+        progress("calibrate", options.samples, options.samples);
+        if let (Some(c), true) = (&options.cache, todo > 0) {
+            save_cache(c, &key, graph, &calib).map_err(|e| CalibError::Read {
+                path: c.clone(),
+                msg: format!("writing the calibration cache: {e}"),
+            })?;
+        }
+        calib_tokens = options.samples * options.seq;
+        phase_seconds.push(("calibrate", t0.elapsed().as_secs_f64()));
+    }
+
+    let t0 = std::time::Instant::now();
+    let inputs: Vec<_> = targets
+        .iter()
+        .map(|t| graph.node(t.node_id).inputs[0].expect("MatMul has an input"))
+        .collect();
+    let mask_targets: Vec<MaskTarget<'_>> = targets
+        .iter()
+        .zip(&inputs)
+        .map(|(t, x)| MaskTarget {
+            name: t.weight.clone(),
+            k: t.k,
+            n: t.n,
+            w: oriented(graph, t),
+            gram: calib.grams.get(x),
+        })
+        .collect();
+    let mask_options = MaskOptions {
+        method,
+        sparsity,
+        tile,
+        seed: options.seed,
+        update_weights: options.update_weights,
+        patch: options.patch.clone(),
+    };
+    let result: Vec<LayerMask> = masks::compute_masks(&mask_targets, &mask_options, progress)?;
+    phase_seconds.push(("masks", t0.elapsed().as_secs_f64()));
+
+    let total: usize = targets.iter().map(|t| t.k * t.n).sum();
+    let pruned: usize = result.iter().map(|m| m.pruned).sum();
+    let mut layers = Vec::new();
+    let mut masks_by_weight = HashMap::new();
+    let mut tile_maps = Vec::new();
+    for (t, m) in targets.iter().zip(result) {
+        let sparse = m
+            .map
+            .kinds()
+            .iter()
+            .filter(|k| **k == TileKind::Sparse24)
+            .count();
+        layers.push(json!({
+            "node": t.node,
+            "weight": t.weight,
+            "k": t.k,
+            "n": t.n,
+            "sparsity": m.pruned as f64 / (t.k * t.n) as f64,
+            "dense_tiles": m.map.kinds().len() - sparse,
+            "sparse_tiles": sparse,
+            "reconstruction_error": m.error,
+        }));
+        tile_maps.push((t.node.clone(), m.map.clone()));
+        masks_by_weight.insert(
+            t.weight.clone(),
+            WeightMask {
+                map: m.map,
+                keep: m.keep,
+                weights: m.weights,
+            },
+        );
+    }
+    Ok(Calibrated {
+        masks: masks_by_weight,
+        layers,
+        tile_maps,
+        achieved: pruned as f64 / total as f64,
+        phase_seconds,
+        calib_tokens,
+    })
+}
+
+/// The per-layer table printed after a sparse compile.
+pub fn layer_table(layers: &[Value]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<48} {:>6} {:>6} {:>9} {:>6} {:>6} {:>11}",
+        "layer (node)", "K", "N", "sparsity", "dense", "2:4", "rel. error"
+    );
+    for l in layers {
+        let err = l["reconstruction_error"]
+            .as_f64()
+            .map_or("-".to_string(), |e| format!("{e:.3e}"));
+        let name = l["node"].as_str().unwrap_or("");
+        let name = if name.len() > 48 {
+            &name[name.len() - 48..]
+        } else {
+            name
+        };
+        let _ = writeln!(
+            s,
+            "{:<48} {:>6} {:>6} {:>8.1}% {:>6} {:>6} {:>11}",
+            name,
+            l["k"],
+            l["n"],
+            100.0 * l["sparsity"].as_f64().unwrap_or(0.0),
+            l["dense_tiles"],
+            l["sparse_tiles"],
+            err
+        );
+    }
+    s
+}
+
+/// An SVG of every layer's tile map, one row per layer in graph order: dark cells stayed
+/// dense, light cells are 2:4. Each map is drawn with K down and N across.
+pub fn tile_map_svg(maps: &[(String, patch_kernels::TileMap)], title: &str) -> String {
+    let cell = 6.0;
+    let label_w = 330.0;
+    let row_h = maps
+        .iter()
+        .map(|(_, m)| m.k_tiles() as f64 * cell)
+        .fold(0.0, f64::max)
+        + 4.0;
+    let width = label_w
+        + maps
+            .iter()
+            .map(|(_, m)| m.n_tiles() as f64 * cell)
+            .fold(0.0, f64::max)
+        + 20.0;
+    let height = 40.0 + row_h * maps.len() as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="9">"##
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let _ = writeln!(
+        s,
+        r##"<text x="4" y="14" font-size="12">{} — dark: dense tile, light: 2:4 tile</text>"##,
+        esc(title)
+    );
+    for (r, (name, m)) in maps.iter().enumerate() {
+        let y0 = 30.0 + r as f64 * row_h;
+        let label = if name.len() > 52 {
+            &name[name.len() - 52..]
+        } else {
+            name
+        };
+        let _ = writeln!(s, r##"<text x="4" y="{}">{}</text>"##, y0 + 8.0, esc(label));
+        for i in 0..m.k_tiles() {
+            for j in 0..m.n_tiles() {
+                let fill = if m.get(i, j) == TileKind::Dense {
+                    "#1f4e79"
+                } else {
+                    "#bdd7ee"
+                };
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{}" y="{}" width="{}" height="{}" fill="{fill}"/>"##,
+                    label_w + j as f64 * cell,
+                    y0 + i as f64 * cell,
+                    cell - 1.0,
+                    cell - 1.0
+                );
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}

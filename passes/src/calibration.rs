@@ -1,0 +1,116 @@
+//! Calibration statistics: for every weight MatMul, the Gram matrix `H = XᵀX` of the
+//! activations entering it (summed over all calibration tokens, accumulated in f64), from which
+//! the mask methods compute reconstruction errors exactly (`‖XW − XW'‖² = tr(ΔWᵀ H ΔW)`) and
+//! per-feature norms (`‖X_k‖ = √H_kk`).
+//!
+//! MatMuls that read the same activation (Q/K/V, gate/up) share one matrix.
+
+use std::collections::HashMap;
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView2};
+use patch_runtime::ir::Node;
+use patch_runtime::{DType, Tensor, ValueId};
+
+/// `H = Σ XᵀX` over the rows seen so far, for one activation of width `k`.
+#[derive(Clone, Debug)]
+pub struct Gram {
+    pub k: usize,
+    /// Row-major `k × k`, f64.
+    pub h: Vec<f64>,
+    /// Number of rows (tokens) accumulated.
+    pub rows: usize,
+}
+
+impl Gram {
+    pub fn new(k: usize) -> Gram {
+        Gram {
+            k,
+            h: vec![0.0; k * k],
+            rows: 0,
+        }
+    }
+
+    /// Adds the rows of `x` (`rows × k`, row-major f32): one f32 product per call, summed
+    /// into the f64 total.
+    pub fn add_rows(&mut self, x: &[f32]) {
+        let k = self.k;
+        let rows = x.len() / k;
+        if rows == 0 {
+            return;
+        }
+        let xv = ArrayView2::from_shape((rows, k), &x[..rows * k]).expect("rows × k");
+        let mut g = Array2::<f32>::zeros((k, k));
+        general_mat_mul(1.0, &xv.t(), &xv, 0.0, &mut g);
+        for (acc, &v) in self.h.iter_mut().zip(g.iter()) {
+            *acc += v as f64;
+        }
+        self.rows += rows;
+    }
+
+    /// `‖X_j‖` for every input feature `j`.
+    pub fn column_norms(&self) -> Vec<f64> {
+        (0..self.k)
+            .map(|j| self.h[j * self.k + j].max(0.0).sqrt())
+            .collect()
+    }
+}
+
+/// Gram matrices keyed by the activation value they were taken from.
+#[derive(Debug, Default)]
+pub struct Calibration {
+    pub grams: HashMap<ValueId, Gram>,
+}
+
+impl Calibration {
+    /// An observer for [`patch_runtime::interp::Plan::run_observed`] that accumulates the
+    /// first input of every node named in `targets` (node name → activation width).
+    pub fn observe<'a>(
+        &'a mut self,
+        targets: &'a HashMap<String, usize>,
+    ) -> impl FnMut(&Node, &[Option<&Tensor>]) + 'a {
+        move |node, inputs| {
+            let Some(&k) = targets.get(&node.name) else {
+                return;
+            };
+            let (Some(id), Some(Some(x))) =
+                (node.inputs.first().copied().flatten(), inputs.first())
+            else {
+                return;
+            };
+            if x.dtype() != DType::F32 || x.shape().last() != Some(&k) {
+                return;
+            }
+            if let Ok(xs) = x.as_slice::<f32>() {
+                self.grams
+                    .entry(id)
+                    .or_insert_with(|| Gram::new(k))
+                    .add_rows(xs);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gram_is_xtx_accumulated_over_calls() {
+        let x1 = [1f32, 2., 3., 4., 5., 6.]; // 2 rows of 3
+        let x2 = [0f32, 1., -1.];
+        let mut g = Gram::new(3);
+        g.add_rows(&x1);
+        g.add_rows(&x2);
+        assert_eq!(g.rows, 3);
+        let rows: Vec<&[f32]> = vec![&x1[0..3], &x1[3..6], &x2[..]];
+        for i in 0..3 {
+            for j in 0..3 {
+                let want: f64 = rows.iter().map(|r| (r[i] * r[j]) as f64).sum();
+                assert_eq!(g.h[i * 3 + j], want);
+            }
+        }
+        let norms = g.column_norms();
+        assert!((norms[0] - (1f64 + 16.0).sqrt()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,450 @@
+//! PATCH tile selection (arXiv 2509.23410), PATCH-Tile variant: the 2:4 pattern inside tiles
+//! is frozen from a one-shot method (wanda); what is learned is, for every tile of every
+//! layer at once, whether it stays dense.
+//!
+//! Each tile `t` has one logit `θ_t` against a fixed 0. A relaxed mask is drawn with
+//! Gumbel-softmax: `m_t = σ((κ θ_t + g_t) / τ)`, `g_t` logistic noise (the difference of two
+//! Gumbels), with the scale κ and temperature τ annealed geometrically over the steps. A tile
+//! keeps `m_t` of its 2:4-pruned part `P_t = (1 − M_2:4) ⊙ W_t`, so the layer's weight error is
+//! `ΔW = Σ_t (1 − m_t) P_t` and its output error on the calibration data is exact from `H`:
+//!
+//! `L_l = rᵀ A_l r / E_l`,  `r = 1 − m`,  `A_l[t, t'] = tr(P_tᵀ H P_t')`,  `E_l = tr(Wᵀ H W)`.
+//!
+//! `A_l` is block diagonal over tile columns (tiles in different output columns never
+//! interact), so it is computed once (`K·K·N` per layer) and every optimizer step costs only
+//! the tiles squared per column. The objective adds a **global** density regularizer
+//! `λ |s(r) − s*|`, `s(r) = Σ_t c_t r_t / C` (c_t: weights a 2:4 tile prunes, C: all prunable
+//! weights), so layers compete for the dense budget. Gradients are by hand:
+//! `∂L/∂θ_t = −(2 (A r)_t / E_l + λ sign(s − s*) c_t / C) · m_t (1 − m_t) κ / τ`,
+//! checked against finite differences in the tests; Adam takes the steps.
+//!
+//! Start: the `round(N(1 − 2 s*))` tiles that are densest under one-shot unstructured (wanda)
+//! pruning at `s*` start at `+3σ`, the others at `−3σ`. End: a tile is dense iff `θ_t > 0`,
+//! then the budget is repaired (lowest θ to 2:4 first, or highest back to dense) to within
+//! 0.5% of the target.
+
+use patch_kernels::{TileKind, TileMap, TileShape};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{h_times, repair_budget, MaskError, MaskOptions, MaskTarget, Method};
+
+/// Optimizer settings (defaults tuned on SmolLM2-135M; see docs/CALIBRATION.md).
+#[derive(Clone, Debug)]
+pub struct PatchOptions {
+    pub steps: usize,
+    /// Adam step on θ.
+    pub lr: f64,
+    /// κ from, to.
+    pub kappa: (f64, f64),
+    /// τ from, to.
+    pub tau: (f64, f64),
+    /// Weight of the global density regularizer.
+    pub lambda: f64,
+    /// Scale of the initial logits (±3σ).
+    pub sigma: f64,
+}
+
+impl Default for PatchOptions {
+    fn default() -> Self {
+        PatchOptions {
+            steps: 2000,
+            lr: 0.002,
+            kappa: (100.0, 500.0),
+            tau: (2.0, 0.05),
+            lambda: 20.0,
+            sigma: 0.01,
+        }
+    }
+}
+
+/// The quadratic error model of one layer.
+#[derive(Clone, Debug)]
+pub struct LayerQuad {
+    pub kt: usize,
+    pub nt: usize,
+    /// Per tile column `j`: `A[(i, j), (i', j)]` as a row-major `kt × kt` matrix.
+    pub blocks: Vec<Vec<f64>>,
+    /// `tr(Wᵀ H W)`.
+    pub energy: f64,
+}
+
+impl LayerQuad {
+    /// Builds the model of `t` with 2:4 keep-pattern `pattern`.
+    pub fn new(
+        t: &MaskTarget<'_>,
+        pattern: &[bool],
+        tile: TileShape,
+    ) -> Result<LayerQuad, MaskError> {
+        let gram = t.gram.ok_or_else(|| MaskError::NoStatistics {
+            method: Method::Patch,
+            weight: t.name.clone(),
+        })?;
+        let (k, n) = (t.k, t.n);
+        let (kt, nt) = tile.grid(k, n);
+        let p: Vec<f32> =
+            t.w.iter()
+                .zip(pattern)
+                .map(|(&v, &kp)| if kp { 0.0 } else { v })
+                .collect();
+        let mut blocks = vec![vec![0f64; kt * kt]; nt];
+        for i in 0..kt {
+            // G_i = H · P_i, where P_i is P restricted to the rows of tile row i.
+            let (r0, r1) = (i * tile.k, ((i + 1) * tile.k).min(k));
+            let mut pi = vec![0f32; k * n];
+            pi[r0 * n..r1 * n].copy_from_slice(&p[r0 * n..r1 * n]);
+            let g = h_times(gram, &pi, n);
+            for kk in 0..k {
+                let i2 = kk / tile.k;
+                for c in 0..n {
+                    let v = p[kk * n + c] as f64 * g[(kk, c)] as f64;
+                    if v != 0.0 {
+                        blocks[c / tile.n][i * kt + i2] += v;
+                    }
+                }
+            }
+        }
+        let hw = h_times(gram, &t.w, n);
+        let energy: f64 =
+            t.w.iter()
+                .zip(hw.iter())
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+        Ok(LayerQuad {
+            kt,
+            nt,
+            blocks,
+            energy: energy.max(1e-30),
+        })
+    }
+
+    /// `rᵀ A r / E` and its gradient in `r` (tiles row-major over the grid).
+    pub fn loss_grad(&self, r: &[f64], grad: &mut [f64]) -> f64 {
+        let mut loss = 0.0;
+        for (j, a) in self.blocks.iter().enumerate() {
+            for i in 0..self.kt {
+                let ar: f64 = (0..self.kt)
+                    .map(|i2| a[i * self.kt + i2] * r[i2 * self.nt + j])
+                    .sum();
+                loss += r[i * self.nt + j] * ar;
+                grad[i * self.nt + j] = 2.0 * ar / self.energy;
+            }
+        }
+        loss / self.energy
+    }
+}
+
+/// The whole objective: layers, pruned counts per tile, and the budget.
+#[derive(Clone, Debug)]
+pub struct Objective {
+    pub layers: Vec<LayerQuad>,
+    /// Per layer, per tile: weights a 2:4 tile prunes.
+    pub counts: Vec<Vec<f64>>,
+    pub total: f64,
+    pub target: f64,
+    pub lambda: f64,
+}
+
+impl Objective {
+    /// Loss and `∂L/∂θ` for logits `theta`, noise `noise`, scale `kappa`, temperature `tau`.
+    pub fn loss_grad(
+        &self,
+        theta: &[Vec<f64>],
+        noise: &[Vec<f64>],
+        kappa: f64,
+        tau: f64,
+    ) -> (f64, Vec<Vec<f64>>) {
+        let m: Vec<Vec<f64>> = theta
+            .iter()
+            .zip(noise)
+            .map(|(th, g)| {
+                th.iter()
+                    .zip(g)
+                    .map(|(&t, &g)| 1.0 / (1.0 + (-(kappa * t + g) / tau).exp()))
+                    .collect()
+            })
+            .collect();
+        let r: Vec<Vec<f64>> = m
+            .iter()
+            .map(|ml| ml.iter().map(|v| 1.0 - v).collect())
+            .collect();
+        let mut loss = 0.0;
+        let mut grad_r: Vec<Vec<f64>> = r.iter().map(|rl| vec![0.0; rl.len()]).collect();
+        for (l, q) in self.layers.iter().enumerate() {
+            loss += q.loss_grad(&r[l], &mut grad_r[l]);
+        }
+        let s: f64 = r
+            .iter()
+            .zip(&self.counts)
+            .map(|(rl, cl)| rl.iter().zip(cl).map(|(a, b)| a * b).sum::<f64>())
+            .sum::<f64>()
+            / self.total;
+        loss += self.lambda * (s - self.target).abs();
+        let sign = (s - self.target).signum();
+        let grad = grad_r
+            .iter()
+            .enumerate()
+            .map(|(l, gl)| {
+                gl.iter()
+                    .enumerate()
+                    .map(|(t, &g)| {
+                        let dr = g + self.lambda * sign * self.counts[l][t] / self.total;
+                        let mm = m[l][t];
+                        -dr * mm * (1.0 - mm) * kappa / tau
+                    })
+                    .collect()
+            })
+            .collect();
+        (loss, grad)
+    }
+}
+
+/// Learns the tile maps (see the module docs).
+pub fn learn_tile_maps(
+    targets: &[MaskTarget<'_>],
+    patterns: &[Vec<bool>],
+    costs: &[Vec<(usize, f64)>],
+    scores: &[Vec<f64>],
+    options: &MaskOptions,
+    progress: &dyn Fn(&str, usize, usize),
+) -> Result<Vec<TileMap>, MaskError> {
+    let tile = options.tile;
+    let po = &options.patch;
+    let s = options.sparsity;
+    let mut layers = Vec::with_capacity(targets.len());
+    for (i, t) in targets.iter().enumerate() {
+        progress("error model", i, targets.len());
+        layers.push(LayerQuad::new(t, &patterns[i], tile)?);
+    }
+    let counts: Vec<Vec<f64>> = costs
+        .iter()
+        .map(|c| c.iter().map(|x| x.0 as f64).collect())
+        .collect();
+    let total = targets.iter().map(|t| (t.k * t.n) as f64).sum::<f64>();
+    let obj = Objective {
+        layers,
+        counts,
+        total,
+        target: s,
+        lambda: po.lambda,
+    };
+
+    // Prior: tile density under per-layer unstructured pruning at s (by the same scores).
+    let mut density: Vec<(f64, usize, usize)> = Vec::new();
+    for (l, t) in targets.iter().enumerate() {
+        let mut sorted = scores[l].clone();
+        sorted.sort_by(f64::total_cmp);
+        let cut = ((s * sorted.len() as f64) as usize).min(sorted.len().saturating_sub(1));
+        let threshold = sorted.get(cut).copied().unwrap_or(0.0);
+        let (kt, nt) = tile.grid(t.k, t.n);
+        let mut kept = vec![(0usize, 0usize); kt * nt];
+        for (e, &v) in scores[l].iter().enumerate() {
+            let (kk, c) = (e / t.n, e % t.n);
+            let slot = &mut kept[(kk / tile.k) * nt + c / tile.n];
+            slot.1 += 1;
+            if v >= threshold {
+                slot.0 += 1;
+            }
+        }
+        for (ti, (kp, all)) in kept.iter().enumerate() {
+            density.push((*kp as f64 / (*all).max(1) as f64, l, ti));
+        }
+    }
+    let n_tiles = density.len();
+    let n_dense = ((n_tiles as f64) * (1.0 - 2.0 * s)).round().max(0.0) as usize;
+    density.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut theta: Vec<Vec<f64>> = obj
+        .counts
+        .iter()
+        .map(|c| vec![-3.0 * po.sigma; c.len()])
+        .collect();
+    for &(_, l, t) in density.iter().take(n_dense) {
+        theta[l][t] = 3.0 * po.sigma;
+    }
+
+    // Adam.
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+    let mut m1: Vec<Vec<f64>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+    let mut m2 = m1.clone();
+    let steps = po.steps.max(1);
+    for step in 0..steps {
+        if step % 50 == 0 {
+            progress("learn tiles", step, steps);
+        }
+        let f = step as f64 / (steps - 1).max(1) as f64;
+        let kappa = po.kappa.0 * (po.kappa.1 / po.kappa.0).powf(f);
+        let tau = po.tau.0 * (po.tau.1 / po.tau.0).powf(f);
+        let noise: Vec<Vec<f64>> = theta
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|_| {
+                        let u: f64 = rng.gen_range(1e-12..1.0 - 1e-12);
+                        (u / (1.0 - u)).ln()
+                    })
+                    .collect()
+            })
+            .collect();
+        let (_, grad) = obj.loss_grad(&theta, &noise, kappa, tau);
+        let t = (step + 1) as i32;
+        for l in 0..theta.len() {
+            for i in 0..theta[l].len() {
+                let g = grad[l][i];
+                m1[l][i] = b1 * m1[l][i] + (1.0 - b1) * g;
+                m2[l][i] = b2 * m2[l][i] + (1.0 - b2) * g * g;
+                let mh = m1[l][i] / (1.0 - b1.powi(t));
+                let vh = m2[l][i] / (1.0 - b2.powi(t));
+                theta[l][i] -= po.lr * mh / (vh.sqrt() + eps);
+            }
+        }
+    }
+    progress("learn tiles", steps, steps);
+
+    let mut maps: Vec<TileMap> = targets
+        .iter()
+        .zip(&theta)
+        .map(|(t, th)| {
+            let (kt, nt) = tile.grid(t.k, t.n);
+            let kinds = th
+                .iter()
+                .map(|&v| {
+                    if v > 0.0 {
+                        TileKind::Dense
+                    } else {
+                        TileKind::Sparse24
+                    }
+                })
+                .collect();
+            TileMap::from_kinds(kt, nt, kinds).expect("one logit per tile")
+        })
+        .collect();
+    repair_budget(&mut maps, costs, s * total, &|l, t| theta[l][t]);
+    Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibration::Gram;
+    use crate::masks::pattern_24;
+
+    fn problem() -> (Vec<Gram>, Vec<Vec<f32>>) {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (k, n) = (16, 8);
+        let mut grams = Vec::new();
+        let mut ws = Vec::new();
+        for _ in 0..2 {
+            let x: Vec<f32> = (0..40 * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut g = Gram::new(k);
+            g.add_rows(&x);
+            grams.push(g);
+            ws.push((0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect());
+        }
+        (grams, ws)
+    }
+
+    #[test]
+    fn quadratic_model_is_the_exact_reconstruction_error() {
+        let (grams, ws) = problem();
+        let tile = TileShape::new(8, 4).unwrap();
+        let t = MaskTarget {
+            name: "w".into(),
+            k: 16,
+            n: 8,
+            w: ws[0].clone(),
+            gram: Some(&grams[0]),
+        };
+        let norms = grams[0].column_norms();
+        let sc: Vec<f64> =
+            t.w.iter()
+                .enumerate()
+                .map(|(i, v)| v.abs() as f64 * norms[i / 8])
+                .collect();
+        let pat = pattern_24(&sc, 16, 8);
+        let q = LayerQuad::new(&t, &pat, tile).unwrap();
+        // Binary r: tiles 0 and 3 sparse.
+        let map = TileMap::from_kinds(
+            2,
+            2,
+            vec![
+                TileKind::Sparse24,
+                TileKind::Dense,
+                TileKind::Dense,
+                TileKind::Sparse24,
+            ],
+        )
+        .unwrap();
+        let r = [1.0, 0.0, 0.0, 1.0];
+        let mut g = [0.0; 4];
+        let model = q.loss_grad(&r, &mut g);
+        let keep = crate::masks::keep_for(&map, &pat, 16, 8, tile);
+        let masked: Vec<f32> =
+            t.w.iter()
+                .zip(&keep)
+                .map(|(&v, &k)| if k { v } else { 0.0 })
+                .collect();
+        let exact = crate::masks::reconstruction_error(&t.w, &masked, &grams[0], 8);
+        assert!(
+            (model - exact).abs() <= 1e-5 * exact.max(1e-12),
+            "{model} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (grams, ws) = problem();
+        let tile = TileShape::new(8, 4).unwrap();
+        let mut layers = Vec::new();
+        let mut counts = Vec::new();
+        for l in 0..2 {
+            let t = MaskTarget {
+                name: format!("w{l}"),
+                k: 16,
+                n: 8,
+                w: ws[l].clone(),
+                gram: Some(&grams[l]),
+            };
+            let sc: Vec<f64> = t.w.iter().map(|v| v.abs() as f64).collect();
+            let pat = pattern_24(&sc, 16, 8);
+            counts.push(
+                crate::masks::tile_costs(&sc, &pat, 16, 8, tile)
+                    .iter()
+                    .map(|c| c.0 as f64)
+                    .collect(),
+            );
+            layers.push(LayerQuad::new(&t, &pat, tile).unwrap());
+        }
+        let obj = Objective {
+            layers,
+            counts,
+            total: 256.0,
+            target: 0.3,
+            lambda: 2.0,
+        };
+        let theta: Vec<Vec<f64>> = vec![
+            vec![0.004, -0.002, 0.001, -0.005],
+            vec![0.002, 0.003, -0.001, 0.0005],
+        ];
+        let noise: Vec<Vec<f64>> = vec![vec![0.3, -0.2, 0.1, 0.05], vec![-0.4, 0.2, 0.0, 0.1]];
+        let (kappa, tau) = (100.0, 1.5);
+        let (_, grad) = obj.loss_grad(&theta, &noise, kappa, tau);
+        let h = 1e-7;
+        for l in 0..2 {
+            for t in 0..4 {
+                let mut up = theta.clone();
+                up[l][t] += h;
+                let mut dn = theta.clone();
+                dn[l][t] -= h;
+                let fd = (obj.loss_grad(&up, &noise, kappa, tau).0
+                    - obj.loss_grad(&dn, &noise, kappa, tau).0)
+                    / (2.0 * h);
+                let an = grad[l][t];
+                assert!(
+                    (fd - an).abs() <= 1e-4 * (1.0 + an.abs()),
+                    "layer {l} tile {t}: fd {fd} vs analytic {an}"
+                );
+            }
+        }
+    }
+}

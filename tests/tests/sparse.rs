@@ -1,0 +1,241 @@
+//! Sparse compiles on the exporter fixtures: calibration on text through the model's own
+//! tokenizer, every mask method, the budget, the rewritten graph against a plain graph with the
+//! same masked weights, determinism, and the errors that must come before any long work.
+
+use std::path::{Path, PathBuf};
+
+use patch_compiler::calibrate::CalibOptions;
+use patch_compiler::pipeline::{self, CompileError, CompileOptions};
+use patch_kernels::{TileKind, TileShape};
+use patch_passes::masks::Method;
+use patch_runtime::bundle::{self, LoadOptions};
+use patch_runtime::ops::hybrid::HybridMatMul;
+use patch_runtime::ops::OpRegistry;
+use patch_runtime::{interp, Graph, Tensor};
+use patch_tests::{fixture_dir, read_case};
+use serde_json::Value;
+
+fn word_tokenizer_json(n: usize) -> String {
+    let vocab: Vec<String> = (0..n).map(|i| format!("\"w{i}\": {i}")).collect();
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null,
+        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+        vocab.join(", ")
+    )
+}
+
+/// The fixture copied into `dir` with a word tokenizer and `words` words of calibration text.
+fn setup(name: &str, dir: &Path, words: usize) -> (PathBuf, PathBuf) {
+    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).unwrap();
+    let text: Vec<String> = (0..words)
+        .map(|i| format!("w{}", (i * 7919 + i / 3) % 500))
+        .collect();
+    let calib = dir.join("calib.txt");
+    std::fs::write(&calib, text.join(" ")).unwrap();
+    (dir.join("model.onnx"), calib)
+}
+
+fn options(model: &Path, out: &Path, calib: &Path, s: f64, method: Method) -> CompileOptions {
+    CompileOptions {
+        sparsity: s,
+        tile: TileShape::new(16, 16).unwrap(),
+        calib: CalibOptions {
+            method,
+            text: Some(calib.to_path_buf()),
+            samples: 4,
+            seq: 32,
+            patch: patch_passes::masks::patch::PatchOptions {
+                steps: 300,
+                ..Default::default()
+            },
+            ..CalibOptions::default()
+        },
+        ..CompileOptions::new(model.to_path_buf(), out.to_path_buf())
+    }
+}
+
+fn load(path: &Path) -> Graph {
+    bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default())
+        .unwrap()
+        .contents
+        .graph
+}
+
+/// The same graph with every HybridMatMul replaced by a plain MatMul over its unpacked
+/// (masked) weight: the reference the sparse kernels must reproduce.
+fn unpacked_reference(g: &Graph) -> Graph {
+    let registry = OpRegistry::onnx();
+    let mut r = g.clone();
+    let hybrids: Vec<_> = g
+        .nodes()
+        .filter(|(_, n)| n.op_type == "HybridMatMul")
+        .map(|(id, n)| (id, n.clone()))
+        .collect();
+    for (id, n) in hybrids {
+        let op = HybridMatMul::from_attrs(&n.attrs).unwrap();
+        let values = g.const_value(n.inputs[1].unwrap()).unwrap();
+        let meta = g.const_value(n.inputs[2].unwrap()).unwrap();
+        let w = op.weight(values, meta).unwrap().unpack_f32();
+        let c = r
+            .add_const(
+                format!("{}.unpacked", n.name),
+                Tensor::from_vec(vec![op.k, op.n], w).unwrap(),
+            )
+            .unwrap();
+        r.replace_node(
+            &registry,
+            id,
+            "",
+            "MatMul",
+            Default::default(),
+            vec![n.inputs[0], Some(c)],
+        )
+        .unwrap();
+    }
+    r
+}
+
+fn sparse_report(path: &Path) -> Value {
+    let b = bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default()).unwrap();
+    let r: Value = serde_json::from_str(&b.contents.compile_report_json).unwrap();
+    r["sparse"].clone()
+}
+
+#[test]
+fn every_method_meets_the_budget_and_the_kernels_match_the_masked_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_optimum_with_past", dir.path(), 400);
+    let case = read_case(&fixture_dir("llama_optimum_with_past").join("cases/seq7"));
+    let inputs: Vec<Tensor> = case.inputs.iter().map(|(_, t)| t.clone()).collect();
+    for method in [
+        Method::Magnitude,
+        Method::Wanda,
+        Method::SparseGpt,
+        Method::Patch,
+    ] {
+        for s in [0.25, 0.5] {
+            let out = dir.path().join(format!("{method}-{s}.patch"));
+            pipeline::compile(
+                &options(&model, &out, &calib, s, method),
+                &OpRegistry::onnx(),
+            )
+            .unwrap();
+            let rep = sparse_report(&out);
+            let achieved = rep["achieved_sparsity"].as_f64().unwrap();
+            assert!(
+                (achieved - s).abs() <= 0.005 * s + 1e-9,
+                "{method} at {s}: achieved {achieved}"
+            );
+            assert_eq!(rep["method"], method.name());
+            let g = load(&out);
+            let mut sparse_tiles = 0;
+            for (_, n) in g.nodes().filter(|(_, n)| n.op_type == "HybridMatMul") {
+                let op = HybridMatMul::from_attrs(&n.attrs).unwrap();
+                let sparse = op
+                    .map
+                    .kinds()
+                    .iter()
+                    .filter(|k| **k == TileKind::Sparse24)
+                    .count();
+                if op.n == 512 {
+                    assert_eq!(sparse, 0, "the LM head must stay dense");
+                } else if s == 0.5 {
+                    assert_eq!(sparse, op.map.kinds().len(), "{method}: s = 0.5 is all 2:4");
+                }
+                sparse_tiles += sparse;
+            }
+            assert!(sparse_tiles > 0, "{method} at {s}: no 2:4 tile");
+            let got = interp::run(&g, &inputs).unwrap();
+            let want = interp::run(&unpacked_reference(&g), &inputs).unwrap();
+            let err = patch_tests::max_abs_diff(&got[0], &want[0]);
+            assert!(
+                err <= 1e-4,
+                "{method} at {s}: kernels vs masked reference {err}"
+            );
+            assert!(got[0]
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite()));
+            assert!(out.with_extension("tiles.svg").exists());
+        }
+    }
+}
+
+#[test]
+fn the_learned_method_is_deterministic_for_a_seed_and_beats_wanda() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_dynamo_op18", dir.path(), 400);
+    let run = |name: &str, method: Method| {
+        let out = dir.path().join(name);
+        pipeline::compile(
+            &options(&model, &out, &calib, 0.35, method),
+            &OpRegistry::onnx(),
+        )
+        .unwrap();
+        (load(&out).to_text(), sparse_report(&out))
+    };
+    let (a, ra) = run("a.patch", Method::Patch);
+    let (b, _) = run("b.patch", Method::Patch);
+    assert_eq!(a, b, "same seed, same graph");
+    let (_, rm) = run("w.patch", Method::Wanda);
+    let total = |r: &Value| -> f64 {
+        r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["reconstruction_error"].as_f64().unwrap())
+            .sum()
+    };
+    assert!(
+        total(&ra) < total(&rm),
+        "summed layer errors: patch {} vs wanda {}",
+        total(&ra),
+        total(&rm)
+    );
+}
+
+#[test]
+fn bad_calibration_input_fails_before_the_long_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_dynamo_op18", dir.path(), 50);
+    let out = dir.path().join("x.patch");
+    let err = pipeline::compile(
+        &options(&model, &out, &calib, 0.3, Method::Wanda),
+        &OpRegistry::onnx(),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, CompileError::Calib(_)), "{msg}");
+    assert!(
+        msg.contains("has 50 tokens") && msg.contains("need 128"),
+        "{msg}"
+    );
+    assert!(!out.exists(), "no output on error");
+    // Magnitude needs no calibration text at all.
+    let mut o = options(
+        &model,
+        &out,
+        &dir.path().join("missing.txt"),
+        0.3,
+        Method::Magnitude,
+    );
+    o.calib.text = None;
+    pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
+    // Without a tokenizer, calibration cannot read text.
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = pipeline::compile(
+        &options(&model, &out, &calib, 0.3, Method::Patch),
+        &OpRegistry::onnx(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
+}
