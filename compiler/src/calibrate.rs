@@ -394,65 +394,143 @@ pub fn layer_table(layers: &[Value]) -> String {
     s
 }
 
-/// An SVG of every layer's tile map, one row per layer in graph order: dark cells stayed
-/// dense, light cells are 2:4. Each map is drawn with K down and N across.
+/// The transformer block a node belongs to: the first number in its name (`layers.12` → 12).
+fn block_of(name: &str) -> Option<u64> {
+    let start = name.find(|c: char| c.is_ascii_digit())?;
+    let digits: String = name[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// The short name of a weight in its block (`q_proj` from `/model/layers.0/self_attn/q_proj/MatMul`).
+fn short_name(name: &str) -> &str {
+    let parts: Vec<&str> = name.split('/').filter(|p| !p.is_empty()).collect();
+    match parts.as_slice() {
+        [.., last] if last.starts_with("MatMul") || last.starts_with("Gemm") => parts
+            .get(parts.len().wrapping_sub(2))
+            .copied()
+            .unwrap_or(name),
+        [.., last] => last,
+        [] => name,
+    }
+}
+
+/// An SVG of every layer's tile map: one row per transformer block (consecutive layers whose
+/// names carry the same first number), its weights side by side, each drawn with K down and
+/// N across; dark cells stayed dense, light cells are 2:4.
 pub fn tile_map_svg(maps: &[(String, patch_kernels::TileMap)], title: &str) -> String {
     let cell = 6.0;
-    let label_w = 330.0;
-    let row_h = maps
-        .iter()
-        .map(|(_, m)| m.k_tiles() as f64 * cell)
-        .fold(0.0, f64::max)
-        + 4.0;
-    let width = label_w
-        + maps
-            .iter()
-            .map(|(_, m)| m.n_tiles() as f64 * cell)
+    let gap = 14.0;
+    let label_w = 70.0;
+    let mut rows: Vec<(Option<u64>, Vec<&(String, patch_kernels::TileMap)>)> = Vec::new();
+    for m in maps {
+        let b = block_of(&m.0);
+        match rows.last_mut() {
+            Some((rb, v)) if *rb == b && b.is_some() => v.push(m),
+            _ => rows.push((b, vec![m])),
+        }
+    }
+    let row_w = |v: &[&(String, patch_kernels::TileMap)]| -> f64 {
+        v.iter().map(|(_, m)| m.n_tiles() as f64 * cell + gap).sum()
+    };
+    let row_h = |v: &[&(String, patch_kernels::TileMap)]| -> f64 {
+        v.iter()
+            .map(|(_, m)| m.k_tiles() as f64 * cell)
             .fold(0.0, f64::max)
-        + 20.0;
-    let height = 40.0 + row_h * maps.len() as f64;
+            + 8.0
+    };
+    let width = label_w + rows.iter().map(|(_, v)| row_w(v)).fold(0.0, f64::max) + 10.0;
+    let header = 44.0;
+    let height = header + rows.iter().map(|(_, v)| row_h(v)).sum::<f64>() + 10.0;
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="9">"##
     );
     let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
     let _ = writeln!(
         s,
-        r##"<text x="4" y="14" font-size="12">{} — dark: dense tile, light: 2:4 tile</text>"##,
+        r##"<text x="4" y="14" font-size="11">{}</text>"##,
         esc(title)
     );
-    for (r, (name, m)) in maps.iter().enumerate() {
-        let y0 = 30.0 + r as f64 * row_h;
-        let label = if name.len() > 52 {
-            &name[name.len() - 52..]
-        } else {
-            name
-        };
-        let _ = writeln!(s, r##"<text x="4" y="{}">{}</text>"##, y0 + 8.0, esc(label));
-        for i in 0..m.k_tiles() {
-            for j in 0..m.n_tiles() {
-                let fill = if m.get(i, j) == TileKind::Dense {
-                    "#1f4e79"
-                } else {
-                    "#bdd7ee"
-                };
-                let _ = writeln!(
-                    s,
-                    r##"<rect x="{}" y="{}" width="{}" height="{}" fill="{fill}"/>"##,
-                    label_w + j as f64 * cell,
-                    y0 + i as f64 * cell,
-                    cell - 1.0,
-                    cell - 1.0
-                );
-            }
+    let _ = writeln!(
+        s,
+        r##"<text x="4" y="28">dark: dense tile, light: 2:4 tile; one row per block, K down, N across</text>"##
+    );
+    if let Some((_, first)) = rows.first() {
+        let mut x = label_w;
+        for (name, m) in first {
+            let _ = writeln!(
+                s,
+                r##"<text x="{x}" y="{}">{}</text>"##,
+                header - 4.0,
+                esc(short_name(name))
+            );
+            x += m.n_tiles() as f64 * cell + gap;
         }
+    }
+    let mut y = header;
+    for (b, v) in &rows {
+        let label = match b {
+            Some(b) => format!("block {b}"),
+            None => esc(short_name(&v[0].0)),
+        };
+        let _ = writeln!(s, r##"<text x="4" y="{}">{label}</text>"##, y + 8.0);
+        let mut x = label_w;
+        for (_, m) in v {
+            for i in 0..m.k_tiles() {
+                for j in 0..m.n_tiles() {
+                    let fill = if m.get(i, j) == TileKind::Dense {
+                        "#1f4e79"
+                    } else {
+                        "#bdd7ee"
+                    };
+                    let _ = writeln!(
+                        s,
+                        r##"<rect x="{}" y="{}" width="{}" height="{}" fill="{fill}"/>"##,
+                        x + j as f64 * cell,
+                        y + i as f64 * cell,
+                        cell - 1.0,
+                        cell - 1.0
+                    );
+                }
+            }
+            x += m.n_tiles() as f64 * cell + gap;
+        }
+        y += row_h(v);
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_groups_layers_by_block() {
+        let m = patch_kernels::TileMap::uniform(2, 3, TileKind::Dense);
+        let maps = vec![
+            (
+                "/model/layers.0/self_attn/q_proj/MatMul".to_string(),
+                m.clone(),
+            ),
+            (
+                "/model/layers.0/mlp/down_proj/MatMul".to_string(),
+                m.clone(),
+            ),
+            ("/model/layers.1/self_attn/q_proj/MatMul".to_string(), m),
+        ];
+        let svg = tile_map_svg(&maps, "t");
+        assert!(svg.contains("block 0") && svg.contains("block 1") && svg.contains(">q_proj<"));
+        assert_eq!(svg.matches("<rect").count(), 1 + 3 * 6);
+        assert_eq!(block_of("/model/layers.12/mlp"), Some(12));
+    }
 }
