@@ -394,6 +394,9 @@ pub fn layer_table(layers: &[Value]) -> String {
     s
 }
 
+/// A layer name with its tile map.
+type NamedMap = (String, patch_kernels::TileMap);
+
 /// The transformer block a node belongs to: the first number in its name (`layers.12` → 12).
 fn block_of(name: &str) -> Option<u64> {
     let start = name.find(|c: char| c.is_ascii_digit())?;
@@ -420,11 +423,11 @@ fn short_name(name: &str) -> &str {
 /// An SVG of every layer's tile map: one row per transformer block (consecutive layers whose
 /// names carry the same first number), its weights side by side, each drawn with K down and
 /// N across; dark cells stayed dense, light cells are 2:4.
-pub fn tile_map_svg(maps: &[(String, patch_kernels::TileMap)], title: &str) -> String {
+pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
     let cell = 6.0;
     let gap = 14.0;
     let label_w = 70.0;
-    let mut rows: Vec<(Option<u64>, Vec<&(String, patch_kernels::TileMap)>)> = Vec::new();
+    let mut rows: Vec<(Option<u64>, Vec<&NamedMap>)> = Vec::new();
     for m in maps {
         let b = block_of(&m.0);
         match rows.last_mut() {
@@ -432,10 +435,9 @@ pub fn tile_map_svg(maps: &[(String, patch_kernels::TileMap)], title: &str) -> S
             _ => rows.push((b, vec![m])),
         }
     }
-    let row_w = |v: &[&(String, patch_kernels::TileMap)]| -> f64 {
-        v.iter().map(|(_, m)| m.n_tiles() as f64 * cell + gap).sum()
-    };
-    let row_h = |v: &[&(String, patch_kernels::TileMap)]| -> f64 {
+    let row_w =
+        |v: &[&NamedMap]| -> f64 { v.iter().map(|(_, m)| m.n_tiles() as f64 * cell + gap).sum() };
+    let row_h = |v: &[&NamedMap]| -> f64 {
         v.iter()
             .map(|(_, m)| m.k_tiles() as f64 * cell)
             .fold(0.0, f64::max)
