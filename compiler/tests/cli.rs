@@ -132,6 +132,18 @@ fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Writes a WordLevel `tokenizer.json` over `w0 .. w511` for the fixtures' 512-token vocabulary.
+fn write_word_tokenizer(path: &std::path::Path) {
+    let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
+    let json = format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+        vocab.join(", ")
+    );
+    std::fs::write(path, json).unwrap();
+}
+
 /// `patchrt`, built by the same `cargo test` run next to `patchc` (another package's binary).
 fn patchrt(args: &[&str]) -> (bool, String, String) {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_patchc")).with_file_name("patchrt");
@@ -153,18 +165,7 @@ fn a_compiled_fixture_runs_evaluates_and_benchmarks_through_patchrt() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::copy(fixture("llama_optimum_with_past"), d.join("model.onnx")).unwrap();
-    let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        d.join("tokenizer.json"),
-        format!(
-            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
-            "post_processor": null, "decoder": null,
-            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
-            vocab.join(", ")
-        ),
-    )
-    .unwrap();
+    write_word_tokenizer(&d.join("tokenizer.json"));
     std::fs::write(
         d.join("generation.json"),
         r#"{"eos_token_id": 511, "max_context": 24,
@@ -257,18 +258,7 @@ fn a_sparse_compile_prints_its_layers_and_draws_the_tile_maps() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::copy(fixture("llama_optimum_with_past"), d.join("model.onnx")).unwrap();
-    let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        d.join("tokenizer.json"),
-        format!(
-            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
-            "post_processor": null, "decoder": null,
-            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
-            vocab.join(", ")
-        ),
-    )
-    .unwrap();
+    write_word_tokenizer(&d.join("tokenizer.json"));
     let words: Vec<String> = (0..200).map(|i| format!("w{}", (i * 13) % 500)).collect();
     let calib = d.join("calib.txt");
     std::fs::write(&calib, words.join(" ")).unwrap();

@@ -107,3 +107,16 @@ pub fn argmax_last(t: &Tensor) -> Vec<usize> {
         })
         .collect()
 }
+
+/// A WordLevel `tokenizer.json` over `w0 .. w{n-1}` (whitespace pre-tokenizer), so that the
+/// fixtures' random models can be driven through text.
+pub fn word_tokenizer_json(n: usize) -> String {
+    let vocab: Vec<String> = (0..n).map(|i| format!("\"w{i}\": {i}")).collect();
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null,
+        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+        vocab.join(", ")
+    )
+}

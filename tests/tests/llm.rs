@@ -15,20 +15,10 @@ use patch_runtime::llm::sampler::argmax;
 use patch_runtime::llm::LanguageModel;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Tensor};
-use patch_tests::{argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, FIXTURES};
-
-/// A WordLevel `tokenizer.json` over `w0 .. w{n-1}` (whitespace pre-tokenizer), so that the
-/// fixtures' random models can be driven through text.
-pub fn word_tokenizer_json(n: usize) -> String {
-    let vocab: Vec<String> = (0..n).map(|i| format!("\"w{i}\": {i}")).collect();
-    format!(
-        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-        "decoder": null,
-        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
-        vocab.join(", ")
-    )
-}
+use patch_tests::{
+    argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, word_tokenizer_json,
+    FIXTURES,
+};
 
 fn rewritten(name: &str, dtype: WeightDtype) -> patch_runtime::Graph {
     let registry = OpRegistry::onnx();

@@ -12,19 +12,8 @@ use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Graph, Tensor};
-use patch_tests::{fixture_dir, read_case};
+use patch_tests::{fixture_dir, read_case, word_tokenizer_json};
 use serde_json::Value;
-
-fn word_tokenizer_json(n: usize) -> String {
-    let vocab: Vec<String> = (0..n).map(|i| format!("\"w{i}\": {i}")).collect();
-    format!(
-        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-        "decoder": null,
-        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
-        vocab.join(", ")
-    )
-}
 
 /// The fixture copied into `dir` with a word tokenizer and `words` words of calibration text.
 fn setup(name: &str, dir: &Path, words: usize) -> (PathBuf, PathBuf) {
