@@ -132,6 +132,8 @@ pub enum CalibError {
     BadSize,
     #[error("calibration run: {0}")]
     Run(String),
+    #[error("cannot write the calibration cache `{path}`: {msg}")]
+    CacheWrite { path: PathBuf, msg: String },
     #[error(transparent)]
     Mask(#[from] masks::MaskError),
 }
@@ -155,26 +157,6 @@ pub fn prunable(graph: &Graph) -> Vec<WeightMatMul> {
         .into_iter()
         .filter(|t| t.rewritable && t.prunable)
         .collect()
-}
-
-/// A weight oriented `[K, N]` as f32.
-fn oriented(graph: &Graph, t: &WeightMatMul) -> Vec<f32> {
-    let w = graph
-        .const_value(t.weight_id)
-        .expect("weight is a constant")
-        .to_aligned();
-    let s = w.as_slice::<f32>().expect("prunable weights are f32");
-    if !t.transposed {
-        return s.to_vec();
-    }
-    let (k, n) = (t.k, t.n);
-    let mut v = vec![0f32; k * n];
-    for (r, row) in s.chunks_exact(k).enumerate() {
-        for (kk, &x) in row.iter().enumerate() {
-            v[kk * n + r] = x;
-        }
-    }
-    v
 }
 
 /// What calibration produced.
@@ -283,9 +265,9 @@ pub fn calibrate(
         }
         progress("calibrate", options.samples, options.samples);
         if let (Some(c), true) = (&options.cache, todo > 0) {
-            save_cache(c, &key, graph, &calib).map_err(|e| CalibError::Read {
+            save_cache(c, &key, graph, &calib).map_err(|e| CalibError::CacheWrite {
                 path: c.clone(),
-                msg: format!("writing the calibration cache: {e}"),
+                msg: e.to_string(),
             })?;
         }
         calib_tokens = options.samples * options.seq;
@@ -300,14 +282,17 @@ pub fn calibrate(
     let mask_targets: Vec<MaskTarget<'_>> = targets
         .iter()
         .zip(&inputs)
-        .map(|(t, x)| MaskTarget {
-            name: t.weight.clone(),
-            k: t.k,
-            n: t.n,
-            w: oriented(graph, t),
-            gram: calib.grams.get(x),
+        .map(|(t, x)| {
+            Ok(MaskTarget {
+                name: t.weight.clone(),
+                k: t.k,
+                n: t.n,
+                w: t.oriented_weight(graph)?,
+                gram: calib.grams.get(x),
+            })
         })
-        .collect();
+        .collect::<Result<_, patch_runtime::RuntimeError>>()
+        .map_err(|e| CalibError::Run(e.to_string()))?;
     let mask_options = MaskOptions {
         method,
         sparsity,

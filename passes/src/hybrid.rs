@@ -19,7 +19,7 @@ use patch_kernels::{bf16, f16};
 use patch_runtime::ir::{Def, NodeId, OutputRole};
 use patch_runtime::ops::hybrid::{HybridMatMul, DOMAIN, OP_TYPE};
 use patch_runtime::ops::OpRegistry;
-use patch_runtime::{DType, Graph, OpError, RuntimeError, Tensor, ValueId};
+use patch_runtime::{DType, Graph, OpError, RuntimeError, ValueId};
 
 use crate::{Pass, Progress};
 
@@ -44,6 +44,28 @@ pub struct WeightMatMul {
     pub rewritable: bool,
     /// False for weights that must stay dense: a vocabulary-sized dimension.
     pub prunable: bool,
+}
+
+impl WeightMatMul {
+    /// The weight as f32 in the `X · W` orientation, row-major `[K, N]`.
+    pub fn oriented_weight(&self, graph: &Graph) -> Result<Vec<f32>, RuntimeError> {
+        let w = graph
+            .const_value(self.weight_id)
+            .expect("weight source is a constant")
+            .to_aligned();
+        let stored = w.as_slice::<f32>()?;
+        if !self.transposed {
+            return Ok(stored.to_vec());
+        }
+        let (k, n) = (self.k, self.n);
+        let mut v = vec![0f32; k * n];
+        for (r, row) in stored.chunks_exact(k).enumerate() {
+            for (kk, &x) in row.iter().enumerate() {
+                v[kk * n + r] = x;
+            }
+        }
+        Ok(v)
+    }
 }
 
 /// The constant behind `id`, seeing through one `Transpose` with the default or `[1, 0]` perm.
@@ -183,49 +205,29 @@ impl HybridMatMulRewrite {
         }
     }
 
-    fn packed(&self, t: &WeightMatMul, w: &Tensor) -> Result<PackedWeight, RuntimeError> {
-        let w = w.to_aligned();
-        let stored = w.as_slice::<f32>()?;
+    fn packed(&self, graph: &Graph, t: &WeightMatMul) -> Result<PackedWeight, RuntimeError> {
         let (k, n) = (t.k, t.n);
-        let oriented: Vec<f32> = if t.transposed {
-            let mut v = vec![0f32; k * n];
-            for (r, row) in stored.chunks_exact(k).enumerate() {
-                for (kk, &x) in row.iter().enumerate() {
-                    v[kk * n + r] = x;
-                }
-            }
-            v
-        } else {
-            stored.to_vec()
-        };
-        let oriented = match self.masks.get(&t.weight).and_then(|m| m.weights.clone()) {
+        let mask = self.masks.get(&t.weight);
+        if mask.is_some() && !t.prunable {
+            return Err(RuntimeError::at_node(
+                &t.node,
+                &t.op_type,
+                OpError::Invalid(format!(
+                    "weight `{}` has a vocabulary-sized dimension and must stay dense",
+                    t.weight
+                )),
+            ));
+        }
+        let oriented = match mask.and_then(|m| m.weights.clone()) {
             Some(w) if w.len() == k * n => w,
-            _ => oriented,
+            _ => t.oriented_weight(graph)?,
         };
-        let (map, keep) = match self.masks.get(&t.weight) {
-            Some(_) if !t.prunable => {
-                return Err(RuntimeError::at_node(
-                    &t.node,
-                    &t.op_type,
-                    OpError::Invalid(format!(
-                        "weight `{}` has a vocabulary-sized dimension and must stay dense",
-                        t.weight
-                    )),
-                ))
-            }
+        // Without a mask every tile is dense and `pack` keeps every element (zeros included).
+        let (map, keep) = match mask {
             Some(m) => (m.map.clone(), Some(m.keep.as_slice())),
             None => {
                 let (kt, nt) = self.tile.grid(k, n);
                 (TileMap::uniform(kt, nt, TileKind::Dense), None)
-            }
-        };
-        let keep_all;
-        let keep = match keep {
-            Some(k) => k,
-            None => {
-                // Dense tiles keep zeros too; a mask of all-true says so explicitly.
-                keep_all = vec![true; k * n];
-                &keep_all
             }
         };
         let fail = |e: patch_kernels::PackError| {
@@ -236,14 +238,14 @@ impl HybridMatMulRewrite {
             )
         };
         match self.dtype {
-            WeightDtype::F32 => pack(&oriented, k, n, self.tile, &map, Some(keep)).map_err(fail),
+            WeightDtype::F32 => pack(&oriented, k, n, self.tile, &map, keep).map_err(fail),
             WeightDtype::Bf16 => {
                 let w: Vec<bf16> = oriented.iter().map(|&x| bf16::from_f32(x)).collect();
-                pack(&w, k, n, self.tile, &map, Some(keep)).map_err(fail)
+                pack(&w, k, n, self.tile, &map, keep).map_err(fail)
             }
             WeightDtype::F16 => {
                 let w: Vec<f16> = oriented.iter().map(|&x| f16::from_f32(x)).collect();
-                pack(&w, k, n, self.tile, &map, Some(keep)).map_err(fail)
+                pack(&w, k, n, self.tile, &map, keep).map_err(fail)
             }
         }
     }
@@ -271,11 +273,7 @@ impl Pass for HybridMatMulRewrite {
             let (attrs, values, meta) = match packed_consts.get(&key) {
                 Some(done) => Clone::clone(done),
                 None => {
-                    let w = graph
-                        .const_value(t.weight_id)
-                        .expect("weight source is a constant")
-                        .clone();
-                    let packed = self.packed(&t, &w)?;
+                    let packed = self.packed(graph, &t)?;
                     let (attrs, values, meta) = HybridMatMul::encode(&packed);
                     let suffix = if t.transposed { ".t" } else { "" };
                     let values =

@@ -377,9 +377,12 @@ pub fn compute_masks(
         .iter()
         .map(|sc| sc.iter().map(|v| v * v).sum::<f64>().max(1e-300))
         .collect();
-    repair_budget(&mut maps, &costs, target_pruned, &|l, t| {
-        costs[l][t].1 / layer_scale[l] / costs[l][t].0.max(1) as f64
-    });
+    // `patch` repairs its own maps by logit order.
+    if options.method != Method::Patch {
+        repair_budget(&mut maps, &costs, target_pruned, &|l, t| {
+            costs[l][t].1 / layer_scale[l] / costs[l][t].0.max(1) as f64
+        });
+    }
     let update = options.update_weights || options.method == Method::SparseGpt;
     let mut out = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {

@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{h_times, repair_budget, MaskError, MaskOptions, MaskTarget, Method};
 
-/// Optimizer settings (defaults tuned on SmolLM2-135M; see docs/CALIBRATION.md).
+/// Optimizer settings (defaults documented in docs/CALIBRATION.md; not tuned by a search).
 #[derive(Clone, Debug)]
 pub struct PatchOptions {
     pub steps: usize,
