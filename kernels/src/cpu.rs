@@ -23,13 +23,15 @@ const ROW_CHUNK: usize = 256;
 /// One tile's worth of work for a kernel.
 ///
 /// Contract: `x` points at `X[m0, tile.k0]` of an X whose rows hold at least
-/// `tile.k0 + kpad` readable floats (zero padded past K), row stride `xs`; `vals`/`meta` point
+/// `tile.k0 + kpad` readable floats (zero padded past K), row stride `xs`; `xb` is null or
+/// points at the same position of the bf16 copy of X (same layout); `vals`/`meta` point
 /// at the tile's values and metadata; `y` points at `Y[m0, tile.n0 + col0]`, row stride `ys`,
 /// and the kernel owns those `rows` x `cols` outputs for the duration of the call.
 pub(crate) struct TileJob {
     pub dtype: u8,
     pub sparse: bool,
     pub x: *const f32,
+    pub xb: *const u16,
     pub xs: usize,
     pub rows: usize,
     pub vals: *const u8,
@@ -158,6 +160,11 @@ impl CpuKernels {
             }
             Cow::Owned(v)
         };
+        // The bf16 copy of X for the `vdpbf16ps` path (zero padded like `xpad`).
+        let xb: Option<Vec<u16>> = self
+            .path
+            .rounds_activations(m, w.dtype())
+            .then(|| round_to_bf16(self.path, &xpad));
         let map = w.tile_map();
         let nt = map.n_tiles();
         let units_of = |j: usize| w.tile(0, j).nw.div_ceil(UNIT);
@@ -169,6 +176,7 @@ impl CpuKernels {
         let used = self.threads().min(total).max(1);
         let out = SharedOut(y.as_mut_ptr());
         let xs: &[f32] = &xpad;
+        let xb: Option<&[u16]> = xb.as_deref();
         let work = |t: usize| {
             if t >= used {
                 return;
@@ -193,8 +201,8 @@ impl CpuKernels {
                     let nw = w.tile(0, j).nw;
                     let (c0, c1) = ((a - base) * UNIT, ((b - base) * UNIT).min(nw));
                     // SAFETY: columns c0..c1 of tile column j belong to this thread only;
-                    // `xs` has m rows of kp floats.
-                    unsafe { self.panel(m, xs, kp, w, bias, out.ptr(), j, c0, c1) };
+                    // `xs` (and `xb`) has m rows of kp values.
+                    unsafe { self.panel(m, xs, xb, kp, w, bias, out.ptr(), j, c0, c1) };
                 }
                 base += nu;
             }
@@ -211,12 +219,13 @@ impl CpuKernels {
     ///
     /// # Safety
     /// `y` is the start of an `m x n` row-major output no one else writes in those columns;
-    /// `xs` holds `m` rows of `kp` floats.
+    /// `xs` (and `xb` when present) holds `m` rows of `kp` values.
     #[allow(clippy::too_many_arguments)]
     unsafe fn panel(
         &self,
         m: usize,
         xs: &[f32],
+        xb: Option<&[u16]>,
         kp: usize,
         w: &PackedWeight,
         bias: Option<&[f32]>,
@@ -249,6 +258,7 @@ impl CpuKernels {
                     dtype,
                     sparse: t.kind == TileKind::Sparse24,
                     x: xs.as_ptr().add(mc * kp + t.k0),
+                    xb: xb.map_or(std::ptr::null(), |b| b.as_ptr().add(mc * kp + t.k0)),
                     xs: kp,
                     rows,
                     vals: vals.add(t.val_offset),
@@ -265,7 +275,11 @@ impl CpuKernels {
                 };
                 match self.path {
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx512 => crate::avx512::run_tile(&job, nvec),
+                    SimdPath::Avx512Bf16 if !job.xb.is_null() => {
+                        crate::avx512::run_tile_bf16_dot(&job, nvec)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx512 | SimdPath::Avx512Bf16 => crate::avx512::run_tile(&job, nvec),
                     #[cfg(target_arch = "x86_64")]
                     SimdPath::Avx2 => crate::avx2::run_tile(&job, nvec),
                     _ => {}
@@ -275,15 +289,36 @@ impl CpuKernels {
                     job.col0 += done;
                     job.y = job.y.add(done);
                     let cols = c1 - c0 - done;
+                    let xb16 = job.xb as *const bf16;
                     match w.dtype() {
-                        WeightDtype::F32 => scalar::tile::<f32>(&job, cols),
-                        WeightDtype::Bf16 => scalar::tile::<bf16>(&job, cols),
-                        WeightDtype::F16 => scalar::tile::<f16>(&job, cols),
+                        WeightDtype::F32 => scalar::tile::<f32, f32>(&job, job.x, cols),
+                        WeightDtype::Bf16 if !xb16.is_null() => {
+                            scalar::tile::<bf16, bf16>(&job, xb16, cols)
+                        }
+                        WeightDtype::Bf16 => scalar::tile::<bf16, f32>(&job, job.x, cols),
+                        WeightDtype::F16 => scalar::tile::<f16, f32>(&job, job.x, cols),
                     }
                 }
             }
         }
     }
+}
+
+/// `x` rounded to nearest-even bf16 bits (SIMD where the path has the conversion; NaN
+/// stays NaN, subnormals may flush to zero there).
+fn round_to_bf16(path: SimdPath, x: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; x.len()];
+    #[cfg(target_arch = "x86_64")]
+    if path == SimdPath::Avx512Bf16 {
+        // SAFETY: the path is only constructed on CPUs that support it.
+        unsafe { crate::avx512::round_to_bf16(x, &mut out) };
+        return out;
+    }
+    let _ = path;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = bf16::from_f32(*v).to_bits();
+    }
+    out
 }
 
 /// `y = x · W (+ bias)` on the process-wide [`CpuKernels::global`] instance.

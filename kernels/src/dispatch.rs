@@ -2,7 +2,7 @@
 //!
 //! Kernels are compiled for every path with `#[target_feature(enable = ...)]`; which one runs
 //! is decided when a [`crate::CpuKernels`] is built, from `is_x86_feature_detected!`, or forced
-//! with the `PATCH_KERNEL_PATH` environment variable (`scalar`, `avx2`, `avx512`) or
+//! with the `PATCH_KERNEL_PATH` environment variable (`scalar`, `avx2`, `avx512`, `avx512bf16`) or
 //! [`crate::CpuKernels::new`]. No RUSTFLAGS are needed.
 
 use std::fmt;
@@ -24,10 +24,23 @@ pub enum SimdPath {
     Avx2,
     /// AVX-512 F/BW/VL/DQ, 16 output columns per vector.
     Avx512,
+    /// [`SimdPath::Avx512`] plus AVX512-BF16: GEMMs on bf16 weights with at least
+    /// [`BF16_DOT_MIN_ROWS`] rows round X to bf16 and use `vdpbf16ps` (two products per
+    /// lane, f32 accumulation); everything else runs exactly as on `Avx512`.
+    Avx512Bf16,
 }
 
+/// Rows from which the [`SimdPath::Avx512Bf16`] path rounds X to bf16. Below it the product
+/// is bound by reading the weight, so f32 activations cost nothing and stay exact.
+pub const BF16_DOT_MIN_ROWS: usize = 16;
+
 impl SimdPath {
-    pub const ALL: [SimdPath; 3] = [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512];
+    pub const ALL: [SimdPath; 4] = [
+        SimdPath::Scalar,
+        SimdPath::Avx2,
+        SimdPath::Avx512,
+        SimdPath::Avx512Bf16,
+    ];
 
     /// Whether this CPU can run the path.
     pub fn is_supported(self) -> bool {
@@ -48,6 +61,10 @@ impl SimdPath {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx512Bf16 => {
+                SimdPath::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -55,7 +72,7 @@ impl SimdPath {
 
     /// The best path this CPU supports.
     pub fn detect() -> SimdPath {
-        [SimdPath::Avx512, SimdPath::Avx2]
+        [SimdPath::Avx512Bf16, SimdPath::Avx512, SimdPath::Avx2]
             .into_iter()
             .find(|p| p.is_supported())
             .unwrap_or(SimdPath::Scalar)
@@ -88,8 +105,14 @@ impl SimdPath {
         match self {
             SimdPath::Scalar => 1,
             SimdPath::Avx2 => 8,
-            SimdPath::Avx512 => 16,
+            SimdPath::Avx512 | SimdPath::Avx512Bf16 => 16,
         }
+    }
+
+    /// Whether a product of `m` rows on `dtype` weights rounds X to bf16 on this path (the
+    /// scalar twin of such a product is the scalar path on the rounded X).
+    pub fn rounds_activations(self, m: usize, dtype: crate::WeightDtype) -> bool {
+        self == SimdPath::Avx512Bf16 && dtype == crate::WeightDtype::Bf16 && m >= BF16_DOT_MIN_ROWS
     }
 }
 
@@ -99,6 +122,7 @@ impl fmt::Display for SimdPath {
             SimdPath::Scalar => "scalar",
             SimdPath::Avx2 => "avx2",
             SimdPath::Avx512 => "avx512",
+            SimdPath::Avx512Bf16 => "avx512bf16",
         })
     }
 }
@@ -110,6 +134,7 @@ impl FromStr for SimdPath {
             "scalar" => Ok(SimdPath::Scalar),
             "avx2" => Ok(SimdPath::Avx2),
             "avx512" | "avx-512" => Ok(SimdPath::Avx512),
+            "avx512bf16" | "avx512-bf16" | "avx-512-bf16" => Ok(SimdPath::Avx512Bf16),
             _ => Err(KernelError::UnknownPath(s.to_string())),
         }
     }

@@ -31,7 +31,7 @@ pub use half::{bf16, f16};
 /// Errors from running a kernel.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum KernelError {
-    #[error("unknown kernel path {0:?} (expected scalar, avx2 or avx512)")]
+    #[error("unknown kernel path {0:?} (expected scalar, avx2, avx512 or avx512bf16)")]
     UnknownPath(String),
     #[error("kernel path {0} is not supported by this CPU")]
     UnsupportedPath(SimdPath),
