@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p patch-kernels --bin kernel-bench -- \
 //!     [--shapes smol|llama|all|KxN,..] [--m 1,16,128,512] [--threads 1,2] \
-//!     [--dtypes f32,bf16,f16] [--sparsity 0,25,35,45,50] [--reps 9] [--path avx512]
+//!     [--dtypes f32,bf16,f16] [--sparsity 0,25,35,45,50] [--reps 9] [--path avx512bf16]
 //! ```
 //!
 //! Every variant of one (shape, dtype, M, threads) cell is timed interleaved with the dense
