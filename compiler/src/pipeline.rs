@@ -1,7 +1,11 @@
 //! The compile pipeline behind `patchc compile`: ONNX → IR → passes → `.patch` bundle.
 //!
-//! Today the pipeline is dense (sparsity 0): it imports, eliminates dead code, and packs the
-//! graph with its tokenizer, generation metadata and a compile report into one bundle.
+//! Stages: import; the `cleanup` pipeline (constant folding, canonicalization, DCE, to a
+//! fixpoint); calibration and masks when `--sparsity > 0`; the `pack` pipeline (hybrid MatMul
+//! rewrite, DCE); the `fuse` pipeline (e-graph fusion, DCE); then one bundle with the
+//! tokenizer, generation metadata and the compile report. `--dump-after PASS` writes the IR
+//! after every run of that pass beside the output; `--stop-after PASS` ends there without a
+//! bundle.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -11,7 +15,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use patch_kernels::{TileShape, WeightDtype};
 use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
-use patch_passes::{dce::DeadCodeElimination, PassError, PassManager};
+use patch_passes::fuse::{Fuse, FuseLimits};
+use patch_passes::{
+    cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, PassError, PassManager,
+    PassObserver, PassRun, PipelineOutcome,
+};
 use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
 use serde_json::{json, Value};
@@ -37,8 +45,17 @@ pub struct CompileOptions {
     pub tile: TileShape,
     /// Calibration and mask method (used when `sparsity > 0`).
     pub calib: CalibOptions,
+    /// Run the fusion pipeline (on by default; off to compare).
+    pub fuse: bool,
+    /// Pass names after which to write the IR (`all` for every pass).
+    pub dump_after: Vec<String>,
+    /// Stop after the first run of this pass, writing no bundle.
+    pub stop_after: Option<String>,
     pub progress: Option<PhaseProgress>,
 }
+
+/// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
+pub const PASS_NAMES: [&str; 5] = ["fold-constants", "canonicalize", "dce", "hybrid-matmul", "fuse"];
 
 impl std::fmt::Debug for CompileOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,6 +67,9 @@ impl std::fmt::Debug for CompileOptions {
             .field("weights", &self.weights)
             .field("tile", &self.tile)
             .field("calib", &self.calib)
+            .field("fuse", &self.fuse)
+            .field("dump_after", &self.dump_after)
+            .field("stop_after", &self.stop_after)
             .finish()
     }
 }
@@ -65,6 +85,9 @@ impl CompileOptions {
             weights: WeightDtype::F32,
             tile: TileShape::new(128, 128).expect("128x128 is a valid tile"),
             calib: CalibOptions::default(),
+            fuse: true,
+            dump_after: Vec::new(),
+            stop_after: None,
             progress: None,
         }
     }
@@ -74,6 +97,8 @@ impl CompileOptions {
 pub enum CompileError {
     #[error("--sparsity must be within [0, 0.5] (0 = dense, 0.5 = every tile 2:4), got {0}")]
     SparsityRange(f64),
+    #[error("unknown pass `{0}` (passes: {passes}, or `all` for --dump-after)", passes = PASS_NAMES.join(", "))]
+    UnknownPass(String),
     #[error(transparent)]
     Calib(#[from] CalibError),
     #[error("cannot write `{path}`: {source}")]
@@ -112,6 +137,54 @@ pub enum CompileError {
 #[derive(Clone, Debug)]
 pub struct CompileReport {
     pub json: Value,
+    /// The pass `--stop-after` ended at (no bundle was written).
+    pub stopped_after: Option<String>,
+    /// IR files written by `--dump-after`.
+    pub dumps: Vec<PathBuf>,
+}
+
+fn runs_json(runs: &[PassRun]) -> Value {
+    Value::Array(
+        runs.iter()
+            .map(|r| {
+                json!({
+                    "pipeline": r.pipeline, "pass": r.pass, "round": r.round,
+                    "changed": r.changed, "nodes_before": r.nodes_before,
+                    "nodes_after": r.nodes_after, "seconds": r.seconds,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Writes the IR after the passes named in `dump_after` to `<output>.<NN>.<pipeline>.<pass>.ir`.
+struct Dumper<'a> {
+    output: &'a Path,
+    wanted: &'a [String],
+    written: Vec<PathBuf>,
+    error: Option<CompileError>,
+}
+
+impl Dumper<'_> {
+    fn after(&mut self, run: &PassRun, graph: &patch_runtime::Graph) {
+        let all = self.wanted.iter().any(|w| w == "all");
+        if self.error.is_some() || !(all || self.wanted.iter().any(|w| w == run.pass)) {
+            return;
+        }
+        let mut name = self.output.as_os_str().to_owned();
+        name.push(format!(
+            ".{:02}.{}.{}.ir",
+            self.written.len(),
+            run.pipeline,
+            run.pass
+        ));
+        let path = PathBuf::from(name);
+        let text = graph.to_text();
+        match onnx::export::write_atomically(&path, &[text.as_bytes()]) {
+            Ok(()) => self.written.push(path),
+            Err(source) => self.error = Some(CompileError::Write { path, source }),
+        }
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CompileError> {
@@ -177,6 +250,12 @@ pub fn compile(
     if !(0.0..=0.5).contains(&s) || s.is_nan() {
         return Err(CompileError::SparsityRange(s));
     }
+    for name in options.dump_after.iter().chain(&options.stop_after) {
+        let dump_all = name == "all" && options.stop_after.as_deref() != Some("all");
+        if !PASS_NAMES.contains(&name.as_str()) && !dump_all {
+            return Err(CompileError::UnknownPass(name.clone()));
+        }
+    }
     let report_phase = |phase: &str, done: usize, total: usize| {
         if let Some(p) = &options.progress {
             p(phase, done, total);
@@ -213,10 +292,41 @@ pub fn compile(
         .map(Bytes::from);
     let generation = generation_metadata(&dir)?;
 
-    let mut changed = PassManager::new(registry)
-        .with_pass(DeadCodeElimination)
-        .run(&mut graph)
-        .map_err(Box::new)?;
+    let dumper = std::cell::RefCell::new(Dumper {
+        output: &options.output,
+        wanted: &options.dump_after,
+        written: Vec::new(),
+        error: None,
+    });
+    let observe = || -> PassObserver<'_> { Box::new(|run, graph| dumper.borrow_mut().after(run, graph)) };
+    let mut runs: Vec<PassRun> = Vec::new();
+    // Runs one pipeline; `Some(report)` when --stop-after ended it (or a dump failed).
+    let mut stage = |manager: PassManager<'_>,
+                     graph: &mut patch_runtime::Graph|
+     -> Result<Option<CompileReport>, CompileError> {
+        let outcome: PipelineOutcome = manager
+            .observe(observe())
+            .stop_after(options.stop_after.clone())
+            .run(graph)
+            .map_err(Box::new)?;
+        runs.extend(outcome.runs.iter().cloned());
+        if let Some(e) = dumper.borrow_mut().error.take() {
+            return Err(e);
+        }
+        Ok(outcome.stopped.then(|| CompileReport {
+            json: json!({ "stopped_after": options.stop_after, "passes": runs_json(&runs) }),
+            stopped_after: options.stop_after.clone(),
+            dumps: dumper.borrow().written.clone(),
+        }))
+    };
+
+    let t = Instant::now();
+    report_phase("optimize", 0, 1);
+    if let Some(stopped) = stage(cleanup_pipeline(registry), &mut graph)? {
+        return Ok(stopped);
+    }
+    phases.insert("cleanup", t.elapsed().as_secs_f64());
+    let nodes_cleaned = graph.node_count();
     let targets = weight_matmuls(&graph);
     let mut sparse_report = Value::Null;
     let mut masks = HashMap::new();
@@ -265,7 +375,8 @@ pub fn compile(
         masks = c.masks;
     }
     let t = Instant::now();
-    let more = PassManager::new(registry)
+    let pack = PassManager::new(registry)
+        .named("pack")
         .with_pass(HybridMatMulRewrite {
             masks,
             progress: options.progress.clone().map(|p| -> patch_passes::Progress {
@@ -273,11 +384,36 @@ pub fn compile(
             }),
             ..HybridMatMulRewrite::dense(options.tile, options.weights)
         })
-        .with_pass(DeadCodeElimination)
-        .run(&mut graph)
-        .map_err(Box::new)?;
-    changed.extend(more);
+        .with_pass(DeadCodeElimination);
+    if let Some(stopped) = stage(pack, &mut graph)? {
+        return Ok(stopped);
+    }
     phases.insert("pack", t.elapsed().as_secs_f64());
+    let nodes_packed = graph.node_count();
+
+    let mut fusion_report = Value::Null;
+    if options.fuse {
+        let t = Instant::now();
+        report_phase("fuse", 0, 1);
+        let fuse = Fuse::new(FuseLimits::default());
+        let handle = fuse.report_handle();
+        if let Some(stopped) = stage(fusion_pipeline(registry, fuse), &mut graph)? {
+            return Ok(stopped);
+        }
+        let r = handle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let limits = FuseLimits::default();
+        fusion_report = json!({
+            "fused": r.fused.iter().map(|(k, n)| json!({"op": k, "count": n})).collect::<Vec<_>>(),
+            "skipped": r.skipped.iter().map(|(k, n)| json!({"reason": k, "count": n})).collect::<Vec<_>>(),
+            "runner": {
+                "stop_reason": r.stop_reason, "iterations": r.iterations,
+                "egraph_nodes": r.egraph_nodes, "egraph_classes": r.egraph_classes,
+                "limits": {"iterations": limits.iterations, "nodes": limits.nodes, "seconds": limits.time.as_secs_f64()},
+            },
+        });
+        phases.insert("fuse", t.elapsed().as_secs_f64());
+    }
+    let dumps = dumper.borrow().written.clone();
 
     let rewritten: Vec<_> = targets.iter().filter(|t| t.rewritable).collect();
     let kept: Vec<_> = targets.iter().filter(|t| !t.rewritable).collect();
@@ -286,8 +422,14 @@ pub fn compile(
         "sparsity": s,
         "weights": patch_runtime::ops::hybrid::dtype_name(options.weights),
         "tile": [options.tile.k, options.tile.n],
-        "nodes": { "imported": nodes_imported, "final": graph.node_count() },
-        "passes_changed": changed,
+        "nodes": {
+            "imported": nodes_imported,
+            "after_cleanup": nodes_cleaned,
+            "after_pack": nodes_packed,
+            "final": graph.node_count(),
+        },
+        "passes": runs_json(&runs),
+        "fusion": fusion_report,
         "parameters": parameters,
         "weight_matmuls": targets.len(),
         "hybrid_matmuls": rewritten.len(),
@@ -319,5 +461,9 @@ pub fn compile(
     )?;
     let mut report = report;
     report["phase_seconds"]["write"] = json!(t.elapsed().as_secs_f64());
-    Ok(CompileReport { json: report })
+    Ok(CompileReport {
+        json: report,
+        stopped_after: None,
+        dumps,
+    })
 }

@@ -1,8 +1,12 @@
-//! Graph passes behind one [`Pass`] trait, and the [`PassManager`] that runs them and calls
-//! the verifier after every pass, with the pass name in any error.
+//! Graph passes behind one [`Pass`] trait (one pass per file), and the [`PassManager`] that
+//! runs a named pipeline of them once or to a fixpoint, calls the verifier after every pass
+//! (the pass name in any error) and lets a caller observe the IR after any pass or stop there.
 
 pub mod calibration;
+pub mod canonicalize;
 pub mod dce;
+pub mod fold;
+pub mod fuse;
 pub mod hybrid;
 pub mod masks;
 
@@ -40,18 +44,95 @@ pub trait Pass {
     fn run(&self, graph: &mut Graph, registry: &OpRegistry) -> Result<bool, RuntimeError>;
 }
 
-/// Runs passes in order, verifying the graph after each.
+/// The pipeline that simplifies an imported graph, to a fixpoint: constant folding,
+/// canonicalization, dead-code elimination.
+pub fn cleanup_pipeline(registry: &OpRegistry) -> PassManager<'_> {
+    PassManager::new(registry)
+        .named("cleanup")
+        .with_pass(fold::ConstantFolding::default())
+        .with_pass(canonicalize::Canonicalize)
+        .with_pass(dce::DeadCodeElimination)
+        .to_fixpoint(8)
+}
+
+/// The fusion pipeline: e-graph fusion, then dead-code elimination of what it absorbed.
+/// `fuse` is passed in so the caller keeps its report handle.
+pub fn fusion_pipeline(registry: &OpRegistry, fuse: fuse::Fuse) -> PassManager<'_> {
+    PassManager::new(registry)
+        .named("fuse")
+        .with_pass(fuse)
+        .with_pass(dce::DeadCodeElimination)
+}
+
+/// What one run of one pass did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassRun {
+    pub pipeline: &'static str,
+    pub pass: &'static str,
+    /// 1-based round of the pipeline.
+    pub round: usize,
+    pub changed: bool,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub seconds: f64,
+}
+
+/// What a pipeline did: every pass run in order, and how it ended.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineOutcome {
+    pub runs: Vec<PassRun>,
+    /// Rounds run (a round runs every pass once).
+    pub rounds: usize,
+    /// The last round changed nothing (a pipeline that runs once reaches it only when its one
+    /// round changed nothing).
+    pub fixpoint: bool,
+    /// The pipeline ended early because of [`PassManager::stop_after`].
+    pub stopped: bool,
+}
+
+impl PipelineOutcome {
+    /// Names of the passes that changed the graph, in order, each once.
+    pub fn changed(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        for r in self.runs.iter().filter(|r| r.changed) {
+            if !names.contains(&r.pass) {
+                names.push(r.pass);
+            }
+        }
+        names
+    }
+}
+
+/// Called after every pass run with the run and the graph it left.
+pub type PassObserver<'o> = Box<dyn FnMut(&PassRun, &Graph) + 'o>;
+
+/// A named pipeline of passes, run once or to a fixpoint, with the verifier after every pass
+/// (its error names the pass), an observer for `--dump-after`, and `--stop-after`.
 pub struct PassManager<'r> {
     registry: &'r OpRegistry,
+    name: &'static str,
     passes: Vec<Box<dyn Pass>>,
+    max_rounds: usize,
+    observer: Option<PassObserver<'r>>,
+    stop_after: Option<String>,
 }
 
 impl<'r> PassManager<'r> {
+    /// An empty pipeline named "passes" that runs its passes once.
     pub fn new(registry: &'r OpRegistry) -> PassManager<'r> {
         PassManager {
             registry,
+            name: "passes",
             passes: Vec::new(),
+            max_rounds: 1,
+            observer: None,
+            stop_after: None,
         }
+    }
+
+    pub fn named(mut self, pipeline: &'static str) -> Self {
+        self.name = pipeline;
+        self
     }
 
     pub fn with_pass(mut self, pass: impl Pass + 'static) -> Self {
@@ -59,26 +140,72 @@ impl<'r> PassManager<'r> {
         self
     }
 
-    /// Runs every pass once; returns the names of those that changed the graph.
-    pub fn run(&self, graph: &mut Graph) -> Result<Vec<&'static str>, PassError> {
-        let mut changed = Vec::new();
-        for pass in &self.passes {
-            let did = pass
-                .run(graph, self.registry)
-                .map_err(|source| PassError::Failed {
-                    pass: pass.name().into(),
-                    source,
-                })?;
-            graph
-                .verify(self.registry)
-                .map_err(|source| PassError::Verify {
-                    pass: pass.name().into(),
-                    source,
-                })?;
-            if did {
-                changed.push(pass.name());
+    /// Repeats the whole pipeline until a round changes nothing, at most `max_rounds` times.
+    pub fn to_fixpoint(mut self, max_rounds: usize) -> Self {
+        self.max_rounds = max_rounds.max(1);
+        self
+    }
+
+    pub fn observe(mut self, observer: PassObserver<'r>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Ends the pipeline right after the first run of the pass named `pass`.
+    pub fn stop_after(mut self, pass: Option<String>) -> Self {
+        self.stop_after = pass;
+        self
+    }
+
+    /// Names of the passes in this pipeline.
+    pub fn pass_names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+
+    pub fn run(&mut self, graph: &mut Graph) -> Result<PipelineOutcome, PassError> {
+        let mut outcome = PipelineOutcome::default();
+        for round in 1..=self.max_rounds {
+            outcome.rounds = round;
+            let mut any = false;
+            for pass in &self.passes {
+                let nodes_before = graph.node_count();
+                let t = std::time::Instant::now();
+                let changed =
+                    pass.run(graph, self.registry)
+                        .map_err(|source| PassError::Failed {
+                            pass: pass.name().into(),
+                            source,
+                        })?;
+                graph
+                    .verify(self.registry)
+                    .map_err(|source| PassError::Verify {
+                        pass: pass.name().into(),
+                        source,
+                    })?;
+                let run = PassRun {
+                    pipeline: self.name,
+                    pass: pass.name(),
+                    round,
+                    changed,
+                    nodes_before,
+                    nodes_after: graph.node_count(),
+                    seconds: t.elapsed().as_secs_f64(),
+                };
+                if let Some(observe) = self.observer.as_mut() {
+                    observe(&run, graph);
+                }
+                outcome.runs.push(run);
+                any |= changed;
+                if self.stop_after.as_deref() == Some(pass.name()) {
+                    outcome.stopped = true;
+                    return Ok(outcome);
+                }
+            }
+            if !any {
+                outcome.fixpoint = true;
+                return Ok(outcome);
             }
         }
-        Ok(changed)
+        Ok(outcome)
     }
 }

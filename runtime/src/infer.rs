@@ -26,7 +26,7 @@ pub fn sym_of_const(t: &Tensor) -> Option<Vec<Dim>> {
 }
 
 /// A concrete tensor for a fully constant symbolic content of the given type.
-fn tensor_of_sym(dtype: DType, shape: &[Dim], sym: &[Dim]) -> Option<Tensor> {
+pub fn tensor_of_sym(dtype: DType, shape: &[Dim], sym: &[Dim]) -> Option<Tensor> {
     let values: Option<Vec<i64>> = sym.iter().map(|d| d.as_const()).collect();
     let values = values?;
     let shape: Option<Vec<usize>> = shape

@@ -76,6 +76,18 @@ enum Command {
         /// Optimizer steps of the patch method.
         #[arg(long, default_value_t = 2000)]
         patch_steps: usize,
+        /// Skip the fusion pipeline (to compare fused and unfused bundles).
+        #[arg(long)]
+        no_fuse: bool,
+        /// Write the IR after every run of PASS to `<output>.<NN>.<pipeline>.<pass>.ir`
+        /// (repeatable or comma-separated; `all` for every pass). Passes: fold-constants,
+        /// canonicalize, dce, hybrid-matmul, fuse.
+        #[arg(long, value_name = "PASS", value_delimiter = ',')]
+        dump_after: Vec<String>,
+        /// Stop after the first run of PASS (no bundle is written); with --dump-after, to see
+        /// the IR at one stage.
+        #[arg(long, value_name = "PASS")]
+        stop_after: Option<String>,
     },
     /// List the ops the importer and interpreter support.
     ListOps,
@@ -125,6 +137,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             update_weights,
             patch_steps,
             calib_cache,
+            no_fuse,
+            dump_after,
+            stop_after,
         } => {
             // Hidden automatically when stderr is not a terminal.
             let bar = indicatif::ProgressBar::new(1);
@@ -154,6 +169,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         ..PatchOptions::default()
                     },
                 },
+                fuse: !no_fuse,
+                dump_after,
+                stop_after,
                 progress: Some(std::sync::Arc::new(move |phase: &str, done, total| {
                     shown.set_message(phase.to_string());
                     shown.set_length(total as u64);
@@ -164,6 +182,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = pipeline::compile(&options, &registry);
             bar.finish_and_clear();
             let report = report?;
+            for path in &report.dumps {
+                eprintln!("IR written to {}", path.display());
+            }
+            if let Some(pass) = &report.stopped_after {
+                eprintln!("stopped after pass `{pass}` (--stop-after); no bundle written");
+                return Ok(());
+            }
             let r = &report.json;
             eprintln!(
                 "compiled {} nodes ({} imported), {} parameters, {} weight matmuls -> {}",
@@ -183,6 +208,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     sp["achieved_sparsity"].as_f64().unwrap_or(0.0),
                     sp["target_sparsity"],
                     sp["tile_map_svg"].as_str().unwrap_or("?")
+                );
+            }
+            if let Some(f) = r["fusion"].as_object() {
+                eprintln!(
+                    "fusion: {} (e-graph {} nodes, {} iterations, {}); nodes {} imported -> {} cleaned -> {} final",
+                    f["fused"],
+                    f["runner"]["egraph_nodes"],
+                    f["runner"]["iterations"],
+                    f["runner"]["stop_reason"].as_str().unwrap_or("?"),
+                    r["nodes"]["imported"],
+                    r["nodes"]["after_cleanup"],
+                    r["nodes"]["final"],
                 );
             }
             eprintln!("phase seconds: {}", r["phase_seconds"]);

@@ -485,6 +485,72 @@ impl Graph {
         Ok(())
     }
 
+    /// Replaces node `id` by constants: its output `i` becomes `values[i]`, which must have the
+    /// output's recorded type; the node is removed. Used by constant folding.
+    pub fn fold_node(&mut self, id: NodeId, values: Vec<Tensor>) -> Result<(), RuntimeError> {
+        let node = self.node(id);
+        let name = node.name.clone();
+        let outputs = node.outputs.clone();
+        if values.len() != outputs.len() {
+            return Err(RuntimeError::Verify(format!(
+                "folding node `{name}`: {} values for {} outputs",
+                values.len(),
+                outputs.len()
+            )));
+        }
+        for (out, t) in outputs.iter().zip(&values) {
+            let ty = &self.value(*out).ty;
+            let same_shape = ty.shape.len() == t.rank()
+                && ty
+                    .shape
+                    .iter()
+                    .zip(t.shape())
+                    .all(|(d, &n)| d.as_const() == Some(n as i64));
+            if ty.dtype != t.dtype() || !same_shape {
+                return Err(RuntimeError::Verify(format!(
+                    "folding node `{name}`: output `{}` is {ty} but the folded value is {}{:?}",
+                    self.value(*out).name,
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+        }
+        for (out, t) in outputs.into_iter().zip(values) {
+            let t = if t.bytes().len() <= SMALL_CONST_BYTES {
+                t.to_aligned()
+            } else {
+                t
+            };
+            let v = self.value_mut(out);
+            v.sym = infer::sym_of_const(&t);
+            v.def = Def::Const(t);
+        }
+        self.remove_node(id);
+        Ok(())
+    }
+
+    /// Makes every node input and graph output that reads `old` read `new` instead; returns
+    /// how many uses moved. `new` must be defined before every user of `old` (a graph input,
+    /// a constant, or a value computed before `old`'s producer).
+    pub fn replace_uses(&mut self, old: ValueId, new: ValueId) -> usize {
+        let mut moved = 0;
+        for node in self.nodes.iter_mut().flatten() {
+            for input in node.inputs.iter_mut().flatten() {
+                if *input == old {
+                    *input = new;
+                    moved += 1;
+                }
+            }
+        }
+        for (out, _) in self.outputs.iter_mut() {
+            if *out == old {
+                *out = new;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// Detaches every constant that no node and no graph output uses (see [`Def::Detached`]);
     /// returns how many.
     pub fn detach_unused_consts(&mut self) -> usize {

@@ -73,6 +73,7 @@ macro_rules! numeric_or_half_dispatch {
 }
 
 pub mod elementwise;
+pub mod fused;
 pub mod hybrid;
 pub mod indexing;
 pub mod linalg;
@@ -191,6 +192,7 @@ impl OpRegistry {
     pub fn onnx() -> OpRegistry {
         let mut r = OpRegistry::empty();
         elementwise::register(&mut r);
+        fused::register(&mut r);
         hybrid::register(&mut r);
         linalg::register(&mut r);
         norm::register(&mut r);

@@ -1,6 +1,5 @@
 //! Normalizations over the trailing axes: `LayerNormalization` (opset 17) and
-//! `RMSNormalization` (opset 23, also registered as `patch.RMSNorm` at any opset of the
-//! `patch` domain for fusion passes).
+//! `RMSNormalization` (opset 23). The fusion passes' `patch.RMSNorm` lives in `fused.rs`.
 //!
 //! Both normalize each row `X[i, axis..]` (the input viewed as `[outer, inner]` with
 //! `outer = prod(shape[..axis])`) with f64 statistics and f64 arithmetic, then round to the
@@ -24,9 +23,6 @@ pub fn register(r: &mut OpRegistry) {
         Ok(Arc::new(Norm::from_attrs(attrs, NormKind::Layer)?))
     });
     r.register("", "RMSNormalization", 23, |attrs, _| {
-        Ok(Arc::new(Norm::from_attrs(attrs, NormKind::Rms)?))
-    });
-    r.register("patch", "RMSNorm", 1, |attrs, _| {
         Ok(Arc::new(Norm::from_attrs(attrs, NormKind::Rms)?))
     });
 }
@@ -419,7 +415,7 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_matches_onnx_runtime_and_registers_in_both_domains() {
+    fn rms_norm_matches_onnx_runtime() {
         let mut r = OpRegistry::empty();
         register(&mut r);
         let attrs = Attrs::new()
@@ -427,10 +423,8 @@ mod tests {
             .with("epsilon", Attr::Float(1e-3));
         assert!(r.build("", "RMSNormalization", 22, &attrs, "n").is_err());
         let (x, s) = ort_case();
-        for op in [
-            r.build("", "RMSNormalization", 23, &attrs, "n").unwrap(),
-            r.build("patch", "RMSNorm", 1, &attrs, "n").unwrap(),
-        ] {
+        {
+            let op = r.build("", "RMSNormalization", 23, &attrs, "n").unwrap();
             let out = op.eval(&[Some(&x), Some(&s)]).unwrap();
             assert_eq!(out.len(), 1);
             assert_eq!(out[0].shape(), &[2, 3, 4]);
@@ -448,7 +442,7 @@ mod tests {
             );
             assert!(op.eval(&[Some(&x), Some(&s), Some(&s)]).is_err());
         }
-        let op = r.build("patch", "RMSNorm", 1, &Attrs::new(), "n").unwrap();
+        let op = r.build("", "RMSNormalization", 23, &Attrs::new(), "n").unwrap();
         // Y takes the scale's type, which may differ from X's.
         let xt = TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::constant(64)]);
         let st = TensorType::new(DType::F16, vec![Dim::constant(64)]);

@@ -1,0 +1,308 @@
+//! Fused ops the fusion pass (`passes/src/fuse/`) produces, in the `patch` domain:
+//!
+//! * `patch.RMSNorm(X, scale?) {epsilon, axis = -1}`: `X / sqrt(mean(X², last axis) + eps) ·
+//!   scale`, the mean accumulated in f64 (the unfused graph accumulates in f32; the two agree to
+//!   f32 rounding).
+//! * `patch.Silu(X)`: `X · sigmoid(X)`.
+//! * `patch.SwiGLU(G, U)`: `G · sigmoid(G) · U`, G and U of one shape.
+//!
+//! All take and return f32 (the pass only fuses f32 subgraphs) and split rows over the kernels'
+//! thread pool when the tensor is large enough to pay for the wake-up.
+
+use std::sync::{Arc, Mutex};
+
+use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use crate::dtype::DType;
+use crate::ir::{Attrs, TensorType};
+use crate::tensor::Tensor;
+
+pub fn register(r: &mut OpRegistry) {
+    r.register("patch", "RMSNorm", 1, |attrs, _| {
+        Ok(Arc::new(RmsNorm::from_attrs(attrs)?))
+    });
+    r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
+    r.register("patch", "SwiGLU", 1, |_, _| Ok(Arc::new(SwiGlu)));
+}
+
+/// Elements from which a fused op splits its rows over the thread pool.
+const PARALLEL_MIN: usize = 1 << 15;
+
+fn tensor_err(e: crate::RuntimeError) -> OpError {
+    OpError::Invalid(e.to_string())
+}
+
+fn require_f32(op: &str, what: &str, ty: &TensorType) -> Result<(), OpError> {
+    if ty.dtype == DType::F32 {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(format!(
+            "{op}: {what} must be f32, got {}",
+            ty.dtype
+        )))
+    }
+}
+
+/// Runs `row(index, out_row)` for every `width`-wide row of `out`, on the kernels' pool when
+/// `out` is large. `row` must depend only on its arguments (rows are independent).
+fn for_each_row(out: &mut [f32], width: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let rows = out.len().checked_div(width).unwrap_or(0);
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && out.len() >= PARALLEL_MIN);
+    let Some(pool) = pool else {
+        for (r, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
+            row(r, o);
+        }
+        return;
+    };
+    let parts = pool.threads();
+    let chunks: Vec<Mutex<&mut [f32]>> = {
+        let mut rest: &mut [f32] = out;
+        let mut v = Vec::with_capacity(parts);
+        for t in 0..parts {
+            let take = (rows * (t + 1) / parts - rows * t / parts) * width;
+            let (head, tail) = rest.split_at_mut(take);
+            v.push(Mutex::new(head));
+            rest = tail;
+        }
+        v
+    };
+    pool.run_on_threads(&|t| {
+        let r0 = rows * t / parts;
+        let mut dst = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
+        for (k, o) in dst.chunks_exact_mut(width).enumerate() {
+            row(r0 + k, o);
+        }
+    });
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `patch.RMSNorm`: normalizes over the last axis.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub epsilon: f32,
+}
+
+impl RmsNorm {
+    pub fn from_attrs(attrs: &Attrs) -> Result<RmsNorm, OpError> {
+        let axis = attrs.int_or("axis", -1)?;
+        if axis != -1 {
+            return Err(OpError::Invalid(format!(
+                "patch.RMSNorm normalizes the last axis only (axis -1), got axis {axis}"
+            )));
+        }
+        let epsilon = attrs.float_or("epsilon", 1e-5)?;
+        if !(epsilon >= 0.0) {
+            return Err(OpError::Invalid(format!(
+                "patch.RMSNorm: epsilon must be a non-negative number, got {epsilon}"
+            )));
+        }
+        Ok(RmsNorm { epsilon })
+    }
+}
+
+impl Op for RmsNorm {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 1, 2)?;
+        let x = req(inputs, 0)?;
+        require_f32("patch.RMSNorm", "X", x.ty)?;
+        let Some(last) = x.ty.shape.last() else {
+            return Err(OpError::Invalid(
+                "patch.RMSNorm: X must have rank ≥ 1".into(),
+            ));
+        };
+        if let Some(s) = opt(inputs, 1) {
+            require_f32("patch.RMSNorm", "scale", s.ty)?;
+            if s.ty.shape.as_slice() != std::slice::from_ref(last) {
+                return Err(OpError::Invalid(format!(
+                    "patch.RMSNorm: scale must have shape [{last}] (X's last axis), got {}",
+                    s.ty
+                )));
+            }
+        }
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 1, 2)?;
+        let xt = req(inputs, 0)?;
+        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
+        let width = *xt.shape().last().unwrap_or(&1);
+        let scale = opt(inputs, 1)
+            .map(|s| s.as_slice::<f32>().map_err(tensor_err))
+            .transpose()?;
+        if scale.is_some_and(|s| s.len() != width) {
+            return Err(OpError::Invalid(format!(
+                "patch.RMSNorm: scale has {} elements, X's last axis {width}",
+                scale.map_or(0, |s| s.len())
+            )));
+        }
+        let eps = self.epsilon as f64;
+        let mut out = vec![0f32; x.len()];
+        for_each_row(&mut out, width, &|r, o| {
+            let src = &x[r * width..(r + 1) * width];
+            let ss: f64 = src.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let inv = (1.0 / (ss / width as f64 + eps).sqrt()) as f32;
+            match scale {
+                Some(w) => {
+                    for ((d, &v), &g) in o.iter_mut().zip(src).zip(w) {
+                        *d = g * (v * inv);
+                    }
+                }
+                None => {
+                    for (d, &v) in o.iter_mut().zip(src) {
+                        *d = v * inv;
+                    }
+                }
+            }
+        });
+        Ok(vec![Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?])
+    }
+}
+
+/// `patch.Silu`: `x · sigmoid(x)`.
+#[derive(Debug)]
+pub struct Silu;
+
+impl Op for Silu {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 1, 1)?;
+        let x = req(inputs, 0)?;
+        require_f32("patch.Silu", "X", x.ty)?;
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 1, 1)?;
+        let xt = req(inputs, 0)?;
+        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
+        let width = *xt.shape().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        for_each_row(&mut out, width.max(1), &|r, o| {
+            let src = &x[r * o.len()..(r + 1) * o.len()];
+            for (d, &v) in o.iter_mut().zip(src) {
+                *d = silu(v);
+            }
+        });
+        Ok(vec![Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?])
+    }
+}
+
+/// `patch.SwiGLU`: `silu(g) · u` for G and U of the same shape.
+#[derive(Debug)]
+pub struct SwiGlu;
+
+impl Op for SwiGlu {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 2, 2)?;
+        let g = req(inputs, 0)?;
+        let u = req(inputs, 1)?;
+        require_f32("patch.SwiGLU", "G", g.ty)?;
+        require_f32("patch.SwiGLU", "U", u.ty)?;
+        if g.ty.shape != u.ty.shape {
+            return Err(OpError::Invalid(format!(
+                "patch.SwiGLU: G {} and U {} must have the same shape",
+                g.ty, u.ty
+            )));
+        }
+        Ok(vec![OutputFact::new(g.ty.clone())])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 2, 2)?;
+        let (gt, ut) = (req(inputs, 0)?, req(inputs, 1)?);
+        if gt.shape() != ut.shape() {
+            return Err(OpError::Invalid(format!(
+                "patch.SwiGLU: G {:?} and U {:?} must have the same shape",
+                gt.shape(),
+                ut.shape()
+            )));
+        }
+        let g = gt.as_slice::<f32>().map_err(tensor_err)?;
+        let u = ut.as_slice::<f32>().map_err(tensor_err)?;
+        let width = *gt.shape().last().unwrap_or(&1);
+        let mut out = vec![0f32; g.len()];
+        for_each_row(&mut out, width.max(1), &|r, o| {
+            let w = o.len();
+            let (gs, us) = (&g[r * w..(r + 1) * w], &u[r * w..(r + 1) * w]);
+            for ((d, &a), &b) in o.iter_mut().zip(gs).zip(us) {
+                *d = silu(a) * b;
+            }
+        });
+        Ok(vec![Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Attr;
+    use rand::{Rng, SeedableRng};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        Tensor::from_vec(shape.to_vec(), v).unwrap()
+    }
+
+    fn close(got: &Tensor, want: &[f64], tol: f64) {
+        let g = got.as_slice::<f32>().unwrap();
+        assert_eq!(g.len(), want.len());
+        for (i, (&a, &b)) in g.iter().zip(want).enumerate() {
+            assert!(
+                (a as f64 - b).abs() <= tol * (1.0 + b.abs()),
+                "at {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    /// Against the ONNX `RMSNormalization` op (itself checked against ONNX Runtime in
+    /// `norm.rs`), on ragged row widths and enough rows to take the threaded path.
+    #[test]
+    fn rms_norm_matches_onnx_rms_normalization() {
+        let r = OpRegistry::onnx();
+        for (shape, eps) in [(vec![3usize, 7], 1e-5f32), (vec![2, 300, 129], 1e-6)] {
+            let attrs = Attrs::new()
+                .with("axis", Attr::Int(-1))
+                .with("epsilon", Attr::Float(eps));
+            let x = random(&shape, 1);
+            let w = random(&shape[shape.len() - 1..], 2);
+            let want = r
+                .build("", "RMSNormalization", 23, &attrs, "ref")
+                .unwrap()
+                .eval(&[Some(&x), Some(&w)])
+                .unwrap();
+            let want = want[0].to_f64_vec().unwrap();
+            let fused = r.build("patch", "RMSNorm", 1, &attrs, "f").unwrap();
+            let got = fused.eval(&[Some(&x), Some(&w)]).unwrap();
+            close(&got[0], &want, 1e-6);
+        }
+        let bad = Attrs::new().with("axis", Attr::Int(1));
+        assert!(r.build("patch", "RMSNorm", 1, &bad, "f").is_err());
+    }
+
+    #[test]
+    fn silu_and_swiglu_match_their_definitions() {
+        let r = OpRegistry::onnx();
+        let g = random(&[5, 300, 33], 3);
+        let u = random(&[5, 300, 33], 4);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let gv = g.to_f64_vec().unwrap();
+        let uv = u.to_f64_vec().unwrap();
+        let silu = r.build("patch", "Silu", 1, &Attrs::new(), "s").unwrap();
+        let got = silu.eval(&[Some(&g)]).unwrap();
+        let want: Vec<f64> = gv.iter().map(|&x| x * sig(x)).collect();
+        close(&got[0], &want, 1e-6);
+        let swiglu = r.build("patch", "SwiGLU", 1, &Attrs::new(), "g").unwrap();
+        let got = swiglu.eval(&[Some(&g), Some(&u)]).unwrap();
+        let want: Vec<f64> = gv.iter().zip(&uv).map(|(&a, &b)| a * sig(a) * b).collect();
+        close(&got[0], &want, 1e-6);
+        let other = random(&[5, 300, 32], 5);
+        assert!(swiglu.eval(&[Some(&g), Some(&other)]).is_err());
+    }
+}
