@@ -58,21 +58,28 @@ fn optimized_fixtures_match_unoptimized_and_onnx_runtime() {
 }
 
 /// Every LLaMA-family layout (2 layers): 2 norms per layer plus the final one, one gated MLP
-/// per layer, and nothing of the unfused forms left. GPT-2 (LayerNorm, GELU) has none.
+/// and one attention per layer, and nothing of the unfused forms left. GPT-2 (LayerNorm,
+/// GELU, its own attention layout) has none.
 #[test]
 fn fusion_recognizes_every_exporter_layout() {
     for name in FIXTURES {
         let mut graph = import_fixture(name);
         let (_, report) = optimize(&mut graph);
-        let (norms, mlps) = (count(&graph, "RMSNorm"), count(&graph, "SwiGLU"));
-        println!("{name}: {norms} RMSNorm, {mlps} SwiGLU, report {report:?}");
+        let found = (
+            count(&graph, "RMSNorm"),
+            count(&graph, "SwiGLU"),
+            count(&graph, "Attention"),
+        );
+        println!("{name}: {found:?} (RMSNorm, SwiGLU, Attention), report {report:?}");
         if name == "gpt2" {
-            assert_eq!((norms, mlps), (0, 0), "{name}");
+            assert_eq!(found, (0, 0, 0), "{name}");
             continue;
         }
-        assert_eq!((norms, mlps), (5, 2), "{name}: {report:?}");
-        assert_eq!(count(&graph, "Sigmoid"), 0, "{name}: a Sigmoid survived");
-        assert_eq!(count(&graph, "ReduceMean"), 0, "{name}: a ReduceMean survived");
+        assert_eq!(found, (5, 2, 2), "{name}: {report:?}");
+        assert!(report.skipped.is_empty(), "{name}: {report:?}");
+        for gone in ["Sigmoid", "ReduceMean", "Softmax", "IsNaN"] {
+            assert_eq!(count(&graph, gone), 0, "{name}: a {gone} survived");
+        }
         assert_eq!(report.stop_reason, "Saturated", "{name}");
     }
 }

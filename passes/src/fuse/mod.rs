@@ -93,6 +93,7 @@ pub enum FusedOp {
     RmsNorm { epsilon: f32 },
     Silu,
     SwiGlu,
+    Attention { scale: f32 },
 }
 
 impl FusedOp {
@@ -104,6 +105,7 @@ impl FusedOp {
             FusedOp::RmsNorm { epsilon } => format!("patch.RMSNorm{{epsilon={epsilon:e}}}"),
             FusedOp::Silu => "patch.Silu".into(),
             FusedOp::SwiGlu => "patch.SwiGLU".into(),
+            FusedOp::Attention { scale } => format!("patch.Attention{{scale={scale:e}}}"),
         }
     }
 
@@ -114,6 +116,12 @@ impl FusedOp {
             .and_then(|r| r.strip_suffix('}'))
         {
             return eps.parse().ok().map(|epsilon| FusedOp::RmsNorm { epsilon });
+        }
+        if let Some(scale) = rest
+            .strip_prefix("Attention{scale=")
+            .and_then(|r| r.strip_suffix('}'))
+        {
+            return scale.parse().ok().map(|scale| FusedOp::Attention { scale });
         }
         match rest {
             "Silu" => Some(FusedOp::Silu),
@@ -127,6 +135,7 @@ impl FusedOp {
             FusedOp::RmsNorm { .. } => "RMSNorm",
             FusedOp::Silu => "Silu",
             FusedOp::SwiGlu => "SwiGLU",
+            FusedOp::Attention { .. } => "Attention",
         }
     }
 
@@ -135,6 +144,7 @@ impl FusedOp {
             FusedOp::RmsNorm { epsilon } => Attrs::new()
                 .with("axis", Attr::Int(-1))
                 .with("epsilon", Attr::Float(*epsilon)),
+            FusedOp::Attention { scale } => Attrs::new().with("scale", Attr::Float(*scale)),
             FusedOp::Silu | FusedOp::SwiGlu => Attrs::new(),
         }
     }
@@ -275,6 +285,36 @@ fn absorbed_nodes(
 
 type Users = HashMap<ValueId, Vec<NodeId>>;
 
+/// Shape conditions the patterns cannot state: an absorbed `Expand` only repeats along a new
+/// unit axis (`[b, hk, 1, t, d] → [b, hk, R, t, d]`, repeat_kv), and an absorbed `Reshape`
+/// keeps the last two dimensions (it only merges or splits the leading ones).
+fn shapes_fit(graph: &Graph, inner: &[NodeId]) -> bool {
+    let shape_of = |v: Option<&Option<ValueId>>| v.and_then(|v| v.map(|v| &graph.value(v).ty.shape));
+    inner.iter().all(|&n| {
+        let node = graph.node(n);
+        let (Some(input), Some(output)) = (
+            shape_of(node.inputs.first()),
+            node.outputs.first().map(|v| &graph.value(*v).ty.shape),
+        ) else {
+            return true;
+        };
+        match node.op_type.as_str() {
+            "Expand" => {
+                input.len() == 5
+                    && output.len() == 5
+                    && input[2].as_const() == Some(1)
+                    && (0..5).all(|i| i == 2 || input[i] == output[i])
+            }
+            "Reshape" => {
+                input.len() >= 2
+                    && output.len() >= 2
+                    && input[input.len() - 2..] == output[output.len() - 2..]
+            }
+            _ => true,
+        }
+    })
+}
+
 impl Fuse {
     /// Checks replacing node `root` by the fused e-node `enode`: every input must be an
     /// existing value, and the nodes it absorbs (at least one, at most 64) must be used by
@@ -316,6 +356,9 @@ impl Fuse {
         });
         if escapes {
             return Err("an absorbed value is used elsewhere");
+        }
+        if !shapes_fit(graph, &inner) {
+            return Err("an absorbed reshape or expand is not the layout change the rule means");
         }
         Ok((inputs, inner))
     }
@@ -387,6 +430,7 @@ impl Pass for Fuse {
             let node = graph.node(id);
             let class = egraph.find(class_of[&out]);
             let mut best: Option<(FusedOp, Vec<ValueId>, Vec<NodeId>)> = None;
+            let mut reasons = Vec::new();
             for enode in &egraph[class].nodes {
                 let Some(fused) = FusedOp::parse(enode.op.as_str()) else {
                     continue;
@@ -400,12 +444,20 @@ impl Pass for Fuse {
                             best = Some((fused, inputs, inner));
                         }
                     }
-                    Err(reason) => bump(&mut report.skipped, reason),
+                    Err(reason) => reasons.push(reason),
                 }
             }
-            if let Some((fused, inputs, inner)) = best {
-                absorbed.extend(inner);
-                replacements.push((id, fused, inputs));
+            match best {
+                Some((fused, inputs, inner)) => {
+                    absorbed.extend(inner);
+                    replacements.push((id, fused, inputs));
+                }
+                // Counted only when no fused form of the node could be used.
+                None => {
+                    if let Some(reason) = reasons.first() {
+                        bump(&mut report.skipped, reason);
+                    }
+                }
             }
         }
         let mut changed = false;

@@ -21,12 +21,26 @@ fn var(s: &str) -> Var {
         .unwrap_or_else(|e| panic!("fusion rule variable {s:?}: {e}"))
 }
 
-/// Adds `op(inputs...)` to the matched e-class; an RMSNorm takes its epsilon from the
-/// constant bound to `eps`.
+/// Where a fused op's attribute comes from: the constants a rule matched.
+#[derive(Clone, Copy)]
+enum AttrFrom {
+    None,
+    /// RMSNorm epsilon: the constant itself (≥ 0).
+    Epsilon(Var),
+    /// Attention scale: the product of the two constants.
+    Product(Var, Var),
+    /// Attention scale: the constant.
+    Value(Var),
+    /// Attention scale: one over the constant.
+    Reciprocal(Var),
+}
+
+/// Adds `op(inputs...)` to the matched e-class, its attribute read from matched constants
+/// (a match whose constant is missing or out of range is not rewritten).
 struct Build {
     op: FusedOp,
     inputs: Vec<Var>,
-    eps: Option<Var>,
+    attr: AttrFrom,
 }
 
 /// The value of the constant leaf in e-class `id`, if it has one.
@@ -48,11 +62,31 @@ impl Applier<SymbolLang, ()> for Build {
         _rule_name: Symbol,
     ) -> Vec<Id> {
         let mut op = self.op.clone();
-        if let (FusedOp::RmsNorm { epsilon }, Some(eps)) = (&mut op, self.eps) {
-            match constant(egraph, subst[eps]) {
-                Some(e) if e >= 0.0 => *epsilon = e as f32,
+        let c = |v: Var| constant(egraph, subst[v]);
+        let value = match self.attr {
+            AttrFrom::None => None,
+            AttrFrom::Epsilon(e) => match c(e) {
+                Some(e) if e >= 0.0 => Some(e),
                 _ => return Vec::new(),
-            }
+            },
+            AttrFrom::Product(a, b) => match (c(a), c(b)) {
+                (Some(a), Some(b)) => Some(a * b),
+                _ => return Vec::new(),
+            },
+            AttrFrom::Value(a) => match c(a) {
+                Some(a) => Some(a),
+                None => return Vec::new(),
+            },
+            AttrFrom::Reciprocal(a) => match c(a) {
+                Some(a) if a != 0.0 => Some(1.0 / a),
+                _ => return Vec::new(),
+            },
+        };
+        match (&mut op, value) {
+            (FusedOp::RmsNorm { epsilon }, Some(v)) => *epsilon = v as f32,
+            (FusedOp::Attention { scale }, Some(v)) if v.is_finite() => *scale = v as f32,
+            (FusedOp::Attention { .. }, _) => return Vec::new(),
+            _ => {}
         }
         let children = self.inputs.iter().map(|v| subst[*v]).collect();
         let id = egraph.add(SymbolLang::new(op.symbol(), children));
@@ -64,17 +98,22 @@ impl Applier<SymbolLang, ()> for Build {
     }
 }
 
-fn rule(name: &str, lhs: &str, op: FusedOp, inputs: &[&str], eps: Option<&str>) -> Rule {
+fn rule_with(name: &str, lhs: &str, op: FusedOp, inputs: &[&str], attr: AttrFrom) -> Rule {
     Rewrite::new(
         name,
         pattern(lhs),
         Build {
             op,
             inputs: inputs.iter().map(|v| var(v)).collect(),
-            eps: eps.map(var),
+            attr,
         },
     )
     .unwrap_or_else(|e| panic!("fusion rule {name}: {e}"))
+}
+
+fn rule(name: &str, lhs: &str, op: FusedOp, inputs: &[&str], eps: Option<&str>) -> Rule {
+    let attr = eps.map_or(AttrFrom::None, |e| AttrFrom::Epsilon(var(e)));
+    rule_with(name, lhs, op, inputs, attr)
 }
 
 /// A rewrite to an internal term (`~name`): a shared piece of several patterns that is never
@@ -156,10 +195,79 @@ pub fn activation() -> Vec<Rule> {
     ]
 }
 
+/// Scaled dot-product attention with an additive mask, grouped KV heads and the NaN-safe
+/// softmax all three exporters emit: `MatMul(Where(IsNaN(P), 0, P), V)` with
+/// `P = Softmax(scores + mask)`.
+/// * `~rep k`: `repeat_kv` — `Reshape(Expand(Unsqueeze(k, 2)))` (the fusion pass checks the
+///   Expand really repeats along the new axis);
+/// * `~kt k`: `Kᵀ` — `Transpose{perm=[0,1,3,2]}`, or the dynamo exporter's
+///   `Reshape(Transpose{perm=[0,2,1]}(Reshape(k)))`;
+/// * scores: `(q · c1) (Kᵀ · c2)` (scale split over both operands, Optimum and TorchScript),
+///   `(q Kᵀ) · c`, or `(q Kᵀ) / c`.
+pub fn attention() -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for a in [0, 1] {
+        rules.push(internal(
+            &format!("repeat-kv-{a}"),
+            &format!("(Reshape{{allowzero={a}}} (Expand (Unsqueeze ?k 2) ?e) ?r)"),
+            "(~rep ?k)",
+        ));
+        for b in [0, 1] {
+            rules.push(internal(
+                &format!("k-transpose-3d-{a}{b}"),
+                &format!(
+                    "(Reshape{{allowzero={a}}} (Transpose{{perm=[0,2,1]}} (Reshape{{allowzero={b}}} ?k ?s1)) ?s2)"
+                ),
+                "(~kt ?k)",
+            ));
+        }
+    }
+    rules.push(internal(
+        "k-transpose",
+        "(Transpose{perm=[0,1,3,2]} ?k)",
+        "(~kt ?k)",
+    ));
+    rules.push(internal(
+        "safe-softmax",
+        "(Where (IsNaN (Softmax{axis=-1} ?x)) 0 (Softmax{axis=-1} ?x))",
+        "(~safe_softmax ?x)",
+    ));
+    let att = FusedOp::Attention { scale: 1.0 };
+    for (kv_name, k, v) in [("gqa", "(~rep ?k)", "(~rep ?v)"), ("mha", "?k", "?v")] {
+        for (scale_name, scores, attr) in [
+            (
+                "split",
+                format!("(MatMul (Mul ?q ?c1) (Mul (~kt {k}) ?c2))"),
+                AttrFrom::Product(var("?c1"), var("?c2")),
+            ),
+            (
+                "mul",
+                format!("(Mul (MatMul ?q (~kt {k})) ?c)"),
+                AttrFrom::Value(var("?c")),
+            ),
+            (
+                "div",
+                format!("(Div (MatMul ?q (~kt {k})) ?c)"),
+                AttrFrom::Reciprocal(var("?c")),
+            ),
+        ] {
+            rules.push(rule_with(
+                &format!("attention-{kv_name}-{scale_name}"),
+                &format!("(MatMul (~safe_softmax (Add {scores} ?mask)) {v})"),
+                att.clone(),
+                &["?q", "?k", "?v", "?mask"],
+                attr,
+            ));
+        }
+    }
+    rules
+}
+
 /// Every rule, in topic order.
 pub fn all() -> Vec<Rule> {
     let mut rules = norm();
     rules.extend(activation());
+    rules.extend(attention());
     rules
 }
 

@@ -5,6 +5,11 @@
 //!   f32 rounding).
 //! * `patch.Silu(X)`: `X · sigmoid(X)`.
 //! * `patch.SwiGLU(G, U)`: `G · sigmoid(G) · U`, G and U of one shape.
+//! * `patch.Attention(Q, K, V, Mask?) {scale}`: `softmax(scale · Q Kᵀ + Mask) V` per head, Q
+//!   `[b, h, s, d]`, K and V `[b, hk, t, d]` with `h` a multiple of `hk` (grouped KV heads:
+//!   query head `j` reads KV head `j / (h / hk)`), Mask additive and broadcastable to
+//!   `[b, h, s, t]`. A row whose scores are all `-inf` gives zeros (the exporters' `Where(IsNaN)`
+//!   after the softmax). Keys whose mask is `-inf` are skipped, so a causal mask halves the work.
 //!
 //! All take and return f32 (the pass only fuses f32 subgraphs) and split rows over the kernels'
 //! thread pool when the tensor is large enough to pay for the wake-up.
@@ -22,6 +27,9 @@ pub fn register(r: &mut OpRegistry) {
     });
     r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
     r.register("patch", "SwiGLU", 1, |_, _| Ok(Arc::new(SwiGlu)));
+    r.register("patch", "Attention", 1, |attrs, _| {
+        Ok(Arc::new(Attention::from_attrs(attrs)?))
+    });
 }
 
 /// Elements from which a fused op splits its rows over the thread pool.
@@ -234,6 +242,178 @@ impl Op for SwiGlu {
             }
         });
         Ok(vec![Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?])
+    }
+}
+
+/// `patch.Attention`: scaled dot-product attention with grouped KV heads.
+#[derive(Debug)]
+pub struct Attention {
+    pub scale: f32,
+}
+
+impl Attention {
+    pub fn from_attrs(attrs: &Attrs) -> Result<Attention, OpError> {
+        let scale = attrs.float("scale")?.ok_or_else(|| OpError::BadAttr {
+            name: "scale".into(),
+            msg: "patch.Attention needs a scale".into(),
+        })?;
+        if !scale.is_finite() {
+            return Err(OpError::Invalid(format!(
+                "patch.Attention: scale must be finite, got {scale}"
+            )));
+        }
+        Ok(Attention { scale })
+    }
+}
+
+/// Strides (in elements) of a mask broadcast to `[b, h, s, t]`: 0 on broadcast axes.
+fn mask_strides(mask: &[usize], full: [usize; 4]) -> Result<[usize; 4], String> {
+    if mask.len() > 4 {
+        return Err(format!("mask rank {} > 4", mask.len()));
+    }
+    let mut dims = [1usize; 4];
+    dims[4 - mask.len()..].copy_from_slice(mask);
+    let mut strides = [0usize; 4];
+    let mut acc = 1;
+    for a in (0..4).rev() {
+        if dims[a] == full[a] && full[a] != 1 {
+            strides[a] = acc;
+        } else if dims[a] != 1 {
+            return Err(format!("mask {mask:?} does not broadcast to {full:?}"));
+        }
+        acc *= dims[a];
+    }
+    Ok(strides)
+}
+
+/// `Σ a[i] b[i]` in eight independent lanes (so the compiler vectorizes it).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+impl Op for Attention {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 3, 4)?;
+        let (q, k, v) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+        for (what, t) in [("Q", q.ty), ("K", k.ty), ("V", v.ty)] {
+            require_f32("patch.Attention", what, t)?;
+            if t.rank() != 4 {
+                return Err(OpError::Invalid(format!(
+                    "patch.Attention: {what} must be [batch, heads, seq, head_dim], got {}",
+                    t
+                )));
+            }
+        }
+        let (qs, ks, vs) = (&q.ty.shape, &k.ty.shape, &v.ty.shape);
+        let bad = |msg: String| Err(OpError::Invalid(format!("patch.Attention: {msg}")));
+        if qs[0] != ks[0] || ks[0] != vs[0] || ks[1] != vs[1] || ks[2] != vs[2] || qs[3] != ks[3] {
+            return bad(format!("Q {}, K {}, V {} do not fit", q.ty, k.ty, v.ty));
+        }
+        if let (Some(h), Some(hk)) = (qs[1].as_const(), ks[1].as_const()) {
+            if hk == 0 || h % hk != 0 {
+                return bad(format!("{h} query heads are not a multiple of {hk} KV heads"));
+            }
+        }
+        if let Some(m) = opt(inputs, 3) {
+            require_f32("patch.Attention", "Mask", m.ty)?;
+            if m.ty.rank() > 4 {
+                return bad(format!("Mask {} has rank > 4", m.ty));
+            }
+        }
+        let mut shape = qs.clone();
+        shape[3] = vs[3].clone();
+        Ok(vec![OutputFact::new(TensorType::new(DType::F32, shape))])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 3, 4)?;
+        let (qt, kt, vt) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+        let bad = |msg: String| OpError::Invalid(format!("patch.Attention: {msg}"));
+        let (qd, kd, vd) = (qt.shape(), kt.shape(), vt.shape());
+        if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
+            return Err(bad("Q, K and V must have rank 4".into()));
+        }
+        let [b, h, s, d] = [qd[0], qd[1], qd[2], qd[3]];
+        let [hk, t, dv] = [kd[1], kd[2], vd[3]];
+        if kd[0] != b || vd[0] != b || vd[1] != hk || vd[2] != t || kd[3] != d {
+            return Err(bad(format!("Q {qd:?}, K {kd:?}, V {vd:?} do not fit")));
+        }
+        if hk == 0 || h % hk != 0 {
+            return Err(bad(format!("{h} query heads are not a multiple of {hk} KV heads")));
+        }
+        let group = h / hk;
+        let (q, k, v) = (
+            qt.as_slice::<f32>().map_err(tensor_err)?,
+            kt.as_slice::<f32>().map_err(tensor_err)?,
+            vt.as_slice::<f32>().map_err(tensor_err)?,
+        );
+        let mask = opt(inputs, 3)
+            .map(|m| -> Result<_, OpError> {
+                let strides = mask_strides(m.shape(), [b, h, s, t]).map_err(bad)?;
+                Ok((m.as_slice::<f32>().map_err(tensor_err)?, strides))
+            })
+            .transpose()?;
+        let scale = self.scale;
+        let mut out = vec![0f32; b * h * s * dv];
+        // One output row (b, head, i) per unit of work.
+        for_each_row(&mut out, dv, &|row, o| {
+            let i = row % s;
+            let head = (row / s) % h;
+            let batch = row / (s * h);
+            let qi = &q[row * d..(row + 1) * d];
+            let kv = batch * hk + head / group;
+            let kb = &k[kv * t * d..(kv + 1) * t * d];
+            let vb = &v[kv * t * dv..(kv + 1) * t * dv];
+            let mut scores = vec![f32::NEG_INFINITY; t];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let m = match &mask {
+                    Some((m, st)) => m[batch * st[0] + head * st[1] + i * st[2] + j * st[3]],
+                    None => 0.0,
+                };
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                *sc = scale * dot(qi, &kb[j * d..(j + 1) * d]) + m;
+                max = max.max(*sc);
+            }
+            o.fill(0.0);
+            if max == f32::NEG_INFINITY || max.is_nan() {
+                // Every key masked (or NaN scores): zeros, as `Where(IsNaN(softmax))` gives.
+                return;
+            }
+            let mut sum = 0f32;
+            for (j, sc) in scores.iter().enumerate() {
+                if *sc == f32::NEG_INFINITY {
+                    continue;
+                }
+                let p = (sc - max).exp();
+                sum += p;
+                for (acc, &x) in o.iter_mut().zip(&vb[j * dv..(j + 1) * dv]) {
+                    *acc += p * x;
+                }
+            }
+            let inv = 1.0 / sum;
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
+        });
+        let shape = vec![b, h, s, dv];
+        Ok(vec![Tensor::from_vec(shape, out).map_err(tensor_err)?])
     }
 }
 
