@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use patch_kernels::{TileShape, WeightDtype};
-use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
 use patch_passes::fuse::{Fuse, FuseLimits};
+use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
 use patch_passes::{
     cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, PassError, PassManager,
     PassObserver, PassRun, PipelineOutcome,
@@ -55,7 +55,13 @@ pub struct CompileOptions {
 }
 
 /// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
-pub const PASS_NAMES: [&str; 5] = ["fold-constants", "canonicalize", "dce", "hybrid-matmul", "fuse"];
+pub const PASS_NAMES: [&str; 5] = [
+    "fold-constants",
+    "canonicalize",
+    "dce",
+    "hybrid-matmul",
+    "fuse",
+];
 
 impl std::fmt::Debug for CompileOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -298,7 +304,8 @@ pub fn compile(
         written: Vec::new(),
         error: None,
     });
-    let observe = || -> PassObserver<'_> { Box::new(|run, graph| dumper.borrow_mut().after(run, graph)) };
+    let observe =
+        || -> PassObserver<'_> { Box::new(|run, graph| dumper.borrow_mut().after(run, graph)) };
     let mut runs: Vec<PassRun> = Vec::new();
     // Runs one pipeline; `Some(report)` when --stop-after ended it (or a dump failed).
     let mut stage = |manager: PassManager<'_>,

@@ -36,7 +36,9 @@ impl Pass for Canonicalize {
                 "Transpose" => {
                     same_type
                         && match node.attrs.get("perm") {
-                            Some(Attr::Ints(p)) => p.iter().enumerate().all(|(i, &a)| a == i as i64),
+                            Some(Attr::Ints(p)) => {
+                                p.iter().enumerate().all(|(i, &a)| a == i as i64)
+                            }
                             _ => false,
                         }
                 }

@@ -47,8 +47,14 @@ fn optimized_fixtures_match_unoptimized_and_onnx_runtime() {
                 let vs_plain = max_abs_diff(g, w);
                 let vs_ort = max_abs_diff(g, ort);
                 println!("{name:<26} {case:<15} {out_name:<18} vs unfused {vs_plain:.2e}  vs ORT {vs_ort:.2e}");
-                assert!(vs_plain <= TOLERANCE, "{name}/{case}/{out_name}: {vs_plain} from unfused");
-                assert!(vs_ort <= TOLERANCE, "{name}/{case}/{out_name}: {vs_ort} from ORT");
+                assert!(
+                    vs_plain <= TOLERANCE,
+                    "{name}/{case}/{out_name}: {vs_plain} from unfused"
+                );
+                assert!(
+                    vs_ort <= TOLERANCE,
+                    "{name}/{case}/{out_name}: {vs_ort} from ORT"
+                );
                 if out_name == "logits" {
                     assert_eq!(argmax_last(g), argmax_last(ort), "{name}/{case}: argmax");
                 }
@@ -107,7 +113,12 @@ fn pass_snapshots() {
             )
             .unwrap();
         }
-        writeln!(table, "  fused {:?}, skipped {:?}", report.fused, report.skipped).unwrap();
+        writeln!(
+            table,
+            "  fused {:?}, skipped {:?}",
+            report.fused, report.skipped
+        )
+        .unwrap();
         if name == "llama_optimum_with_past" {
             insta::assert_snapshot!("optimized_llama_optimum_with_past", graph.to_text());
         }
@@ -132,10 +143,19 @@ fn near_misses_are_left_alone() {
     let mut g = Graph::new("near_misses", 18);
     let x = f32_input(&mut g, "x", &["batch", "8"]);
     let y = f32_input(&mut g, "y", &["batch", "8"]);
-    let node = |g: &mut Graph, op: &str, attrs: Attrs, ins: Vec<patch_runtime::ValueId>, out: &str| {
-        g.add_node(&r, out, "", op, attrs, ins.into_iter().map(Some).collect(), vec![out.into()])
+    let node =
+        |g: &mut Graph, op: &str, attrs: Attrs, ins: Vec<patch_runtime::ValueId>, out: &str| {
+            g.add_node(
+                &r,
+                out,
+                "",
+                op,
+                attrs,
+                ins.into_iter().map(Some).collect(),
+                vec![out.into()],
+            )
             .unwrap()[0]
-    };
+        };
     let konst = |g: &mut Graph, name: &str, t: Tensor| g.add_const(name, t).unwrap();
     // Mul(x, Sigmoid(y)): not SiLU.
     let sy = node(&mut g, "Sigmoid", Attrs::new(), vec![y], "sy");
@@ -143,19 +163,34 @@ fn near_misses_are_left_alone() {
     // RMSNorm-like over axis 0.
     let two = konst(&mut g, "two", Tensor::scalar(2.0f32));
     let three = konst(&mut g, "three", Tensor::scalar(3.0f32));
-    let axis0 = konst(&mut g, "axis0", Tensor::from_vec(vec![1], vec![0i64]).unwrap());
-    let last = konst(&mut g, "last", Tensor::from_vec(vec![1], vec![-1i64]).unwrap());
+    let axis0 = konst(
+        &mut g,
+        "axis0",
+        Tensor::from_vec(vec![1], vec![0i64]).unwrap(),
+    );
+    let last = konst(
+        &mut g,
+        "last",
+        Tensor::from_vec(vec![1], vec![-1i64]).unwrap(),
+    );
     let eps = konst(&mut g, "eps", Tensor::scalar(1e-5f32));
     let one = konst(&mut g, "one", Tensor::scalar(1.0f32));
     let keep = Attrs::new().with("keepdims", patch_runtime::ir::Attr::Int(1));
-    let norm_like = |g: &mut Graph, exp: patch_runtime::ValueId, axes: patch_runtime::ValueId, tag: &str| {
-        let p = node(g, "Pow", Attrs::new(), vec![x, exp], &format!("{tag}_pow"));
-        let m = node(g, "ReduceMean", keep.clone(), vec![p, axes], &format!("{tag}_mean"));
-        let a = node(g, "Add", Attrs::new(), vec![m, eps], &format!("{tag}_add"));
-        let s = node(g, "Sqrt", Attrs::new(), vec![a], &format!("{tag}_sqrt"));
-        let d = node(g, "Div", Attrs::new(), vec![one, s], &format!("{tag}_inv"));
-        node(g, "Mul", Attrs::new(), vec![x, d], &format!("{tag}_out"))
-    };
+    let norm_like =
+        |g: &mut Graph, exp: patch_runtime::ValueId, axes: patch_runtime::ValueId, tag: &str| {
+            let p = node(g, "Pow", Attrs::new(), vec![x, exp], &format!("{tag}_pow"));
+            let m = node(
+                g,
+                "ReduceMean",
+                keep.clone(),
+                vec![p, axes],
+                &format!("{tag}_mean"),
+            );
+            let a = node(g, "Add", Attrs::new(), vec![m, eps], &format!("{tag}_add"));
+            let s = node(g, "Sqrt", Attrs::new(), vec![a], &format!("{tag}_sqrt"));
+            let d = node(g, "Div", Attrs::new(), vec![one, s], &format!("{tag}_inv"));
+            node(g, "Mul", Attrs::new(), vec![x, d], &format!("{tag}_out"))
+        };
     let wrong_axis = norm_like(&mut g, two, axis0, "axis0");
     let cubes = norm_like(&mut g, three, last, "cubes");
     // SiLU whose sigmoid is also a graph output: fusing would compute the sigmoid twice.

@@ -42,7 +42,7 @@ fn dead_nodes_are_removed() {
         .with_pass(DeadCodeElimination)
         .run(&mut graph)
         .unwrap();
-    assert_eq!(changed, ["dce"]);
+    assert_eq!(changed.changed(), ["dce"]);
     assert!(
         graph.node_count() < before / 2,
         "{} of {before} nodes left",

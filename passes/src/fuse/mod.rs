@@ -289,7 +289,8 @@ type Users = HashMap<ValueId, Vec<NodeId>>;
 /// unit axis (`[b, hk, 1, t, d] → [b, hk, R, t, d]`, repeat_kv), and an absorbed `Reshape`
 /// keeps the last two dimensions (it only merges or splits the leading ones).
 fn shapes_fit(graph: &Graph, inner: &[NodeId]) -> bool {
-    let shape_of = |v: Option<&Option<ValueId>>| v.and_then(|v| v.map(|v| &graph.value(v).ty.shape));
+    let shape_of =
+        |v: Option<&Option<ValueId>>| v.and_then(|v| v.map(|v| &graph.value(v).ty.shape));
     inner.iter().all(|&n| {
         let node = graph.node(n);
         let (Some(input), Some(output)) = (
@@ -333,7 +334,11 @@ impl Fuse {
         let inputs: Option<Vec<ValueId>> = enode
             .children()
             .iter()
-            .map(|c| values_of.get(&egraph.find(*c)).and_then(|vs| vs.first().copied()))
+            .map(|c| {
+                values_of
+                    .get(&egraph.find(*c))
+                    .and_then(|vs| vs.first().copied())
+            })
             .collect();
         let inputs = inputs.ok_or("an input has no value in the graph")?;
         let stops: HashSet<ValueId> = enode

@@ -131,7 +131,10 @@ pub fn norm() -> Vec<Rule> {
     let mut rules = Vec::new();
     let means = [
         ("op18", "(ReduceMean{keepdims=1} ?sq -1)"),
-        ("op18-noop", "(ReduceMean{keepdims=1,noop_with_empty_axes=0} ?sq -1)"),
+        (
+            "op18-noop",
+            "(ReduceMean{keepdims=1,noop_with_empty_axes=0} ?sq -1)",
+        ),
         ("op17", "(ReduceMean{axes=[-1],keepdims=1} ?sq)"),
     ];
     for (name, mean) in means {
@@ -176,8 +179,20 @@ pub fn norm() -> Vec<Rule> {
 /// SiLU and the gated MLP activation `silu(gate) · up`.
 pub fn activation() -> Vec<Rule> {
     vec![
-        rule("silu", "(Mul ?x (Sigmoid ?x))", FusedOp::Silu, &["?x"], None),
-        rule("silu-swapped", "(Mul (Sigmoid ?x) ?x)", FusedOp::Silu, &["?x"], None),
+        rule(
+            "silu",
+            "(Mul ?x (Sigmoid ?x))",
+            FusedOp::Silu,
+            &["?x"],
+            None,
+        ),
+        rule(
+            "silu-swapped",
+            "(Mul (Sigmoid ?x) ?x)",
+            FusedOp::Silu,
+            &["?x"],
+            None,
+        ),
         rule(
             "swiglu",
             "(Mul (patch.Silu ?g) ?u)",

@@ -9,12 +9,16 @@
 //!   `[b, h, s, d]`, K and V `[b, hk, t, d]` with `h` a multiple of `hk` (grouped KV heads:
 //!   query head `j` reads KV head `j / (h / hk)`), Mask additive and broadcastable to
 //!   `[b, h, s, t]`. A row whose scores are all `-inf` gives zeros (the exporters' `Where(IsNaN)`
-//!   after the softmax). Keys whose mask is `-inf` are skipped, so a causal mask halves the work.
+//!   after the softmax). From 16 query rows (prefill) each head is two GEMMs around a row-wise
+//!   softmax; below (decode) rows run one by one and keys masked to `-inf` are skipped.
 //!
 //! All take and return f32 (the pass only fuses f32 subgraphs) and split rows over the kernels'
 //! thread pool when the tensor is large enough to pay for the wake-up.
 
 use std::sync::{Arc, Mutex};
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
 use crate::dtype::DType;
@@ -31,6 +35,9 @@ pub fn register(r: &mut OpRegistry) {
         Ok(Arc::new(Attention::from_attrs(attrs)?))
     });
 }
+
+/// Query rows from which attention runs as two GEMMs per head instead of row by row.
+const GEMM_MIN_ROWS: usize = 16;
 
 /// Elements from which a fused op splits its rows over the thread pool.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -104,7 +111,7 @@ impl RmsNorm {
             )));
         }
         let epsilon = attrs.float_or("epsilon", 1e-5)?;
-        if !(epsilon >= 0.0) {
+        if epsilon.is_nan() || epsilon < 0.0 {
             return Err(OpError::Invalid(format!(
                 "patch.RMSNorm: epsilon must be a non-negative number, got {epsilon}"
             )));
@@ -168,7 +175,9 @@ impl Op for RmsNorm {
                 }
             }
         });
-        Ok(vec![Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?])
+        Ok(vec![
+            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
+        ])
     }
 }
 
@@ -196,7 +205,9 @@ impl Op for Silu {
                 *d = silu(v);
             }
         });
-        Ok(vec![Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?])
+        Ok(vec![
+            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
+        ])
     }
 }
 
@@ -241,7 +252,9 @@ impl Op for SwiGlu {
                 *d = silu(a) * b;
             }
         });
-        Ok(vec![Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?])
+        Ok(vec![
+            Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?
+        ])
     }
 }
 
@@ -286,6 +299,151 @@ fn mask_strides(mask: &[usize], full: [usize; 4]) -> Result<[usize; 4], String> 
     Ok(strides)
 }
 
+/// `exp(x)` for every element, in place, by a degree-6 polynomial after range reduction
+/// (Cephes `expf`: relative error ≤ 2e-7), written so the compiler vectorizes it. Inputs below
+/// -87.34 (results below the normal range, `-inf` included) give 0; inputs above 88.38 give
+/// `+inf` (so the last 0.35 of the f32 range saturates early: the softmax calls it on
+/// `score - max ≤ 0`).
+pub fn exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { exp_avx512(xs) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_avx2(xs) };
+        }
+    }
+    exp_body(xs)
+}
+
+/// [`exp_in_place`] compiled for AVX-512 (the body vectorizes 16 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_avx512(xs: &mut [f32]) {
+    exp_body(xs)
+}
+
+/// [`exp_in_place`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(xs: &mut [f32]) {
+    exp_body(xs)
+}
+
+/// The portable body of [`exp_in_place`]; inlined into each target-feature twin.
+#[inline(always)]
+fn exp_body(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    for x in xs.iter_mut() {
+        let v = x.clamp(-87.336_55, 88.376_26);
+        let n = (v * LOG2E + 0.5).floor();
+        let r = v - n * LN2_HI - n * LN2_LO;
+        let p = ((((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r
+            + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5)
+            * r
+            * r)
+            + r
+            + 1.0;
+        let scaled = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        *x = if *x < -87.336_55 {
+            0.0
+        } else if *x > 88.376_26 {
+            f32::INFINITY
+        } else {
+            scaled
+        };
+    }
+}
+
+/// Adds the mask row (`stride` apart) to the scores in `row`, then replaces them by their
+/// softmax; false (row contents unspecified) when every score is `-inf` or one is NaN.
+/// Max and sum run in 16 independent lanes so they vectorize.
+fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { softmax_row_avx512(row, mask) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { softmax_row_avx2(row, mask) };
+        }
+    }
+    softmax_row_body(row, mask)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+    softmax_row_body(row, mask)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+    softmax_row_body(row, mask)
+}
+
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+    match mask {
+        Some((m, 1)) => row.iter_mut().zip(m).for_each(|(x, &a)| *x += a),
+        Some((m, stride)) => row
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, x)| *x += m[j * stride]),
+        None => {}
+    }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for l in 0..16 {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    if max == f32::NEG_INFINITY {
+        return false;
+    }
+    for x in row.iter_mut() {
+        *x -= max;
+    }
+    exp_body(row);
+    let mut sums = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for l in 0..16 {
+            sums[l] += c[l];
+        }
+    }
+    let sum: f32 = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    if !sum.is_finite() {
+        // A NaN score (the max skips NaN, the exponentials do not).
+        return false;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+    true
+}
+
 /// `Σ a[i] b[i]` in eight independent lanes (so the compiler vectorizes it).
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -325,7 +483,9 @@ impl Op for Attention {
         }
         if let (Some(h), Some(hk)) = (qs[1].as_const(), ks[1].as_const()) {
             if hk == 0 || h % hk != 0 {
-                return bad(format!("{h} query heads are not a multiple of {hk} KV heads"));
+                return bad(format!(
+                    "{h} query heads are not a multiple of {hk} KV heads"
+                ));
             }
         }
         if let Some(m) = opt(inputs, 3) {
@@ -353,7 +513,9 @@ impl Op for Attention {
             return Err(bad(format!("Q {qd:?}, K {kd:?}, V {vd:?} do not fit")));
         }
         if hk == 0 || h % hk != 0 {
-            return Err(bad(format!("{h} query heads are not a multiple of {hk} KV heads")));
+            return Err(bad(format!(
+                "{h} query heads are not a multiple of {hk} KV heads"
+            )));
         }
         let group = h / hk;
         let (q, k, v) = (
@@ -368,50 +530,68 @@ impl Op for Attention {
             })
             .transpose()?;
         let scale = self.scale;
+        let mask_row = |batch: usize, head: usize, i: usize| -> Option<(&[f32], usize)> {
+            mask.as_ref().map(|(m, st)| {
+                let base = batch * st[0] + head * st[1] + i * st[2];
+                (&m[base..], st[3])
+            })
+        };
+        let softmax = |row: &mut [f32], m: Option<(&[f32], usize)>| softmax_row(row, m);
         let mut out = vec![0f32; b * h * s * dv];
-        // One output row (b, head, i) per unit of work.
-        for_each_row(&mut out, dv, &|row, o| {
-            let i = row % s;
-            let head = (row / s) % h;
-            let batch = row / (s * h);
-            let qi = &q[row * d..(row + 1) * d];
-            let kv = batch * hk + head / group;
-            let kb = &k[kv * t * d..(kv + 1) * t * d];
-            let vb = &v[kv * t * dv..(kv + 1) * t * dv];
-            let mut scores = vec![f32::NEG_INFINITY; t];
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let m = match &mask {
-                    Some((m, st)) => m[batch * st[0] + head * st[1] + i * st[2] + j * st[3]],
-                    None => 0.0,
-                };
-                if m == f32::NEG_INFINITY {
-                    continue;
+        if s >= GEMM_MIN_ROWS {
+            // Prefill: per (batch, head), two GEMMs through matrixmultiply around a row-wise
+            // softmax; heads are spread over the pool.
+            for_each_row(&mut out, s * dv, &|bh, o| {
+                let (batch, head) = (bh / h, bh % h);
+                let kv = batch * hk + head / group;
+                fn view(data: &[f32], rows: usize, cols: usize, at: usize) -> ArrayView2<'_, f32> {
+                    ArrayView2::from_shape((rows, cols), &data[at * rows * cols..][..rows * cols])
+                        .expect("sizes checked above")
                 }
-                *sc = scale * dot(qi, &kb[j * d..(j + 1) * d]) + m;
-                max = max.max(*sc);
-            }
-            o.fill(0.0);
-            if max == f32::NEG_INFINITY || max.is_nan() {
-                // Every key masked (or NaN scores): zeros, as `Where(IsNaN(softmax))` gives.
-                return;
-            }
-            let mut sum = 0f32;
-            for (j, sc) in scores.iter().enumerate() {
-                if *sc == f32::NEG_INFINITY {
-                    continue;
+                let (qh, kh, vh) = (view(q, s, d, bh), view(k, t, d, kv), view(v, t, dv, kv));
+                let mut scores = Array2::<f32>::zeros((s, t));
+                general_mat_mul(scale, &qh, &kh.t(), 0.0, &mut scores);
+                for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
+                    let row = row.as_slice_mut().expect("standard layout");
+                    if !softmax(row, mask_row(batch, head, i)) {
+                        row.fill(0.0);
+                    }
                 }
-                let p = (sc - max).exp();
-                sum += p;
-                for (acc, &x) in o.iter_mut().zip(&vb[j * dv..(j + 1) * dv]) {
-                    *acc += p * x;
+                let mut oh = ArrayViewMut2::from_shape((s, dv), o).expect("sizes checked above");
+                general_mat_mul(1.0, &scores, &vh, 0.0, &mut oh);
+            });
+        } else {
+            // Decode: one output row at a time; a masked key costs nothing.
+            for_each_row(&mut out, dv, &|row, o| {
+                let i = row % s;
+                let head = (row / s) % h;
+                let batch = row / (s * h);
+                let qi = &q[row * d..(row + 1) * d];
+                let kv = batch * hk + head / group;
+                let kb = &k[kv * t * d..(kv + 1) * t * d];
+                let vb = &v[kv * t * dv..(kv + 1) * t * dv];
+                let m = mask_row(batch, head, i);
+                let mut scores: Vec<f32> = (0..t)
+                    .map(|j| match m {
+                        Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY => {
+                            f32::NEG_INFINITY
+                        }
+                        _ => scale * dot(qi, &kb[j * d..(j + 1) * d]),
+                    })
+                    .collect();
+                o.fill(0.0);
+                if !softmax(&mut scores, m) {
+                    return;
                 }
-            }
-            let inv = 1.0 / sum;
-            for x in o.iter_mut() {
-                *x *= inv;
-            }
-        });
+                for (j, &p) in scores.iter().enumerate() {
+                    if p != 0.0 {
+                        for (acc, &x) in o.iter_mut().zip(&vb[j * dv..(j + 1) * dv]) {
+                            *acc += p * x;
+                        }
+                    }
+                }
+            });
+        }
         let shape = vec![b, h, s, dv];
         Ok(vec![Tensor::from_vec(shape, out).map_err(tensor_err)?])
     }
@@ -464,6 +644,114 @@ mod tests {
         }
         let bad = Attrs::new().with("axis", Attr::Int(1));
         assert!(r.build("patch", "RMSNorm", 1, &bad, "f").is_err());
+    }
+
+    /// Against a plain f64 softmax attention: grouped heads, a causal mask broadcast over
+    /// heads with one fully masked row (which must give zeros), a head size that is not a
+    /// multiple of 8, and enough rows for the threaded path.
+    #[test]
+    fn attention_matches_a_plain_reference() {
+        let r = OpRegistry::onnx();
+        for (b, h, hk, s, t, d) in [
+            (1usize, 4usize, 2usize, 3usize, 5usize, 13usize),
+            (2, 6, 2, 200, 230, 64),
+        ] {
+            let q = random(&[b, h, s, d], 6);
+            let k = random(&[b, hk, t, d], 7);
+            let v = random(&[b, hk, t, d], 8);
+            let mut m = vec![0f32; b * s * t];
+            for bi in 0..b {
+                for i in 0..s {
+                    for j in 0..t {
+                        if j > i + (t - s) || i == 1 {
+                            m[(bi * s + i) * t + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(vec![b, 1, s, t], m.clone()).unwrap();
+            let scale = 0.3f32;
+            let op = r
+                .build(
+                    "patch",
+                    "Attention",
+                    1,
+                    &Attrs::new().with("scale", Attr::Float(scale)),
+                    "a",
+                )
+                .unwrap();
+            let got = op
+                .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
+                .unwrap();
+            let (qv, kv, vv) = (
+                q.to_f64_vec().unwrap(),
+                k.to_f64_vec().unwrap(),
+                v.to_f64_vec().unwrap(),
+            );
+            let mut want = vec![0f64; b * h * s * d];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let kh = bi * hk + hi / (h / hk);
+                    for i in 0..s {
+                        let qrow = &qv[((bi * h + hi) * s + i) * d..][..d];
+                        let scores: Vec<f64> = (0..t)
+                            .map(|j| {
+                                let krow = &kv[(kh * t + j) * d..][..d];
+                                let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                                scale as f64 * dot + m[(bi * s + i) * t + j] as f64
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        if max == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        for (j, p) in e.iter().enumerate() {
+                            for c in 0..d {
+                                want[((bi * h + hi) * s + i) * d + c] +=
+                                    p / sum * vv[(kh * t + j) * d + c];
+                            }
+                        }
+                    }
+                }
+            }
+            close(&got[0], &want, 2e-5);
+            // Row 1 of every head is fully masked: zeros.
+            let g = got[0].as_slice::<f32>().unwrap();
+            assert!(g[d..2 * d].iter().all(|&x| x == 0.0));
+        }
+        let no_scale = r.build("patch", "Attention", 1, &Attrs::new(), "a");
+        assert!(no_scale.is_err());
+    }
+
+    #[test]
+    fn exp_matches_std_within_its_bound() {
+        let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.05).collect();
+        xs.extend([
+            f32::NEG_INFINITY,
+            -1e30,
+            -88.0,
+            88.0,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+        ]);
+        let mut got = xs.clone();
+        exp_in_place(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = (x as f64).exp();
+            if want < f32::MIN_POSITIVE as f64 {
+                assert!(g.abs() <= f32::MIN_POSITIVE, "exp({x}) = {g}");
+            } else if x > 88.376_26 {
+                assert_eq!(g, f32::INFINITY, "exp({x})");
+            } else {
+                assert!(
+                    ((g as f64 - want) / want).abs() <= 4e-7,
+                    "exp({x}) = {g}, want {want}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -442,7 +442,9 @@ mod tests {
             );
             assert!(op.eval(&[Some(&x), Some(&s), Some(&s)]).is_err());
         }
-        let op = r.build("", "RMSNormalization", 23, &Attrs::new(), "n").unwrap();
+        let op = r
+            .build("", "RMSNormalization", 23, &Attrs::new(), "n")
+            .unwrap();
         // Y takes the scale's type, which may differ from X's.
         let xt = TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::constant(64)]);
         let st = TensorType::new(DType::F16, vec![Dim::constant(64)]);
