@@ -24,8 +24,8 @@ impl Default for ConstantFolding {
     }
 }
 
-/// Ops whose result is not a function of their inputs.
-fn is_nondeterministic(op_type: &str) -> bool {
+/// Ops whose result is not a function of their inputs (never folded, never merged).
+pub fn is_nondeterministic(op_type: &str) -> bool {
     op_type.starts_with("Random") || matches!(op_type, "Multinomial" | "Bernoulli")
 }
 

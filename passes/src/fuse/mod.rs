@@ -32,6 +32,7 @@ use patch_runtime::ir::{Attr, Attrs, Def};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, NodeId, RuntimeError, ValueId};
 
+use crate::fold::is_nondeterministic;
 use crate::Pass;
 
 /// Runner limits of one fusion run.
@@ -184,10 +185,6 @@ fn scalar_symbol(t: &patch_runtime::Tensor) -> Option<String> {
     } else {
         format!("{}", v as f32)
     })
-}
-
-fn is_nondeterministic(op_type: &str) -> bool {
-    op_type.starts_with("Random") || matches!(op_type, "Multinomial" | "Bernoulli")
 }
 
 /// The graph as an e-graph, and the way back.
