@@ -4,8 +4,13 @@
 //! `Unsqueeze` whose output type equals its input type, or a `Transpose` with the identity
 //! permutation. Outputs that are graph outputs keep their producer (their names are the
 //! model's interface).
+//!
+//! Also `Shape(Reshape(x, s))` reads `s` when `s` is known to hold no `0` or `-1` (so it is
+//! the reshaped tensor's shape as is): the Reshape's data is then no longer needed just for
+//! its shape, which lets fusion absorb the Reshape (e.g. the grouped-KV expansion whose shape
+//! feeds the attention mask's slicing).
 
-use patch_runtime::ir::Attr;
+use patch_runtime::ir::{Attr, Def};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError};
 
@@ -30,6 +35,14 @@ impl Pass for Canonicalize {
                 continue;
             }
             let same_type = graph.value(*input).ty == graph.value(*output).ty;
+            let whole_shape = node.attrs.get("end").is_none()
+                && matches!(node.attrs.get("start"), None | Some(Attr::Int(0)));
+            if node.op_type == "Shape" && node.domain.is_empty() && whole_shape {
+                if let Some(target) = reshape_target(graph, *input) {
+                    bypass.push((*output, target));
+                }
+                continue;
+            }
             let no_op = match node.op_type.as_str() {
                 "Identity" => true,
                 "Cast" | "Reshape" | "Expand" | "Flatten" | "Squeeze" | "Unsqueeze" => same_type,
@@ -54,4 +67,22 @@ impl Pass for Canonicalize {
         }
         Ok(changed)
     }
+}
+
+/// The shape operand of the `Reshape` producing `v`, when its content is known to be all
+/// positive (no `0` copy or `-1` inference entries).
+fn reshape_target(graph: &Graph, v: patch_runtime::ValueId) -> Option<patch_runtime::ValueId> {
+    let Def::Node(producer, 0) = graph.value(v).def else {
+        return None;
+    };
+    let node = graph.node(producer);
+    if node.op_type != "Reshape" || !node.domain.is_empty() {
+        return None;
+    }
+    let target = (*node.inputs.get(1)?)?;
+    let sym = graph.value(target).sym.as_ref()?;
+    let positive = sym
+        .iter()
+        .all(|d| d.as_const().map_or(d.is_nonnegative(), |c| c > 0));
+    positive.then_some(target)
 }

@@ -86,6 +86,12 @@ fn fusion_recognizes_every_exporter_layout() {
         for gone in ["Sigmoid", "ReduceMean", "Softmax", "IsNaN"] {
             assert_eq!(count(&graph, gone), 0, "{name}: a {gone} survived");
         }
+        // Grouped KV heads are read in place: no repeat_kv expansion (a 5-D Expand) is left.
+        let expands_5d = graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Expand" && graph.value(n.outputs[0]).ty.rank() == 5)
+            .count();
+        assert_eq!(expands_5d, 0, "{name}: the KV expansion survived");
         assert_eq!(report.stop_reason, "Saturated", "{name}");
     }
 }

@@ -252,16 +252,26 @@ fn bump(list: &mut Vec<(String, usize)>, key: &str) {
     }
 }
 
-/// Nodes between `root` and the values `stops` (exclusive), walking inputs backwards; `None`
-/// when more than `limit` nodes would be absorbed.
+/// Nodes between `root` and the values `stops` (exclusive), walking the data inputs (float and
+/// bool tensors) backwards; `None` when more than `limit` nodes would be absorbed. Integer
+/// inputs (shapes, indices, axes) are side inputs: their producers are not absorbed, and die in
+/// dead-code elimination when nothing else reads them.
 fn absorbed_nodes(
     graph: &Graph,
     root: NodeId,
     stops: &HashSet<ValueId>,
     limit: usize,
 ) -> Option<Vec<NodeId>> {
+    let is_data = |v: &ValueId| !graph.value(*v).ty.dtype.is_int();
     let mut seen: HashSet<NodeId> = HashSet::new();
-    let mut stack: Vec<ValueId> = graph.node(root).inputs.iter().flatten().copied().collect();
+    let mut stack: Vec<ValueId> = graph
+        .node(root)
+        .inputs
+        .iter()
+        .flatten()
+        .filter(|v| is_data(v))
+        .copied()
+        .collect();
     let mut out = Vec::new();
     while let Some(v) = stack.pop() {
         if stops.contains(&v) {
@@ -273,7 +283,7 @@ fn absorbed_nodes(
                     return None;
                 }
                 out.push(n);
-                stack.extend(graph.node(n).inputs.iter().flatten().copied());
+                stack.extend(graph.node(n).inputs.iter().flatten().filter(|v| is_data(v)));
             }
         }
     }
