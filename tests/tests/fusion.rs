@@ -63,8 +63,9 @@ fn optimized_fixtures_match_unoptimized_and_onnx_runtime() {
     }
 }
 
-/// Every LLaMA-family layout (2 layers): 2 norms per layer plus the final one, one gated MLP
-/// and one attention per layer, and nothing of the unfused forms left. GPT-2 (LayerNorm,
+/// Every LLaMA-family layout (2 layers): 2 norms per layer plus the final one, one gated MLP,
+/// one attention and two rotary embeddings (q, k) per layer, and nothing of the unfused forms
+/// left. GPT-2 (LayerNorm,
 /// GELU, its own attention layout) has none.
 #[test]
 fn fusion_recognizes_every_exporter_layout() {
@@ -75,15 +76,16 @@ fn fusion_recognizes_every_exporter_layout() {
             count(&graph, "RMSNorm"),
             count(&graph, "SwiGLU"),
             count(&graph, "Attention"),
+            count(&graph, "Rotary"),
         );
-        println!("{name}: {found:?} (RMSNorm, SwiGLU, Attention), report {report:?}");
+        println!("{name}: {found:?} (RMSNorm, SwiGLU, Attention, Rotary), report {report:?}");
         if name == "gpt2" {
-            assert_eq!(found, (0, 0, 0), "{name}");
+            assert_eq!(found, (0, 0, 0, 0), "{name}");
             continue;
         }
-        assert_eq!(found, (5, 2, 2), "{name}: {report:?}");
+        assert_eq!(found, (5, 2, 2, 4), "{name}: {report:?}");
         assert!(report.skipped.is_empty(), "{name}: {report:?}");
-        for gone in ["Sigmoid", "ReduceMean", "Softmax", "IsNaN"] {
+        for gone in ["Sigmoid", "ReduceMean", "Softmax", "IsNaN", "Neg"] {
             assert_eq!(count(&graph, gone), 0, "{name}: a {gone} survived");
         }
         // Grouped KV heads are read in place: no repeat_kv expansion (a 5-D Expand) is left.

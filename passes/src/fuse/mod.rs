@@ -95,6 +95,7 @@ pub enum FusedOp {
     Silu,
     SwiGlu,
     Attention { scale: f32 },
+    Rotary { half: i64, axis: i64 },
 }
 
 impl FusedOp {
@@ -107,6 +108,7 @@ impl FusedOp {
             FusedOp::Silu => "patch.Silu".into(),
             FusedOp::SwiGlu => "patch.SwiGLU".into(),
             FusedOp::Attention { scale } => format!("patch.Attention{{scale={scale:e}}}"),
+            FusedOp::Rotary { half, axis } => format!("patch.Rotary{{half={half},axis={axis}}}"),
         }
     }
 
@@ -124,6 +126,16 @@ impl FusedOp {
         {
             return scale.parse().ok().map(|scale| FusedOp::Attention { scale });
         }
+        if let Some((half, axis)) = rest
+            .strip_prefix("Rotary{half=")
+            .and_then(|r| r.strip_suffix('}'))
+            .and_then(|r| r.split_once(",axis="))
+        {
+            return Some(FusedOp::Rotary {
+                half: half.parse().ok()?,
+                axis: axis.parse().ok()?,
+            });
+        }
         match rest {
             "Silu" => Some(FusedOp::Silu),
             "SwiGLU" => Some(FusedOp::SwiGlu),
@@ -137,6 +149,7 @@ impl FusedOp {
             FusedOp::Silu => "Silu",
             FusedOp::SwiGlu => "SwiGLU",
             FusedOp::Attention { .. } => "Attention",
+            FusedOp::Rotary { .. } => "Rotary",
         }
     }
 
@@ -146,6 +159,9 @@ impl FusedOp {
                 .with("axis", Attr::Int(-1))
                 .with("epsilon", Attr::Float(*epsilon)),
             FusedOp::Attention { scale } => Attrs::new().with("scale", Attr::Float(*scale)),
+            FusedOp::Rotary { half, axis } => Attrs::new()
+                .with("half", Attr::Int(*half))
+                .with("axis", Attr::Int(*axis)),
             FusedOp::Silu | FusedOp::SwiGlu => Attrs::new(),
         }
     }

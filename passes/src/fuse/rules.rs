@@ -33,6 +33,16 @@ enum AttrFrom {
     Value(Var),
     /// Attention scale: one over the constant.
     Reciprocal(Var),
+    /// Rotary half size from `rotate_half`'s two slices: `x[..., h:end]` and `x[..., z:h2]`
+    /// on one axis with step 1, where `z = 0`, `h = h2 > 0`, `end ≥ 2h`.
+    RotaryHalf {
+        h: Var,
+        end: Var,
+        h2: Var,
+        z: Var,
+        axes: [Var; 2],
+        steps: [Var; 2],
+    },
 }
 
 /// Adds `op(inputs...)` to the matched e-class, its attribute read from matched constants
@@ -63,6 +73,7 @@ impl Applier<SymbolLang, ()> for Build {
     ) -> Vec<Id> {
         let mut op = self.op.clone();
         let c = |v: Var| constant(egraph, subst[v]);
+        let mut rotary_axis = -1;
         let value = match self.attr {
             AttrFrom::None => None,
             AttrFrom::Epsilon(e) => match c(e) {
@@ -81,11 +92,36 @@ impl Applier<SymbolLang, ()> for Build {
                 Some(a) if a != 0.0 => Some(1.0 / a),
                 _ => return Vec::new(),
             },
+            AttrFrom::RotaryHalf {
+                h,
+                end,
+                h2,
+                z,
+                axes,
+                steps,
+            } => {
+                // Both slices on one axis (the op checks it is the last one); step 1.
+                let axis = c(axes[0]).filter(|&a| c(axes[1]) == Some(a));
+                let unit_steps = steps.iter().all(|&s| c(s) == Some(1.0));
+                match (c(h), c(end), c(h2), c(z), axis) {
+                    (Some(h), Some(end), Some(h2), Some(0.0), Some(axis))
+                        if unit_steps && h == h2 && h > 0.0 && end >= 2.0 * h =>
+                    {
+                        rotary_axis = axis as i64;
+                        Some(h)
+                    }
+                    _ => return Vec::new(),
+                }
+            }
         };
         match (&mut op, value) {
             (FusedOp::RmsNorm { epsilon }, Some(v)) => *epsilon = v as f32,
             (FusedOp::Attention { scale }, Some(v)) if v.is_finite() => *scale = v as f32,
             (FusedOp::Attention { .. }, _) => return Vec::new(),
+            (FusedOp::Rotary { half, axis }, Some(v)) => {
+                *half = v as i64;
+                *axis = rotary_axis;
+            }
             _ => {}
         }
         let children = self.inputs.iter().map(|v| subst[*v]).collect();
@@ -278,11 +314,45 @@ pub fn attention() -> Vec<Rule> {
     rules
 }
 
+/// Rotary position embedding, `x · cos + rotate_half(x) · sin` with
+/// `rotate_half(x) = concat(-x[..., h:], x[..., :h])` (the LLaMA / Qwen layout of all three
+/// exporters), in both orders of the final Add.
+pub fn rotary() -> Vec<Rule> {
+    let rot =
+        "(Mul (Concat{axis=-1} (Neg (Slice ?x ?h ?end ?a1 ?s1)) (Slice ?x ?z ?h2 ?a2 ?s2)) ?sin)";
+    let attr = AttrFrom::RotaryHalf {
+        h: var("?h"),
+        end: var("?end"),
+        h2: var("?h2"),
+        z: var("?z"),
+        axes: [var("?a1"), var("?a2")],
+        steps: [var("?s1"), var("?s2")],
+    };
+    let op = FusedOp::Rotary { half: 0, axis: -1 };
+    vec![
+        rule_with(
+            "rotary",
+            &format!("(Add (Mul ?x ?cos) {rot})"),
+            op.clone(),
+            &["?x", "?cos", "?sin"],
+            attr,
+        ),
+        rule_with(
+            "rotary-swapped",
+            &format!("(Add {rot} (Mul ?x ?cos))"),
+            op,
+            &["?x", "?cos", "?sin"],
+            attr,
+        ),
+    ]
+}
+
 /// Every rule, in topic order.
 pub fn all() -> Vec<Rule> {
     let mut rules = norm();
     rules.extend(activation());
     rules.extend(attention());
+    rules.extend(rotary());
     rules
 }
 

@@ -5,6 +5,9 @@
 //!   f32 rounding).
 //! * `patch.Silu(X)`: `X · sigmoid(X)`.
 //! * `patch.SwiGLU(G, U)`: `G · sigmoid(G) · U`, G and U of one shape.
+//! * `patch.Rotary(X, Cos, Sin) {half, axis = -1}`: `X · Cos + rotate_half(X) · Sin` with
+//!   `rotate_half(X) = concat(-X[..., half:], X[..., :half])`, the last axis of X `2 · half`,
+//!   Cos and Sin broadcast to X (not along the last axis).
 //! * `patch.Attention(Q, K, V, Mask?) {scale}`: `softmax(scale · Q Kᵀ + Mask) V` per head, Q
 //!   `[b, h, s, d]`, K and V `[b, hk, t, d]` with `h` a multiple of `hk` (grouped KV heads:
 //!   query head `j` reads KV head `j / (h / hk)`), Mask additive and broadcastable to
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
 use crate::tensor::Tensor;
@@ -31,6 +34,9 @@ pub fn register(r: &mut OpRegistry) {
     });
     r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
     r.register("patch", "SwiGLU", 1, |_, _| Ok(Arc::new(SwiGlu)));
+    r.register("patch", "Rotary", 1, |attrs, _| {
+        Ok(Arc::new(Rotary::from_attrs(attrs)?))
+    });
     r.register("patch", "Attention", 1, |attrs, _| {
         Ok(Arc::new(Attention::from_attrs(attrs)?))
     });
@@ -254,6 +260,128 @@ impl Op for SwiGlu {
         });
         Ok(vec![
             Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?
+        ])
+    }
+}
+
+/// `patch.Rotary`: rotary position embedding in the rotate-half layout.
+#[derive(Debug)]
+pub struct Rotary {
+    pub half: usize,
+    /// The rotated axis as the exporter wrote it; must name the last axis.
+    pub axis: i64,
+}
+
+impl Rotary {
+    pub fn from_attrs(attrs: &Attrs) -> Result<Rotary, OpError> {
+        let half = attrs.req_int("half")?;
+        if half <= 0 {
+            return Err(OpError::Invalid(format!(
+                "patch.Rotary: half must be positive, got {half}"
+            )));
+        }
+        let axis = attrs.int_or("axis", -1)?;
+        Ok(Rotary {
+            half: half as usize,
+            axis,
+        })
+    }
+}
+
+/// Element strides of `table` broadcast (right-aligned) to the leading axes of `x` (all but
+/// the last); 0 on broadcast axes. The last axes must be equal.
+fn row_broadcast(table: &[usize], x: &[usize]) -> Result<Vec<usize>, String> {
+    if table.len() > x.len() || table.last() != x.last() {
+        return Err(format!(
+            "{table:?} does not broadcast to {x:?} along the rows"
+        ));
+    }
+    let lead = x.len() - 1;
+    let mut dims = vec![1usize; x.len() - table.len()];
+    dims.extend_from_slice(table);
+    let mut strides = vec![0usize; lead];
+    let mut acc = *x.last().unwrap_or(&1);
+    for a in (0..lead).rev() {
+        if dims[a] == x[a] && x[a] != 1 {
+            strides[a] = acc;
+        } else if dims[a] != 1 {
+            return Err(format!("{table:?} does not broadcast to {x:?}"));
+        }
+        acc *= dims[a];
+    }
+    Ok(strides)
+}
+
+impl Op for Rotary {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 3, 3)?;
+        let x = req(inputs, 0)?;
+        for (what, i) in [("X", 0), ("Cos", 1), ("Sin", 2)] {
+            require_f32("patch.Rotary", what, req(inputs, i)?.ty)?;
+        }
+        if norm_axis(self.axis, x.ty.rank())? + 1 != x.ty.rank() {
+            return Err(OpError::Invalid(format!(
+                "patch.Rotary: axis {} of X {} is not its last axis",
+                self.axis, x.ty
+            )));
+        }
+        let last = x.ty.shape.last().and_then(|d| d.as_const());
+        if last.is_some_and(|d| d != 2 * self.half as i64) {
+            return Err(OpError::Invalid(format!(
+                "patch.Rotary: X {} must have a last axis of 2 · half = {}",
+                x.ty,
+                2 * self.half
+            )));
+        }
+        for i in [1, 2] {
+            let t = req(inputs, i)?.ty;
+            if t.rank() > x.ty.rank() || t.shape.last() != x.ty.shape.last() {
+                return Err(OpError::Invalid(format!(
+                    "patch.Rotary: table {} does not broadcast to X {} along the rows",
+                    t, x.ty
+                )));
+            }
+        }
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 3, 3)?;
+        let (xt, ct, st) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+        let bad = |msg: String| OpError::Invalid(format!("patch.Rotary: {msg}"));
+        let d = 2 * self.half;
+        if xt.shape().last() != Some(&d) {
+            return Err(bad(format!("X {:?} needs a last axis of {d}", xt.shape())));
+        }
+        let lead: Vec<usize> = xt.shape()[..xt.rank() - 1].to_vec();
+        let cs = row_broadcast(ct.shape(), xt.shape()).map_err(bad)?;
+        let ss = row_broadcast(st.shape(), xt.shape()).map_err(bad)?;
+        let (x, cos, sin) = (
+            xt.as_slice::<f32>().map_err(tensor_err)?,
+            ct.as_slice::<f32>().map_err(tensor_err)?,
+            st.as_slice::<f32>().map_err(tensor_err)?,
+        );
+        let half = self.half;
+        let offset = |row: usize, strides: &[usize]| {
+            let (mut rest, mut off) = (row, 0);
+            for a in (0..lead.len()).rev() {
+                off += (rest % lead[a]) * strides[a];
+                rest /= lead[a];
+            }
+            off
+        };
+        let mut out = vec![0f32; x.len()];
+        for_each_row(&mut out, d, &|row, o| {
+            let xr = &x[row * d..(row + 1) * d];
+            let c = &cos[offset(row, &cs)..][..d];
+            let s = &sin[offset(row, &ss)..][..d];
+            for j in 0..half {
+                o[j] = xr[j] * c[j] - xr[j + half] * s[j];
+                o[j + half] = xr[j + half] * c[j + half] + xr[j] * s[j + half];
+            }
+        });
+        Ok(vec![
+            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
         ])
     }
 }
@@ -723,6 +851,59 @@ mod tests {
         }
         let no_scale = r.build("patch", "Attention", 1, &Attrs::new(), "a");
         assert!(no_scale.is_err());
+    }
+
+    /// Against its definition, with Cos/Sin of shape [b, 1, s, d] broadcast over heads.
+    #[test]
+    fn rotary_matches_its_definition() {
+        let r = OpRegistry::onnx();
+        let (b, h, s, d) = (2usize, 3usize, 5usize, 8usize);
+        let x = random(&[b, h, s, d], 9);
+        let cos = random(&[b, 1, s, d], 10);
+        let sin = random(&[b, 1, s, d], 11);
+        let op = r
+            .build(
+                "patch",
+                "Rotary",
+                1,
+                &Attrs::new().with("half", Attr::Int(4)),
+                "r",
+            )
+            .unwrap();
+        let got = op.eval(&[Some(&x), Some(&cos), Some(&sin)]).unwrap();
+        let (xv, cv, sv) = (
+            x.to_f64_vec().unwrap(),
+            cos.to_f64_vec().unwrap(),
+            sin.to_f64_vec().unwrap(),
+        );
+        let mut want = vec![0f64; xv.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..s {
+                    let row = ((bi * h + hi) * s + i) * d;
+                    let trow = (bi * s + i) * d;
+                    for j in 0..d {
+                        let rot = if j < d / 2 {
+                            -xv[row + j + d / 2]
+                        } else {
+                            xv[row + j - d / 2]
+                        };
+                        want[row + j] = xv[row + j] * cv[trow + j] + rot * sv[trow + j];
+                    }
+                }
+            }
+        }
+        close(&got[0], &want, 1e-6);
+        let wrong = r
+            .build(
+                "patch",
+                "Rotary",
+                1,
+                &Attrs::new().with("half", Attr::Int(3)),
+                "r",
+            )
+            .unwrap();
+        assert!(wrong.eval(&[Some(&x), Some(&cos), Some(&sin)]).is_err());
     }
 
     #[test]
