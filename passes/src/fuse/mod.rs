@@ -1,7 +1,8 @@
 //! Fusion with an e-graph ([egg]): the graph's dataflow becomes one e-graph, named rewrite
-//! rules ([`rules`]) add fused ops (`patch.RMSNorm`, `patch.Silu`, `patch.SwiGLU`) as
-//! equivalent forms of the subgraphs they recognize, extraction picks the cheapest form of
-//! every value, and each node whose cheapest form is a fused op is replaced in place.
+//! rules ([`rules`]) add fused ops (`patch.RMSNorm`, `patch.Silu`, `patch.SwiGLU`,
+//! `patch.Attention`, `patch.Rotary`) as equivalent forms of the subgraphs they recognize,
+//! extraction picks the cheapest form of every node, and each node whose cheapest form is a
+//! fused op is replaced in place.
 //!
 //! * **Encoding.** A node with one output is an e-node whose symbol is its op and attributes
 //!   (`ReduceMean{keepdims=1}`); a one-element constant is a leaf named by its value (`2`,
