@@ -5,6 +5,12 @@
 //! permutation. Outputs that are graph outputs keep their producer (their names are the
 //! model's interface).
 //!
+//! A `Reshape` (without `allowzero`) whose target is computed at run time from symbolic
+//! dimensions gets a constant target instead when its output type allows one: `0` where the
+//! output keeps the input's dimension at the same position, the constant where the dimension
+//! is constant, and `-1` for at most one other. Then the shape arithmetic that built the
+//! target dies in DCE (`[batch, seq, 576] → [batch, seq, 9, 64]` reads `[0, 0, 9, 64]`).
+//!
 //! Also `Shape(Reshape(x, s))` reads `s` when `s` is known to hold no `0` or `-1` (so it is
 //! the reshaped tensor's shape as is): the Reshape's data is then no longer needed just for
 //! its shape, which lets fusion absorb the Reshape (e.g. the grouped-KV expansion whose shape
@@ -12,7 +18,7 @@
 
 use patch_runtime::ir::{Attr, Def};
 use patch_runtime::ops::OpRegistry;
-use patch_runtime::{Graph, RuntimeError};
+use patch_runtime::{Graph, NodeId, RuntimeError, Tensor};
 
 use crate::Pass;
 
@@ -23,7 +29,7 @@ impl Pass for Canonicalize {
         "canonicalize"
     }
 
-    fn run(&self, graph: &mut Graph, _registry: &OpRegistry) -> Result<bool, RuntimeError> {
+    fn run(&self, graph: &mut Graph, registry: &OpRegistry) -> Result<bool, RuntimeError> {
         let graph_outputs: Vec<_> = graph.outputs().iter().map(|(v, _)| *v).collect();
         let mut bypass = Vec::new();
         for (_, node) in graph.nodes() {
@@ -65,8 +71,59 @@ impl Pass for Canonicalize {
         for (output, input) in bypass {
             changed |= graph.replace_uses(output, input) > 0;
         }
+        let reshapes: Vec<(NodeId, Vec<i64>)> = graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Reshape" && n.domain.is_empty())
+            .filter_map(|(id, n)| constant_target(graph, n).map(|t| (id, t)))
+            .collect();
+        for (id, target) in reshapes {
+            let node = graph.node(id);
+            let (attrs, data) = (node.attrs.clone(), node.inputs[0]);
+            // Value names are unique (node names need not be).
+            let name = graph.value(node.outputs[0]).name.clone();
+            let len = target.len();
+            let shape = graph.add_const(
+                format!("{name}.target"),
+                Tensor::from_vec(vec![len], target)?,
+            )?;
+            graph.replace_node(registry, id, "", "Reshape", attrs, vec![data, Some(shape)])?;
+            changed = true;
+        }
         Ok(changed)
     }
+}
+
+/// The constant target of a Reshape whose target is computed (see the module docs), when its
+/// input and output types determine one and `allowzero` is off.
+fn constant_target(graph: &Graph, node: &patch_runtime::ir::Node) -> Option<Vec<i64>> {
+    if matches!(node.attrs.get("allowzero"), Some(Attr::Int(v)) if *v != 0) {
+        return None;
+    }
+    let (Some(Some(data)), Some(Some(target))) = (node.inputs.first(), node.inputs.get(1)) else {
+        return None;
+    };
+    if matches!(graph.value(*target).def, Def::Const(_)) {
+        return None;
+    }
+    let input = &graph.value(*data).ty.shape;
+    let output = &graph.value(*node.outputs.first()?).ty.shape;
+    let mut inferred = false;
+    output
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            if input.get(i) == Some(d) {
+                Some(0)
+            } else if let Some(c) = d.as_const().filter(|&c| c > 0) {
+                Some(c)
+            } else if !inferred {
+                inferred = true;
+                Some(-1)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// The shape operand of the `Reshape` producing `v`, when its content is known to be all
