@@ -1,6 +1,6 @@
 //! Fusion with an e-graph ([egg]): the graph's dataflow becomes one e-graph, named rewrite
 //! rules ([`rules`]) add fused ops (`patch.RMSNorm`, `patch.Silu`, `patch.SwiGLU`,
-//! `patch.Attention`, `patch.Rotary`) as equivalent forms of the subgraphs they recognize,
+//! `patch.Gelu`, `patch.Attention`, `patch.Rotary`) as equivalent forms of the subgraphs they recognize,
 //! extraction picks the cheapest form of every node, and each node whose cheapest form is a
 //! fused op is replaced in place.
 //!
@@ -92,11 +92,20 @@ impl Fuse {
 /// A fused op as the rules build it and the graph receives it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FusedOp {
-    RmsNorm { epsilon: f32 },
+    RmsNorm {
+        epsilon: f32,
+    },
     Silu,
     SwiGlu,
-    Attention { scale: f32 },
-    Rotary { half: i64, axis: i64 },
+    Attention {
+        scale: f32,
+    },
+    Rotary {
+        half: i64,
+        axis: i64,
+    },
+    /// GELU with the tanh approximation.
+    GeluTanh,
 }
 
 impl FusedOp {
@@ -110,6 +119,7 @@ impl FusedOp {
             FusedOp::SwiGlu => "patch.SwiGLU".into(),
             FusedOp::Attention { scale } => format!("patch.Attention{{scale={scale:e}}}"),
             FusedOp::Rotary { half, axis } => format!("patch.Rotary{{half={half},axis={axis}}}"),
+            FusedOp::GeluTanh => "patch.Gelu{approximate=tanh}".into(),
         }
     }
 
@@ -138,6 +148,7 @@ impl FusedOp {
             });
         }
         match rest {
+            "Gelu{approximate=tanh}" => Some(FusedOp::GeluTanh),
             "Silu" => Some(FusedOp::Silu),
             "SwiGLU" => Some(FusedOp::SwiGlu),
             _ => None,
@@ -151,6 +162,7 @@ impl FusedOp {
             FusedOp::SwiGlu => "SwiGLU",
             FusedOp::Attention { .. } => "Attention",
             FusedOp::Rotary { .. } => "Rotary",
+            FusedOp::GeluTanh => "Gelu",
         }
     }
 
@@ -163,6 +175,7 @@ impl FusedOp {
             FusedOp::Rotary { half, axis } => Attrs::new()
                 .with("half", Attr::Int(*half))
                 .with("axis", Attr::Int(*axis)),
+            FusedOp::GeluTanh => Attrs::new().with("approximate", Attr::String("tanh".into())),
             FusedOp::Silu | FusedOp::SwiGlu => Attrs::new(),
         }
     }

@@ -33,6 +33,11 @@ enum AttrFrom {
     Value(Var),
     /// Attention scale: one over the constant.
     Reciprocal(Var),
+    /// GELU-tanh: the cubic coefficient 0.044715 and `sqrt(2/π)`, within 1e-6.
+    GeluTanh {
+        cubic: Var,
+        scale: Var,
+    },
     /// Rotary half size from `rotate_half`'s two slices: `x[..., h:end]` and `x[..., z:h2]`
     /// on one axis with step 1, where `z = 0`, `h = h2 > 0`, `end ≥ 2h`.
     RotaryHalf {
@@ -92,6 +97,17 @@ impl Applier<SymbolLang, ()> for Build {
                 Some(a) if a != 0.0 => Some(1.0 / a),
                 _ => return Vec::new(),
             },
+            AttrFrom::GeluTanh { cubic, scale } => {
+                let want = (2.0 / std::f64::consts::PI).sqrt();
+                match (c(cubic), c(scale)) {
+                    (Some(a), Some(b))
+                        if (a - 0.044715).abs() < 1e-6 && (b - want).abs() < 1e-6 =>
+                    {
+                        None
+                    }
+                    _ => return Vec::new(),
+                }
+            }
             AttrFrom::RotaryHalf {
                 h,
                 end,
@@ -212,9 +228,20 @@ pub fn norm() -> Vec<Rule> {
     rules
 }
 
-/// SiLU and the gated MLP activation `silu(gate) · up`.
+/// SiLU, the gated MLP activation `silu(gate) · up`, and GELU with the tanh approximation
+/// (`0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, GPT-2's `gelu_new`).
 pub fn activation() -> Vec<Rule> {
     vec![
+        rule_with(
+            "gelu-tanh",
+            "(Mul (Mul ?x 0.5) (Add (Tanh (Mul (Add ?x (Mul (Pow ?x 3) ?a)) ?s)) 1))",
+            FusedOp::GeluTanh,
+            &["?x"],
+            AttrFrom::GeluTanh {
+                cubic: var("?a"),
+                scale: var("?s"),
+            },
+        ),
         rule(
             "silu",
             "(Mul ?x (Sigmoid ?x))",

@@ -12,6 +12,24 @@ use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
 use crate::tensor::{Element, Tensor};
 
+fn gelu(attrs: &Attrs, _opset: i64) -> Result<Arc<dyn Op>, OpError> {
+    let approximate = match attrs.string("approximate")?.unwrap_or("none") {
+        "none" => false,
+        "tanh" => true,
+        other => {
+            return Err(OpError::BadAttr {
+                name: "approximate".into(),
+                msg: format!("expected \"none\" or \"tanh\", found {other:?}"),
+            })
+        }
+    };
+    Ok(Arc::new(UnaryOp(if approximate {
+        Unary::GeluTanh
+    } else {
+        Unary::Gelu
+    })))
+}
+
 pub fn register(r: &mut OpRegistry) {
     for (name, op) in [
         ("Add", Binary::Add),
@@ -90,23 +108,9 @@ pub fn register(r: &mut OpRegistry) {
     r.register("", "CastLike", 15, |_, _| Ok(Arc::new(Cast { to: None })));
     r.register("", "Identity", 13, |_, _| Ok(Arc::new(Identity)));
     r.register("", "Clip", 13, |_, _| Ok(Arc::new(Clip)));
-    r.register("", "Gelu", 20, |attrs, _| {
-        let approximate = match attrs.string("approximate")?.unwrap_or("none") {
-            "none" => false,
-            "tanh" => true,
-            other => {
-                return Err(OpError::BadAttr {
-                    name: "approximate".into(),
-                    msg: format!("expected \"none\" or \"tanh\", found {other:?}"),
-                })
-            }
-        };
-        Ok(Arc::new(UnaryOp(if approximate {
-            Unary::GeluTanh
-        } else {
-            Unary::Gelu
-        })))
-    });
+    r.register("", "Gelu", 20, gelu);
+    // The fusion pass's GELU, at any opset of the `patch` domain.
+    r.register("patch", "Gelu", 1, gelu);
 }
 
 fn binary_builder(op: Binary) -> super::OpBuilder {
