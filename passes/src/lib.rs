@@ -4,6 +4,7 @@
 
 pub mod calibration;
 pub mod canonicalize;
+pub mod cse;
 pub mod dce;
 pub mod fold;
 pub mod fuse;
@@ -45,12 +46,13 @@ pub trait Pass {
 }
 
 /// The pipeline that simplifies an imported graph, to a fixpoint: constant folding,
-/// canonicalization, dead-code elimination.
+/// canonicalization, common-subexpression elimination, dead-code elimination.
 pub fn cleanup_pipeline(registry: &OpRegistry) -> PassManager<'_> {
     PassManager::new(registry)
         .named("cleanup")
         .with_pass(fold::ConstantFolding::default())
         .with_pass(canonicalize::Canonicalize)
+        .with_pass(cse::CommonSubexpressions)
         .with_pass(dce::DeadCodeElimination)
         .to_fixpoint(8)
 }

@@ -83,7 +83,7 @@ enum Command {
         no_fuse: bool,
         /// Write the IR after every run of PASS to `<output>.<NN>.<pipeline>.<pass>.ir`
         /// (repeatable or comma-separated; `all` for every pass). Passes: fold-constants,
-        /// canonicalize, dce, hybrid-matmul, fuse.
+        /// canonicalize, cse, dce, hybrid-matmul, fuse.
         #[arg(long, value_name = "PASS", value_delimiter = ',')]
         dump_after: Vec<String>,
         /// Stop after the first run of PASS (no bundle is written); with --dump-after, to see

@@ -1,0 +1,97 @@
+//! Common-subexpression elimination, two ways:
+//!
+//! * **structural**: a node with the same op, attributes and inputs as an earlier node computes
+//!   the same values (ops are deterministic; nondeterministic ones are skipped), so its users
+//!   read the earlier node's outputs;
+//! * **symbolic**: two integer values whose symbolic content is the same expression of the
+//!   graph's dimensions (e.g. `past_sequence_length + sequence_length` read from each layer's
+//!   key cache) are equal at run time, so users of the later read the earlier.
+//!
+//! Graph outputs keep their producers (their names are the model's interface). Dead-code
+//! elimination then removes what no longer has users.
+
+use std::collections::HashMap;
+
+use patch_runtime::ir::Def;
+use patch_runtime::ops::OpRegistry;
+use patch_runtime::{Graph, RuntimeError, ValueId};
+
+use crate::fold::is_nondeterministic;
+use crate::Pass;
+
+pub struct CommonSubexpressions;
+
+impl Pass for CommonSubexpressions {
+    fn name(&self) -> &'static str {
+        "cse"
+    }
+
+    fn run(&self, graph: &mut Graph, _registry: &OpRegistry) -> Result<bool, RuntimeError> {
+        let graph_outputs: Vec<ValueId> = graph.outputs().iter().map(|(v, _)| *v).collect();
+        // Replacements found so far: later value → earlier value. Inputs are looked up through
+        // it, so chains of duplicates collapse in one pass.
+        let mut same: HashMap<ValueId, ValueId> = HashMap::new();
+        let canon = |same: &HashMap<ValueId, ValueId>, v: ValueId| *same.get(&v).unwrap_or(&v);
+        let mut by_node: HashMap<String, Vec<ValueId>> = HashMap::new();
+        let mut by_content: HashMap<String, ValueId> = HashMap::new();
+        for (_, node) in graph.nodes() {
+            let keeps_interface = node.outputs.iter().any(|o| graph_outputs.contains(o));
+            if !is_nondeterministic(&node.op_type) && !keeps_interface {
+                let inputs: Vec<String> = node
+                    .inputs
+                    .iter()
+                    .map(|i| i.map_or("_".to_string(), |v| canon(&same, v).0.to_string()))
+                    .collect();
+                let attrs: Vec<String> = node
+                    .attrs
+                    .0
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let key = format!(
+                    "{}.{}{{{}}}({})",
+                    node.domain,
+                    node.op_type,
+                    attrs.join(","),
+                    inputs.join(",")
+                );
+                match by_node.get(&key) {
+                    Some(earlier) if earlier.len() == node.outputs.len() => {
+                        for (o, e) in node.outputs.iter().zip(earlier) {
+                            same.insert(*o, *e);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        by_node.insert(key, node.outputs.clone());
+                    }
+                }
+            }
+            for &o in &node.outputs {
+                let v = graph.value(o);
+                let Some(sym) = &v.sym else { continue };
+                if !v.ty.dtype.is_int() || graph_outputs.contains(&o) || same.contains_key(&o) {
+                    continue;
+                }
+                let shape: Vec<String> = v.ty.shape.iter().map(|d| d.to_string()).collect();
+                let content: Vec<String> = sym.iter().map(|d| d.to_string()).collect();
+                let key = format!("{}[{}]={}", v.ty.dtype, shape.join(","), content.join(","));
+                match by_content.get(&key) {
+                    Some(&earlier) => {
+                        same.insert(o, earlier);
+                    }
+                    None => {
+                        by_content.insert(key, o);
+                    }
+                }
+            }
+        }
+        // Constants and graph inputs are never replaced; only node outputs are.
+        same.retain(|v, _| matches!(graph.value(*v).def, Def::Node(..)));
+        let mut changed = false;
+        for (later, earlier) in same {
+            changed |= graph.replace_uses(later, earlier) > 0;
+        }
+        Ok(changed)
+    }
+}
