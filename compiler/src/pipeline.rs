@@ -55,9 +55,10 @@ pub struct CompileOptions {
 }
 
 /// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
-pub const PASS_NAMES: [&str; 5] = [
+pub const PASS_NAMES: [&str; 6] = [
     "fold-constants",
     "canonicalize",
+    "cse",
     "dce",
     "hybrid-matmul",
     "fuse",

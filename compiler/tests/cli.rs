@@ -132,6 +132,59 @@ fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn dump_after_and_stop_after_show_the_ir_without_a_bundle() {
+    let dir = std::env::temp_dir().join(format!("patchc-dump-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("llama.patch");
+    let out_s = out.to_string_lossy().into_owned();
+    let model = fixture("llama_optimum_with_past");
+    let (ok, _, err) = patchc(&[
+        "compile",
+        &model,
+        "-o",
+        &out_s,
+        "--dump-after",
+        "cse,fuse",
+        "--stop-after",
+        "fuse",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("stopped after pass `fuse`"), "{err}");
+    assert!(!out.exists(), "--stop-after wrote a bundle");
+    let mut dumps: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dumps.sort();
+    assert!(
+        dumps.iter().any(|d| d.ends_with(".cleanup.cse.ir")),
+        "{dumps:?}"
+    );
+    let fused = dumps
+        .iter()
+        .find(|d| d.ends_with(".fuse.fuse.ir"))
+        .expect("a fuse dump");
+    let text = std::fs::read_to_string(dir.join(fused)).unwrap();
+    assert!(text.starts_with("graph "), "{text}");
+    assert!(text.contains("patch.RMSNorm(") && text.contains("patch.Attention("));
+    for line in err.lines().filter(|l| l.starts_with("IR written to")) {
+        assert!(
+            std::path::Path::new(&line["IR written to ".len()..]).exists(),
+            "{line}"
+        );
+    }
+
+    let (ok, _, err) = patchc(&["compile", &model, "-o", &out_s, "--stop-after", "fusion"]);
+    assert!(!ok, "an unknown pass must fail");
+    assert!(
+        err.contains("unknown pass `fusion`") && err.contains("fold-constants, canonicalize, cse"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Writes a WordLevel `tokenizer.json` over `w0 .. w511` for the fixtures' 512-token vocabulary.
 fn write_word_tokenizer(path: &std::path::Path) {
     let vocab: Vec<String> = (0..512).map(|i| format!("\"w{i}\": {i}")).collect();
