@@ -16,6 +16,32 @@ use std::sync::Arc;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError};
 
+/// A canonical text of a node's attributes that two nodes share only when their attributes are
+/// equal (tensor attributes by a hash of their bytes, which `Display` abbreviates), without
+/// spaces.
+pub fn attrs_key(attrs: &patch_runtime::ir::Attrs) -> String {
+    use std::hash::{Hash, Hasher};
+    let parts: Vec<String> = attrs
+        .0
+        .iter()
+        .map(|(k, v)| match v {
+            patch_runtime::ir::Attr::Tensor(t) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                t.bytes().as_ref().hash(&mut h);
+                format!(
+                    "{k}=tensor<{}{:?}>#{:016x}",
+                    t.dtype(),
+                    t.shape(),
+                    h.finish()
+                )
+            }
+            other => format!("{k}={other}"),
+        })
+        .map(|s| s.split_whitespace().collect::<String>())
+        .collect();
+    parts.join(",")
+}
+
 /// A progress callback for long passes: `(done, total)`.
 pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
@@ -209,5 +235,29 @@ impl<'r> PassManager<'r> {
             }
         }
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use patch_runtime::ir::{Attr, Attrs};
+    use patch_runtime::Tensor;
+
+    /// Tensor attributes that print alike (more than 8 elements are abbreviated) still key
+    /// apart; equal ones key alike.
+    #[test]
+    fn attrs_key_tells_large_tensors_apart() {
+        let t = |last: f32| {
+            let mut v = vec![0f32; 16];
+            v[15] = last;
+            Attrs::new().with(
+                "value",
+                Attr::Tensor(Tensor::from_vec(vec![16], v).unwrap()),
+            )
+        };
+        assert_eq!(super::attrs_key(&t(1.0)), super::attrs_key(&t(1.0)));
+        assert_ne!(super::attrs_key(&t(1.0)), super::attrs_key(&t(2.0)));
+        let with_list = Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3]));
+        assert_eq!(super::attrs_key(&with_list), "perm=[0,2,1,3]");
     }
 }

@@ -34,7 +34,7 @@ use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, NodeId, RuntimeError, ValueId};
 
 use crate::fold::is_nondeterministic;
-use crate::Pass;
+use crate::{attrs_key, Pass};
 
 /// Runner limits of one fusion run.
 #[derive(Clone, Copy, Debug)]
@@ -181,7 +181,7 @@ impl FusedOp {
     }
 }
 
-/// The e-node symbol of a node: domain, op type and attributes, without spaces.
+/// The e-node symbol of a node: domain, op type and attributes (see [`attrs_key`]).
 fn node_symbol(domain: &str, op_type: &str, attrs: &Attrs) -> String {
     let mut s = if domain.is_empty() {
         op_type.to_string()
@@ -189,13 +189,8 @@ fn node_symbol(domain: &str, op_type: &str, attrs: &Attrs) -> String {
         format!("{domain}.{op_type}")
     };
     if !attrs.is_empty() {
-        let parts: Vec<String> = attrs
-            .0
-            .iter()
-            .map(|(k, v)| format!("{k}={v}").split_whitespace().collect::<String>())
-            .collect();
         s.push('{');
-        s.push_str(&parts.join(","));
+        s.push_str(&attrs_key(attrs));
         s.push('}');
     }
     s
