@@ -163,6 +163,11 @@ fn print_profile(model: &LanguageModel) {
         "  {:<24} {:>9} {:>10} {:>7}",
         "op", "calls", "seconds", "share"
     );
+    let matmul: f64 = rows
+        .iter()
+        .filter(|(op, _)| matches!(op.as_str(), "patch.HybridMatMul" | "MatMul" | "Gemm"))
+        .map(|(_, t)| t.seconds)
+        .sum();
     for (op, t) in rows {
         eprintln!(
             "  {op:<24} {:>9} {:>10.4} {:>6.1}%",
@@ -171,6 +176,10 @@ fn print_profile(model: &LanguageModel) {
             100.0 * t.seconds / total
         );
     }
+    eprintln!(
+        "ops other than MatMul/Gemm/HybridMatMul: {:.1}% of the time in ops",
+        100.0 * (total - matmul) / total.max(f64::MIN_POSITIVE)
+    );
 }
 
 fn kernels_line() -> String {
