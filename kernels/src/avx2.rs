@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::cpu::{TileJob, DT_BF16, DT_F16, DT_F32};
+use crate::cpu::{for_each_block, TileJob, DT_BF16, DT_F16, DT_F32};
 
 /// Output columns per vector.
 pub(crate) const LANES: usize = 8;
@@ -180,46 +180,36 @@ unsafe fn run<const DT: u8>(job: &TileJob, nvec: usize) {
         (_, true) => (4, 1),
     };
     let row_bytes = job.nw * 2 * esz;
-    let mut v0 = 0;
-    while v0 < nvec {
-        let nv = (nvec - v0).min(nv_max);
-        let col = job.col0 + v0 * LANES;
-        let mut m0 = 0;
-        while m0 < job.rows {
-            let mr = (job.rows - m0).min(mr_max);
-            let x = job.x.add(m0 * job.xs);
-            let y = job.y.add(m0 * job.ys + v0 * LANES);
-            let w = job.vals.add(col * 2 * esz);
-            if job.sparse {
-                let meta = job.meta.add(col);
-                dispatch!(
-                    sparse,
-                    DT,
-                    mr,
-                    nv,
-                    (
-                        x,
-                        job.xs,
-                        w,
-                        row_bytes,
-                        meta,
-                        job.nw,
-                        job.kpad / 4,
-                        y,
-                        job.ys
-                    )
-                );
-            } else {
-                dispatch!(
-                    dense,
-                    DT,
-                    mr,
-                    nv,
-                    (x, job.xs, w, row_bytes, job.kpad / 2, y, job.ys)
-                );
-            }
-            m0 += mr;
+    for_each_block(job, nvec, LANES, (mr_max, nv_max), |xo, y, col, mr, nv| {
+        let x = job.x.add(xo);
+        let w = job.vals.add(col * 2 * esz);
+        if job.sparse {
+            let meta = job.meta.add(col);
+            dispatch!(
+                sparse,
+                DT,
+                mr,
+                nv,
+                (
+                    x,
+                    job.xs,
+                    w,
+                    row_bytes,
+                    meta,
+                    job.nw,
+                    job.kpad / 4,
+                    y,
+                    job.ys
+                )
+            );
+        } else {
+            dispatch!(
+                dense,
+                DT,
+                mr,
+                nv,
+                (x, job.xs, w, row_bytes, job.kpad / 2, y, job.ys)
+            );
         }
-        v0 += nv;
-    }
+    });
 }

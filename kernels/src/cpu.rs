@@ -43,6 +43,36 @@ pub(crate) struct TileJob {
     pub ys: usize,
 }
 
+/// Walks a tile job in register blocks: for every group of at most `nv_max` vectors of
+/// `lanes` columns (outer) and every group of at most `mr_max` rows (inner), calls
+/// `block(x_row, y, column, mr, nv)` with the X row offset `m0 * xs`, the Y pointer of the
+/// block's first output and the block's first column within the tile. Inner rows reuse the
+/// weight block while it is in L1.
+///
+/// # Safety
+/// `job` must satisfy the [`TileJob`] contract for `nvec * lanes` columns.
+#[inline(always)]
+pub(crate) unsafe fn for_each_block(
+    job: &TileJob,
+    nvec: usize,
+    lanes: usize,
+    (mr_max, nv_max): (usize, usize),
+    mut block: impl FnMut(usize, *mut f32, usize, usize, usize),
+) {
+    let mut v0 = 0;
+    while v0 < nvec {
+        let nv = (nvec - v0).min(nv_max);
+        let mut m0 = 0;
+        while m0 < job.rows {
+            let mr = (job.rows - m0).min(mr_max);
+            let y = job.y.add(m0 * job.ys + v0 * lanes);
+            block(m0 * job.xs, y, job.col0 + v0 * lanes, mr, nv);
+            m0 += mr;
+        }
+        v0 += nv;
+    }
+}
+
 /// Output pointer shared by the threads of one call; each writes a disjoint column range.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);

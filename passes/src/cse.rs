@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 
-use patch_runtime::ir::Def;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, RuntimeError, ValueId};
 
@@ -80,8 +79,6 @@ impl Pass for CommonSubexpressions {
                 }
             }
         }
-        // Constants and graph inputs are never replaced; only node outputs are.
-        same.retain(|v, _| matches!(graph.value(*v).def, Def::Node(..)));
         let mut changed = false;
         for (later, earlier) in same {
             changed |= graph.replace_uses(later, earlier) > 0;

@@ -109,16 +109,28 @@ pub struct PassRun {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PipelineOutcome {
     pub runs: Vec<PassRun>,
-    /// Rounds run (a round runs every pass once).
-    pub rounds: usize,
-    /// The last round changed nothing (a pipeline that runs once reaches it only when its one
-    /// round changed nothing).
-    pub fixpoint: bool,
     /// The pipeline ended early because of [`PassManager::stop_after`].
     pub stopped: bool,
 }
 
 impl PipelineOutcome {
+    /// Rounds run (a round runs every pass once; the last may be cut by `stop_after`).
+    pub fn rounds(&self) -> usize {
+        self.runs.last().map_or(0, |r| r.round)
+    }
+
+    /// Whether the last round ran whole and changed nothing.
+    pub fn reached_fixpoint(&self) -> bool {
+        let last = self.rounds();
+        !self.stopped
+            && last > 0
+            && self
+                .runs
+                .iter()
+                .filter(|r| r.round == last)
+                .all(|r| !r.changed)
+    }
+
     /// Names of the passes that changed the graph, in order, each once.
     pub fn changed(&self) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = Vec::new();
@@ -193,7 +205,6 @@ impl<'r> PassManager<'r> {
     pub fn run(&mut self, graph: &mut Graph) -> Result<PipelineOutcome, PassError> {
         let mut outcome = PipelineOutcome::default();
         for round in 1..=self.max_rounds {
-            outcome.rounds = round;
             let mut any = false;
             for pass in &self.passes {
                 let nodes_before = graph.node_count();
@@ -230,7 +241,6 @@ impl<'r> PassManager<'r> {
                 }
             }
             if !any {
-                outcome.fixpoint = true;
                 return Ok(outcome);
             }
         }
@@ -240,8 +250,110 @@ impl<'r> PassManager<'r> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use patch_runtime::ir::{Attr, Attrs};
-    use patch_runtime::Tensor;
+    use patch_runtime::ops::OpRegistry;
+    use patch_runtime::{
+        DType, Dim, Graph, InputRole, OutputRole, RuntimeError, Tensor, TensorType,
+    };
+
+    use super::{dce::DeadCodeElimination, Pass, PassError, PassManager};
+
+    /// Reports a change on its first `n` runs, changing nothing in fact.
+    struct Settles {
+        left: AtomicUsize,
+    }
+
+    impl Pass for Settles {
+        fn name(&self) -> &'static str {
+            "settles"
+        }
+        fn run(&self, _: &mut Graph, _: &OpRegistry) -> Result<bool, RuntimeError> {
+            let left = self.left.load(Ordering::Relaxed);
+            self.left.store(left.saturating_sub(1), Ordering::Relaxed);
+            Ok(left > 0)
+        }
+    }
+
+    /// Removes every node, leaving the graph output undefined.
+    struct Breaks;
+
+    impl Pass for Breaks {
+        fn name(&self) -> &'static str {
+            "breaks"
+        }
+        fn run(&self, graph: &mut Graph, _: &OpRegistry) -> Result<bool, RuntimeError> {
+            let ids: Vec<_> = graph.order().to_vec();
+            for id in ids {
+                graph.remove_node(id);
+            }
+            Ok(true)
+        }
+    }
+
+    fn one_node_graph(r: &OpRegistry) -> Graph {
+        let mut g = Graph::new("g", 18);
+        let ty = TensorType::new(DType::F32, vec![Dim::constant(2)]);
+        let x = g.add_input("x", ty, InputRole::Other).unwrap();
+        let y = g
+            .add_node(
+                r,
+                "n",
+                "",
+                "Neg",
+                Attrs::new(),
+                vec![Some(x)],
+                vec!["y".into()],
+            )
+            .unwrap()[0];
+        g.set_outputs(vec![(y, OutputRole::Other)]);
+        g
+    }
+
+    #[test]
+    fn pipelines_run_to_a_fixpoint_within_their_limit_and_stop_where_asked() {
+        let r = OpRegistry::onnx();
+        let settles = |n| Settles {
+            left: AtomicUsize::new(n),
+        };
+        let mut g = one_node_graph(&r);
+        let out = PassManager::new(&r)
+            .with_pass(settles(2))
+            .with_pass(DeadCodeElimination)
+            .to_fixpoint(8)
+            .run(&mut g)
+            .unwrap();
+        assert_eq!((out.rounds(), out.reached_fixpoint()), (3, true));
+        assert_eq!(out.changed(), ["settles"]);
+
+        let out = PassManager::new(&r)
+            .with_pass(settles(5))
+            .to_fixpoint(2)
+            .run(&mut g)
+            .unwrap();
+        assert_eq!((out.rounds(), out.reached_fixpoint()), (2, false));
+
+        let out = PassManager::new(&r)
+            .with_pass(settles(5))
+            .with_pass(DeadCodeElimination)
+            .to_fixpoint(8)
+            .stop_after(Some("settles".into()))
+            .run(&mut g)
+            .unwrap();
+        assert!(out.stopped && !out.reached_fixpoint());
+        assert_eq!(out.runs.len(), 1);
+
+        let err = PassManager::new(&r)
+            .named("test")
+            .with_pass(Breaks)
+            .run(&mut g)
+            .unwrap_err();
+        assert!(
+            matches!(&err, PassError::Verify { pass, .. } if pass == "breaks"),
+            "{err}"
+        );
+    }
 
     /// Tensor attributes that print alike (more than 8 elements are abbreviated) still key
     /// apart; equal ones key alike.

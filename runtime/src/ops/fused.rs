@@ -18,12 +18,14 @@
 //! All take and return f32 (the pass only fuses f32 subgraphs) and split rows over the kernels'
 //! thread pool when the tensor is large enough to pay for the wake-up.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{
+    arity, for_each_row, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact,
+};
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
 use crate::tensor::Tensor;
@@ -45,9 +47,6 @@ pub fn register(r: &mut OpRegistry) {
 /// Query rows from which attention runs as two GEMMs per head instead of row by row.
 const GEMM_MIN_ROWS: usize = 16;
 
-/// Elements from which a fused op splits its rows over the thread pool.
-const PARALLEL_MIN: usize = 1 << 15;
-
 fn tensor_err(e: crate::RuntimeError) -> OpError {
     OpError::Invalid(e.to_string())
 }
@@ -61,40 +60,6 @@ fn require_f32(op: &str, what: &str, ty: &TensorType) -> Result<(), OpError> {
             ty.dtype
         )))
     }
-}
-
-/// Runs `row(index, out_row)` for every `width`-wide row of `out`, on the kernels' pool when
-/// `out` is large. `row` must depend only on its arguments (rows are independent).
-fn for_each_row(out: &mut [f32], width: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    let rows = out.len().checked_div(width).unwrap_or(0);
-    let pool = patch_kernels::CpuKernels::global()
-        .ok()
-        .filter(|p| p.threads() > 1 && out.len() >= PARALLEL_MIN);
-    let Some(pool) = pool else {
-        for (r, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
-            row(r, o);
-        }
-        return;
-    };
-    let parts = pool.threads();
-    let chunks: Vec<Mutex<&mut [f32]>> = {
-        let mut rest: &mut [f32] = out;
-        let mut v = Vec::with_capacity(parts);
-        for t in 0..parts {
-            let take = (rows * (t + 1) / parts - rows * t / parts) * width;
-            let (head, tail) = rest.split_at_mut(take);
-            v.push(Mutex::new(head));
-            rest = tail;
-        }
-        v
-    };
-    pool.run_on_threads(&|t| {
-        let r0 = rows * t / parts;
-        let mut dst = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
-        for (k, o) in dst.chunks_exact_mut(width).enumerate() {
-            row(r0 + k, o);
-        }
-    });
 }
 
 #[inline]
@@ -288,24 +253,22 @@ impl Rotary {
     }
 }
 
-/// Element strides of `table` broadcast (right-aligned) to the leading axes of `x` (all but
-/// the last); 0 on broadcast axes. The last axes must be equal.
-fn row_broadcast(table: &[usize], x: &[usize]) -> Result<Vec<usize>, String> {
-    if table.len() > x.len() || table.last() != x.last() {
-        return Err(format!(
-            "{table:?} does not broadcast to {x:?} along the rows"
-        ));
+/// Element strides of a row-major tensor of shape `from` read as broadcast (right-aligned,
+/// ONNX multidirectional rules restricted to `from`'s side) to the shape `to`: 0 on broadcast
+/// axes.
+fn broadcast_strides(from: &[usize], to: &[usize]) -> Result<Vec<usize>, String> {
+    if from.len() > to.len() {
+        return Err(format!("{from:?} has more axes than {to:?}"));
     }
-    let lead = x.len() - 1;
-    let mut dims = vec![1usize; x.len() - table.len()];
-    dims.extend_from_slice(table);
-    let mut strides = vec![0usize; lead];
-    let mut acc = *x.last().unwrap_or(&1);
-    for a in (0..lead).rev() {
-        if dims[a] == x[a] && x[a] != 1 {
+    let mut dims = vec![1usize; to.len() - from.len()];
+    dims.extend_from_slice(from);
+    let mut strides = vec![0usize; to.len()];
+    let mut acc = 1;
+    for a in (0..to.len()).rev() {
+        if dims[a] == to[a] && to[a] != 1 {
             strides[a] = acc;
         } else if dims[a] != 1 {
-            return Err(format!("{table:?} does not broadcast to {x:?}"));
+            return Err(format!("{from:?} does not broadcast to {to:?}"));
         }
         acc *= dims[a];
     }
@@ -354,8 +317,13 @@ impl Op for Rotary {
             return Err(bad(format!("X {:?} needs a last axis of {d}", xt.shape())));
         }
         let lead: Vec<usize> = xt.shape()[..xt.rank() - 1].to_vec();
-        let cs = row_broadcast(ct.shape(), xt.shape()).map_err(bad)?;
-        let ss = row_broadcast(st.shape(), xt.shape()).map_err(bad)?;
+        // Cos and Sin vary along the rows only: the last axis must be X's own.
+        let table_strides = |t: &Tensor| match broadcast_strides(t.shape(), xt.shape()) {
+            Ok(st) if t.shape().last() == Some(&d) => Ok(st),
+            Ok(_) => Err(bad(format!("Cos/Sin {:?} must end in {d}", t.shape()))),
+            Err(e) => Err(bad(e)),
+        };
+        let (cs, ss) = (table_strides(ct)?, table_strides(st)?);
         let (x, cos, sin) = (
             xt.as_slice::<f32>().map_err(tensor_err)?,
             ct.as_slice::<f32>().map_err(tensor_err)?,
@@ -407,64 +375,14 @@ impl Attention {
     }
 }
 
-/// Strides (in elements) of a mask broadcast to `[b, h, s, t]`: 0 on broadcast axes.
-fn mask_strides(mask: &[usize], full: [usize; 4]) -> Result<[usize; 4], String> {
-    if mask.len() > 4 {
-        return Err(format!("mask rank {} > 4", mask.len()));
-    }
-    let mut dims = [1usize; 4];
-    dims[4 - mask.len()..].copy_from_slice(mask);
-    let mut strides = [0usize; 4];
-    let mut acc = 1;
-    for a in (0..4).rev() {
-        if dims[a] == full[a] && full[a] != 1 {
-            strides[a] = acc;
-        } else if dims[a] != 1 {
-            return Err(format!("mask {mask:?} does not broadcast to {full:?}"));
-        }
-        acc *= dims[a];
-    }
-    Ok(strides)
-}
-
 /// `exp(x)` for every element, in place, by a degree-6 polynomial after range reduction
-/// (Cephes `expf`: relative error ≤ 2e-7), written so the compiler vectorizes it. Inputs below
+/// (Cephes `expf`: relative error ≤ 2e-7), written so the compiler vectorizes it where it is
+/// inlined into a target-feature function (the softmax's AVX-512 / AVX2 twins). Inputs below
 /// -87.34 (results below the normal range, `-inf` included) give 0; inputs above 88.38 give
 /// `+inf` (so the last 0.35 of the f32 range saturates early: the softmax calls it on
 /// `score - max ≤ 0`).
-pub fn exp_in_place(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { exp_avx512(xs) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { exp_avx2(xs) };
-        }
-    }
-    exp_body(xs)
-}
-
-/// [`exp_in_place`] compiled for AVX-512 (the body vectorizes 16 wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_avx512(xs: &mut [f32]) {
-    exp_body(xs)
-}
-
-/// [`exp_in_place`] compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(xs: &mut [f32]) {
-    exp_body(xs)
-}
-
-/// The portable body of [`exp_in_place`]; inlined into each target-feature twin.
 #[inline(always)]
-fn exp_body(xs: &mut [f32]) {
+fn exp_in_place(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -552,7 +470,7 @@ fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
     for x in row.iter_mut() {
         *x -= max;
     }
-    exp_body(row);
+    exp_in_place(row);
     let mut sums = [0f32; 16];
     let mut chunks = row.chunks_exact(16);
     for c in chunks.by_ref() {
@@ -653,7 +571,7 @@ impl Op for Attention {
         );
         let mask = opt(inputs, 3)
             .map(|m| -> Result<_, OpError> {
-                let strides = mask_strides(m.shape(), [b, h, s, t]).map_err(bad)?;
+                let strides = broadcast_strides(m.shape(), &[b, h, s, t]).map_err(bad)?;
                 Ok((m.as_slice::<f32>().map_err(tensor_err)?, strides))
             })
             .transpose()?;
@@ -664,7 +582,6 @@ impl Op for Attention {
                 (&m[base..], st[3])
             })
         };
-        let softmax = |row: &mut [f32], m: Option<(&[f32], usize)>| softmax_row(row, m);
         let mut out = vec![0f32; b * h * s * dv];
         if s >= GEMM_MIN_ROWS {
             // Prefill: per (batch, head), two GEMMs through matrixmultiply around a row-wise
@@ -681,7 +598,7 @@ impl Op for Attention {
                 general_mat_mul(scale, &qh, &kh.t(), 0.0, &mut scores);
                 for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
                     let row = row.as_slice_mut().expect("standard layout");
-                    if !softmax(row, mask_row(batch, head, i)) {
+                    if !softmax_row(row, mask_row(batch, head, i)) {
                         row.fill(0.0);
                     }
                 }
@@ -708,7 +625,7 @@ impl Op for Attention {
                     })
                     .collect();
                 o.fill(0.0);
-                if !softmax(&mut scores, m) {
+                if !softmax_row(&mut scores, m) {
                     return;
                 }
                 for (j, &p) in scores.iter().enumerate() {

@@ -167,6 +167,47 @@ pub fn norm_axis(axis: i64, rank: usize) -> Result<usize, OpError> {
 }
 
 /// Builds an op from its attributes at a given opset of its domain.
+/// Elements from which [`for_each_row`] splits rows over the kernels' thread pool.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// Runs `row(index, out_row)` for every `width`-wide row of `out`, on the kernels' pool when
+/// `out` is large. `row` must depend only on its arguments (rows are independent).
+pub(crate) fn for_each_row(
+    out: &mut [f32],
+    width: usize,
+    row: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let rows = out.len().checked_div(width).unwrap_or(0);
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && out.len() >= PARALLEL_MIN);
+    let Some(pool) = pool else {
+        for (r, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
+            row(r, o);
+        }
+        return;
+    };
+    let parts = pool.threads();
+    let chunks: Vec<std::sync::Mutex<&mut [f32]>> = {
+        let mut rest: &mut [f32] = out;
+        let mut v = Vec::with_capacity(parts);
+        for t in 0..parts {
+            let take = (rows * (t + 1) / parts - rows * t / parts) * width;
+            let (head, tail) = rest.split_at_mut(take);
+            v.push(std::sync::Mutex::new(head));
+            rest = tail;
+        }
+        v
+    };
+    pool.run_on_threads(&|t| {
+        let r0 = rows * t / parts;
+        let mut dst = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
+        for (k, o) in dst.chunks_exact_mut(width).enumerate() {
+            row(r0 + k, o);
+        }
+    });
+}
+
 pub type OpBuilder = fn(&Attrs, i64) -> Result<Arc<dyn Op>, OpError>;
 
 #[derive(Clone, Copy)]

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
-use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{
+    arity, for_each_row, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact,
+};
 use crate::dim::{Dim, Shape};
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
@@ -510,8 +512,8 @@ fn softmax_rows_f32(x: &Tensor) -> Result<Tensor, OpError> {
     if width == 0 || src.is_empty() {
         return Tensor::from_vec(x.shape().to_vec(), out).map_err(tensor_err);
     }
-    let rows = src.len() / width;
-    let row = |inp: &[f32], o: &mut [f32]| {
+    for_each_row(&mut out, width, &|r, o| {
+        let inp = &src[r * width..(r + 1) * width];
         let m = inp.iter().fold(f32::NEG_INFINITY, |a, &v| {
             if a.is_nan() || v.is_nan() {
                 f32::NAN
@@ -529,39 +531,7 @@ fn softmax_rows_f32(x: &Tensor) -> Result<Tensor, OpError> {
         for d in o.iter_mut() {
             *d *= inv;
         }
-    };
-    let pool = patch_kernels::CpuKernels::global()
-        .ok()
-        .filter(|p| p.threads() > 1 && src.len() >= 1 << 15);
-    match pool {
-        None => {
-            for (i, o) in src.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-                row(i, o);
-            }
-        }
-        Some(pool) => {
-            let parts = pool.threads();
-            let chunks: Vec<std::sync::Mutex<&mut [f32]>> = {
-                let mut rest: &mut [f32] = &mut out;
-                let mut v = Vec::with_capacity(parts);
-                for t in 0..parts {
-                    let take = (rows * (t + 1) / parts - rows * t / parts) * width;
-                    let (head, tail) = rest.split_at_mut(take);
-                    v.push(std::sync::Mutex::new(head));
-                    rest = tail;
-                }
-                v
-            };
-            pool.run_on_threads(&|t| {
-                let r0 = rows * t / parts;
-                let mut dst = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
-                for (k, o) in dst.chunks_exact_mut(width).enumerate() {
-                    let r = r0 + k;
-                    row(&src[r * width..(r + 1) * width], o);
-                }
-            });
-        }
-    }
+    });
     Tensor::from_vec(x.shape().to_vec(), out).map_err(tensor_err)
 }
 
