@@ -304,6 +304,19 @@ fn a_compiled_fixture_runs_evaluates_and_benchmarks_through_patchrt() {
     }
     let (ok, _, err) = patchrt(&["bench", &b, "--prefill", "64"]);
     assert!(!ok && err.contains("context of 24"), "{err}");
+
+    // The cuda backend where there is no GPU: one clear line, no panic. An unknown backend
+    // is refused by the argument parser.
+    if !patch_runtime::cuda::driver_available() {
+        let (ok, _, err) = patchrt(&["run", &b, "--prompt", "w5", "--backend", "cuda"]);
+        assert!(
+            !ok && err.contains("no CUDA driver") && err.contains("--backend cpu"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = patchrt(&["run", &b, "--prompt", "w5", "--backend", "tpu"]);
+    assert!(!ok && err.contains("unknown backend `tpu`"), "{err}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod cpu;
+pub mod cuda;
 pub mod dispatch;
 pub mod format;
 pub mod pool;

@@ -2,6 +2,8 @@
 //! shape inference, an op registry and the reference CPU interpreter.
 
 pub mod bundle;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dim;
 pub mod dtype;
 pub mod error;

@@ -11,7 +11,7 @@ use patch_kernels::CpuKernels;
 use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::llm::text::{render_chat, StreamDecoder};
 use patch_runtime::llm::{
-    bench, eval, ChatMessage, LanguageModel, LlmError, Sampler, SamplingOptions,
+    bench, eval, Backend, ChatMessage, LanguageModel, LlmError, Sampler, SamplingOptions,
 };
 use patch_runtime::ops::OpRegistry;
 
@@ -37,9 +37,13 @@ struct RunOpts {
     /// Skip the checksum of the whole file at load (faster start on large bundles).
     #[arg(long)]
     no_verify: bool,
-    /// Print the time spent per op type on stderr at the end.
+    /// Print the time spent per op type on stderr at the end (cpu backend).
     #[arg(long)]
     profile: bool,
+    /// Where to run: cpu, or cuda[:N] (GPU N; needs an NVIDIA GPU of compute capability 8.0+,
+    /// its driver, and NVRTC on the library path).
+    #[arg(long, default_value = "cpu")]
+    backend: Backend,
 }
 
 #[derive(Subcommand)]
@@ -134,13 +138,14 @@ fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, St
         },
     )
     .map_err(|e| e.to_string())?;
-    let mut model =
-        LanguageModel::new(b.contents).map_err(|e| format!("{}: {e}", opts.bundle.display()))?;
+    let mut model = LanguageModel::with_backend(b.contents, opts.backend)
+        .map_err(|e| format!("{}: {e}", opts.bundle.display()))?;
     model.set_profiling(opts.profile);
     eprintln!(
-        "loaded {} in {:.2} s ({} layers, vocab {}, {})",
+        "loaded {} in {:.2} s on {} ({} layers, vocab {}, {})",
         opts.bundle.display(),
         t.elapsed().as_secs_f64(),
+        model.backend_name(),
         model.layers(),
         model.vocab(),
         if model.has_kv_cache() {

@@ -46,8 +46,36 @@ pub enum LlmError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("backend: {0}")]
+    Backend(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+}
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU kernels (SIMD, multi-threaded).
+    #[default]
+    Cpu,
+    /// GPU `device` through the CUDA backend (cargo feature `cuda`).
+    Cuda { device: usize },
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "cuda" => Ok(Backend::Cuda { device: 0 }),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(device)) => Ok(Backend::Cuda { device }),
+                _ => Err(format!(
+                    "unknown backend `{s}` (expected cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
 }
 
 /// Which graph inputs and outputs mean what (indices into the graph's input/output lists).
@@ -177,6 +205,9 @@ fn layout_of(graph: &Graph) -> Result<IoLayout, LlmError> {
 pub struct KvCache {
     tokens: Vec<u32>,
     layers: Vec<(Tensor, Tensor)>,
+    /// The same on the GPU when the model runs on the cuda backend (`layers` is then empty).
+    #[cfg(feature = "cuda")]
+    device_layers: Vec<(crate::cuda::Value, crate::cuda::Value)>,
 }
 
 impl KvCache {
@@ -213,6 +244,9 @@ impl Logits {
 /// metadata and tokenizer.
 pub struct LanguageModel {
     plan: Plan,
+    backend: Backend,
+    #[cfg(feature = "cuda")]
+    cuda: Option<crate::cuda::CudaPlan>,
     layout: IoLayout,
     input_dtypes: Vec<DType>,
     pub generation: Generation,
@@ -276,12 +310,58 @@ impl LanguageModel {
             .transpose()?;
         Ok(LanguageModel {
             plan: Plan::new(&contents.graph)?,
+            backend: Backend::Cpu,
+            #[cfg(feature = "cuda")]
+            cuda: None,
             layout,
             input_dtypes,
             generation: contents.generation,
             tokenizer,
             vocab,
         })
+    }
+
+    /// Prepares a loaded bundle for generation on `backend`.
+    pub fn with_backend(
+        contents: BundleContents,
+        backend: Backend,
+    ) -> Result<LanguageModel, LlmError> {
+        #[allow(unused_mut)]
+        let mut model = LanguageModel::new(contents)?;
+        match backend {
+            Backend::Cpu => {}
+            #[cfg(feature = "cuda")]
+            Backend::Cuda { device } => {
+                let backend_err = |e: crate::cuda::CudaError| LlmError::Backend(e.to_string());
+                let dev = crate::cuda::CudaDevice::open(device).map_err(backend_err)?;
+                model.cuda =
+                    Some(crate::cuda::CudaPlan::new(dev, model.plan.graph()).map_err(backend_err)?);
+                model.backend = backend;
+            }
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda { .. } => {
+                return Err(LlmError::Backend(
+                    "this build has no cuda backend (cargo feature `cuda` is off)".into(),
+                ))
+            }
+        }
+        Ok(model)
+    }
+
+    /// The backend forward steps run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The backend in words: `cpu`, or the GPU's name and architecture.
+    pub fn backend_name(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(plan) = &self.cuda {
+            let dev = plan.device();
+            let (major, minor) = dev.compute_capability();
+            return format!("cuda ({}, sm_{major}{minor})", dev.name());
+        }
+        "cpu".to_string()
     }
 
     /// Turns per-op-type timing of every forward step on or off.
@@ -411,8 +491,32 @@ impl LanguageModel {
             .into_iter()
             .map(|t| t.expect("every input has a role"))
             .collect();
+        #[cfg(feature = "cuda")]
+        if let Some(plan) = &self.cuda {
+            return self.forward_cuda(plan, cache, inputs, tokens, keep, total);
+        }
         let mut outputs = self.plan.run_observed(&inputs, observe)?;
         let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
+        let data = self.keep_logits(&logits, tokens.len(), keep)?;
+        if native {
+            cache.layers = l
+                .present
+                .iter()
+                .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
+                .collect();
+            let got = cache.layers.first().map(|(k, _)| k.shape().to_vec());
+            self.check_present(got.as_deref(), total)?;
+        }
+        cache.tokens.extend_from_slice(tokens);
+        Ok(Logits {
+            rows: keep,
+            vocab: self.vocab,
+            data,
+        })
+    }
+
+    /// The last `keep` rows of a `[1, rows, vocab]` logits tensor.
+    fn keep_logits(&self, logits: &Tensor, n: usize, keep: usize) -> Result<Vec<f32>, LlmError> {
         let shape = logits.shape().to_vec();
         let rows = match shape.as_slice() {
             [1, r, v] if *v == self.vocab => *r,
@@ -431,20 +535,57 @@ impl LanguageModel {
         }
         let data = logits.as_slice::<f32>()?;
         let data = data[(rows - keep) * self.vocab..rows * self.vocab].to_vec();
-        if native {
-            cache.layers = l
+        Ok(data)
+    }
+
+    /// Checks that the present keys (shape `got`) hold all `total` positions.
+    fn check_present(&self, got: Option<&[usize]>, total: usize) -> Result<(), LlmError> {
+        if let Some(shape) = got {
+            let got = shape.get(self.layout.past_axis).copied().unwrap_or(0);
+            if got != total {
+                return Err(LlmError::Invalid(format!(
+                    "present keys hold {got} positions after {total} tokens"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A forward step on the cuda backend: the KV cache stays in GPU memory between steps and
+    /// only the logits come back.
+    #[cfg(feature = "cuda")]
+    fn forward_cuda(
+        &self,
+        plan: &crate::cuda::CudaPlan,
+        cache: &mut KvCache,
+        inputs: Vec<Tensor>,
+        tokens: &[u32],
+        keep: usize,
+        total: usize,
+    ) -> Result<Logits, LlmError> {
+        use crate::cuda::Value;
+        let l = &self.layout;
+        let backend_err = |e: crate::cuda::CudaError| LlmError::Backend(e.to_string());
+        let mut values: Vec<Value> = inputs.into_iter().map(Value::Host).collect();
+        for (layer, &(k, v)) in l.past.iter().enumerate() {
+            if let Some((pk, pv)) = cache.device_layers.get(layer) {
+                values[k] = pk.clone();
+                values[v] = pv.clone();
+            }
+        }
+        let mut outputs = plan.run(values).map_err(backend_err)?;
+        let logits = std::mem::replace(&mut outputs[l.logits], Value::Host(Tensor::scalar(0f32)))
+            .to_host(plan.device())
+            .map_err(backend_err)?;
+        let data = self.keep_logits(&logits, tokens.len(), keep)?;
+        if self.has_kv_cache() {
+            cache.device_layers = l
                 .present
                 .iter()
                 .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
                 .collect();
-            if let Some((k, _)) = cache.layers.first() {
-                let got = k.shape().get(l.past_axis).copied().unwrap_or(0);
-                if got != total {
-                    return Err(LlmError::Invalid(format!(
-                        "present keys hold {got} positions after {total} tokens"
-                    )));
-                }
-            }
+            let got = cache.device_layers.first().map(|(k, _)| k.shape().to_vec());
+            self.check_present(got.as_deref(), total)?;
         }
         cache.tokens.extend_from_slice(tokens);
         Ok(Logits {

@@ -256,7 +256,7 @@ impl Rotary {
 /// Element strides of a row-major tensor of shape `from` read as broadcast (right-aligned,
 /// ONNX multidirectional rules restricted to `from`'s side) to the shape `to`: 0 on broadcast
 /// axes.
-fn broadcast_strides(from: &[usize], to: &[usize]) -> Result<Vec<usize>, String> {
+pub(crate) fn broadcast_strides(from: &[usize], to: &[usize]) -> Result<Vec<usize>, String> {
     if from.len() > to.len() {
         return Err(format!("{from:?} has more axes than {to:?}"));
     }
