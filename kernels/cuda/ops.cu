@@ -281,8 +281,3 @@ extern "C" __global__ void patch_concat_copy_b32(const unsigned int* x, unsigned
         y[o * inner_y + offset + c] = x[i];
     }
 }
-
-// y[i] = v for i < n. Grid-stride.
-extern "C" __global__ void patch_fill_f32(float* y, long long n, float v) {
-    GRID_STRIDE(i, n) { y[i] = v; }
-}

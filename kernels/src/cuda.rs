@@ -20,7 +20,7 @@ pub const OPS: &str = include_str!("../cuda/ops.cu");
 pub const SOURCES: [(&str, &str); 2] = [("hybrid.cu", HYBRID), ("ops.cu", OPS)];
 
 /// Every kernel the runtime launches, as `(source file, extern "C" name)`.
-pub const KERNELS: [(&str, &str); 19] = [
+pub const KERNELS: [(&str, &str); 18] = [
     ("hybrid.cu", "patch_hybrid_mma_bf16"),
     ("hybrid.cu", "patch_hybrid_mma_f16"),
     ("hybrid.cu", "patch_hybrid_gemv_f32"),
@@ -39,7 +39,6 @@ pub const KERNELS: [(&str, &str); 19] = [
     ("ops.cu", "patch_gather_rows_f32"),
     ("ops.cu", "patch_strided_copy_b32"),
     ("ops.cu", "patch_concat_copy_b32"),
-    ("ops.cu", "patch_fill_f32"),
 ];
 
 /// The architectures CI compiles for: `mma.sp` needs sm_80 or newer.

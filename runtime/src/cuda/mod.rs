@@ -28,6 +28,8 @@ use patch_kernels::cuda::{KERNELS, MIN_COMPUTE_CAPABILITY, SOURCES};
 pub enum CudaError {
     #[error("no CUDA driver (libcuda.so) could be loaded: the cuda backend needs an NVIDIA GPU with its driver installed; run with --backend cpu")]
     NoDriver,
+    #[error("the CUDA driver is installed but could not start ({0}): is a GPU attached and visible (CUDA_VISIBLE_DEVICES)?")]
+    NoGpu(String),
     #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
     NoDevice { ordinal: usize, count: usize },
     #[error("GPU `{name}` has compute capability {major}.{minor}; the hybrid kernels need sparse tensor cores (8.0, Ampere, or newer)")]
@@ -94,7 +96,8 @@ impl CudaDevice {
         if !driver_available() {
             return Err(CudaError::NoDriver);
         }
-        let count = CudaContext::device_count()? as usize;
+        let count =
+            CudaContext::device_count().map_err(|e| CudaError::NoGpu(e.to_string()))? as usize;
         if ordinal >= count {
             return Err(CudaError::NoDevice { ordinal, count });
         }
