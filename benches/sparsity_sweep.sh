@@ -3,6 +3,10 @@
 #
 #   bash benches/sparsity_sweep.sh [OUT_DIR] [EVAL_TOKENS] [CALIB_SAMPLES]
 #
+# Environment: SPARSITIES (default "0.25 0.35 0.45 0.5"), METHODS (default "patch patch-update
+# wanda sparsegpt magnitude"; patch-update is `--method patch --update-weights`), DENSE=0 skips
+# the dense row, KEEP=0 deletes each bundle once evaluated, THREADS (default 2).
+#
 # Needs `cargo build --release` and both prepare.sh scripts. Calibration statistics are
 # computed once (OUT_DIR/calib.bin) and reused by every compile. Prints one markdown row per
 # bundle: method, target and achieved sparsity, perplexity on the first EVAL_TOKENS tokens of
@@ -16,7 +20,7 @@ SAMPLES="${3:-128}"
 MODEL=models/smollm2-135m/model_with_past.onnx
 TEXT=models/brown/build/eval.txt
 mkdir -p "$OUT"
-BIN=target/release
+BIN="${BIN:-target/release}"
 THREADS="${THREADS:-2}"
 
 row() { # method sparsity bundle seconds
@@ -29,16 +33,22 @@ row() { # method sparsity bundle seconds
 
 echo "| method | target sparsity | achieved | perplexity ($TOKENS tokens) | compile s | bundle |"
 echo "|---|---|---|---|---|---|"
-"$BIN/patchc" compile "$MODEL" -o "$OUT/dense.patch" 2>/dev/null
-row dense 0 "$OUT/dense.patch" -
-for m in patch wanda sparsegpt magnitude; do
-  for s in 0.25 0.35 0.45 0.5; do
+if [ "${DENSE:-1}" != 0 ]; then
+  "$BIN/patchc" compile "$MODEL" -o "$OUT/dense.patch" 2>/dev/null
+  row dense 0 "$OUT/dense.patch" -
+fi
+for s in ${SPARSITIES:-0.25 0.35 0.45 0.5}; do
+  for m in ${METHODS:-patch patch-update wanda sparsegpt magnitude}; do
     b="$OUT/$m-$s.patch"
+    args=(--method "$m")
+    [ "$m" = patch-update ] && args=(--method patch --update-weights)
     start=$(date +%s.%N)
-    "$BIN/patchc" compile "$MODEL" -o "$b" --sparsity "$s" --method "$m" \
+    "$BIN/patchc" compile "$MODEL" -o "$b" --sparsity "$s" "${args[@]}" \
       --calib-samples "$SAMPLES" --calib-cache "$OUT/calib.bin" > "$OUT/$m-$s.log" 2>&1
     end=$(date +%s.%N)
     "$BIN/patchrt" inspect "$b" 2>/dev/null | grep '^compile report' >> "$OUT/$m-$s.log" || true
     row "$m" "$s" "$b" "$(printf '%.0f' "$(echo "$end - $start" | bc -l)")"
+    [ "${KEEP:-1}" != 0 ] && continue
+    rm -f "$b"
   done
 done

@@ -72,9 +72,16 @@ fn save_cache(path: &Path, key: &str, graph: &Graph, calib: &Calibration) -> std
     crate::onnx::export::write_atomically(path, &[&buf])
 }
 
-/// Reads a cache written by [`save_cache`] if its key is `key`; `None` otherwise (a stale or
-/// unreadable cache is recomputed, never trusted).
-fn load_cache(path: &Path, key: &str, graph: &Graph) -> Option<Calibration> {
+/// Reads the statistics of a calibration cache whatever its key (for tools that inspect or
+/// cross-check them; compiles use the key-checked read). `None` if it is unreadable or names
+/// values `graph` does not have.
+pub fn read_cache(path: &Path, graph: &Graph) -> Option<Calibration> {
+    load_cache(path, None, graph)
+}
+
+/// Reads a cache written by [`save_cache`] if its key is `key` (any key for `None`); `None`
+/// otherwise (a stale or unreadable cache is recomputed, never trusted).
+fn load_cache(path: &Path, key: Option<&str>, graph: &Graph) -> Option<Calibration> {
     let b = std::fs::read(path).ok()?;
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -87,7 +94,8 @@ fn load_cache(path: &Path, key: &str, graph: &Graph) -> Option<Calibration> {
     }
     let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes")) as usize;
     let klen = u64_of(take(8)?);
-    if take(klen)? != key.as_bytes() {
+    let stored = take(klen)?;
+    if key.is_some_and(|key| stored != key.as_bytes()) {
         return None;
     }
     let count = u64_of(take(8)?);
@@ -219,7 +227,7 @@ pub fn calibrate(
         let cached = options
             .cache
             .as_deref()
-            .and_then(|c| load_cache(c, &key, graph));
+            .and_then(|c| load_cache(c, Some(&key), graph));
         let model = LanguageModel::new(BundleContents {
             graph: graph.clone(),
             tokenizer_json: Some(tok_json.clone()),
