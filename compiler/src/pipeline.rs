@@ -55,13 +55,14 @@ pub struct CompileOptions {
 }
 
 /// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
-pub const PASS_NAMES: [&str; 6] = [
+pub const PASS_NAMES: [&str; 7] = [
     "fold-constants",
     "canonicalize",
     "cse",
     "dce",
     "hybrid-matmul",
     "fuse",
+    "epilogue",
 ];
 
 impl std::fmt::Debug for CompileOptions {

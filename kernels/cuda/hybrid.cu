@@ -12,6 +12,8 @@
 //   in groups of up to 8 tokens per grid.z). One block per (32 output columns, tile row); the
 //   partial sums of every tile row are written to `partials[k_tiles][M][N]` and summed in a fixed
 //   order by `patch_hybrid_reduce` (deterministic, no atomics), which also adds the bias.
+// Both paths add the optional bias `[N]` and residual `[M, N]` (a folded residual `Add`) as they
+// write Y.
 // * `patch_matmul_f32`: plain batched f32 GEMM for the MatMuls that stay dense (LM head).
 
 // One tile, mirroring `patch_runtime::cuda::TileDesc`. Offsets are in elements of the weight
@@ -98,8 +100,8 @@ template <bool BF16>
 __device__ void hybrid_mma(const float* __restrict__ x, const unsigned int* __restrict__ vals,
                            const unsigned int* __restrict__ meta,
                            const TileDesc* __restrict__ tiles, const float* __restrict__ bias,
-                           float* __restrict__ y, int m, int k, int n, int k_tiles, int n_tiles,
-                           int tile_n) {
+                           const float* __restrict__ residual, float* __restrict__ y, int m, int k,
+                           int n, int k_tiles, int n_tiles, int tile_n) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int per_col = (tile_n + 15) / 16;
@@ -185,8 +187,10 @@ __device__ void hybrid_mma(const float* __restrict__ x, const unsigned int* __re
             const int col = n_first + g + (q >= 2 ? 8 : 0);
             const int tok = tok0 + 8 * j + 2 * t + (q & 1);
             if (tok < m && col < n && c_base + g + (q >= 2 ? 8 : 0) < tile_n) {
+                const long long at = (long long)tok * n + col;
                 const float b = bias ? bias[col] : 0.f;
-                y[(long long)tok * n + col] = acc[j][q] + b;
+                const float r = residual ? residual[at] : 0.f;
+                y[at] = acc[j][q] + b + r;
             }
         }
     }
@@ -194,16 +198,16 @@ __device__ void hybrid_mma(const float* __restrict__ x, const unsigned int* __re
 
 extern "C" __global__ void __launch_bounds__(128)
     patch_hybrid_mma_bf16(const float* x, const unsigned int* vals, const unsigned int* meta,
-                          const TileDesc* tiles, const float* bias, float* y, int m, int k, int n,
-                          int k_tiles, int n_tiles, int tile_n) {
-    hybrid_mma<true>(x, vals, meta, tiles, bias, y, m, k, n, k_tiles, n_tiles, tile_n);
+                          const TileDesc* tiles, const float* bias, const float* residual,
+                          float* y, int m, int k, int n, int k_tiles, int n_tiles, int tile_n) {
+    hybrid_mma<true>(x, vals, meta, tiles, bias, residual, y, m, k, n, k_tiles, n_tiles, tile_n);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
     patch_hybrid_mma_f16(const float* x, const unsigned int* vals, const unsigned int* meta,
-                         const TileDesc* tiles, const float* bias, float* y, int m, int k, int n,
-                         int k_tiles, int n_tiles, int tile_n) {
-    hybrid_mma<false>(x, vals, meta, tiles, bias, y, m, k, n, k_tiles, n_tiles, tile_n);
+                         const TileDesc* tiles, const float* bias, const float* residual,
+                         float* y, int m, int k, int n, int k_tiles, int n_tiles, int tile_n) {
+    hybrid_mma<false>(x, vals, meta, tiles, bias, residual, y, m, k, n, k_tiles, n_tiles, tile_n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,13 +323,17 @@ extern "C" __global__ void __launch_bounds__(256)
     hybrid_gemv<2>(x, vals, meta, tiles, partials, m, k, n, k_tiles, tile_n);
 }
 
-// y[tok][col] = Σ_ti partials[ti][tok][col] (ti ascending) + bias[col]. Grid-stride, any launch.
-extern "C" __global__ void patch_hybrid_reduce(const float* partials, const float* bias, float* y,
-                                               int k_tiles, long long mn, int n) {
+// y[tok][col] = Σ_ti partials[ti][tok][col] (ti ascending) + bias[col] + residual[tok][col]
+// (bias and residual may be NULL). Grid-stride, any launch.
+extern "C" __global__ void patch_hybrid_reduce(const float* partials, const float* bias,
+                                               const float* residual, float* y, int k_tiles,
+                                               long long mn, int n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
          i += (long long)gridDim.x * blockDim.x) {
-        float s = bias ? bias[i % n] : 0.f;
+        float s = 0.f;
         for (int ti = 0; ti < k_tiles; ++ti) s += partials[(long long)ti * mn + i];
+        if (bias) s += bias[i % n];
+        if (residual) s += residual[i];
         y[i] = s;
     }
 }

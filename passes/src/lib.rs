@@ -6,6 +6,7 @@ pub mod calibration;
 pub mod canonicalize;
 pub mod cse;
 pub mod dce;
+pub mod epilogue;
 pub mod fold;
 pub mod fuse;
 pub mod hybrid;
@@ -83,12 +84,14 @@ pub fn cleanup_pipeline(registry: &OpRegistry) -> PassManager<'_> {
         .to_fixpoint(8)
 }
 
-/// The fusion pipeline: e-graph fusion, then dead-code elimination of what it absorbed.
-/// `fuse` is passed in so the caller keeps its report handle.
+/// The fusion pipeline: e-graph fusion, residual adds folded into the hybrid MatMuls'
+/// epilogues, then dead-code elimination of what they absorbed. `fuse` is passed in so the
+/// caller keeps its report handle.
 pub fn fusion_pipeline(registry: &OpRegistry, fuse: fuse::Fuse) -> PassManager<'_> {
     PassManager::new(registry)
         .named("fuse")
         .with_pass(fuse)
+        .with_pass(epilogue::ResidualEpilogue)
         .with_pass(dce::DeadCodeElimination)
 }
 

@@ -2,6 +2,7 @@
 //! tokenizer, every mask method, the budget, the rewritten graph against a plain graph with the
 //! same masked weights, determinism, and the errors that must come before any long work.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use patch_compiler::calibrate::CalibOptions;
@@ -11,7 +12,7 @@ use patch_passes::masks::Method;
 use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
-use patch_runtime::{interp, Graph, Tensor};
+use patch_runtime::{interp, Graph, Tensor, ValueId};
 use patch_tests::{fixture_dir, read_case, word_tokenizer_json};
 use serde_json::Value;
 
@@ -59,36 +60,94 @@ fn load(path: &Path) -> Graph {
 }
 
 /// The same graph with every HybridMatMul replaced by a plain MatMul over its unpacked
-/// (masked) weight: the reference the sparse kernels must reproduce.
+/// (masked) weight, followed by Adds of its bias and folded residual: the reference the sparse
+/// kernels must reproduce. Rebuilt node by node so that the extra Adds sit in order.
 fn unpacked_reference(g: &Graph) -> Graph {
     let registry = OpRegistry::onnx();
-    let mut r = g.clone();
-    let hybrids: Vec<_> = g
-        .nodes()
-        .filter(|(_, n)| n.op_type == "HybridMatMul")
-        .map(|(id, n)| (id, n.clone()))
-        .collect();
-    for (id, n) in hybrids {
-        let op = HybridMatMul::from_attrs(&n.attrs).unwrap();
-        let values = g.const_value(n.inputs[1].unwrap()).unwrap();
-        let meta = g.const_value(n.inputs[2].unwrap()).unwrap();
-        let w = op.weight(values, meta).unwrap().unpack_f32();
-        let c = r
-            .add_const(
-                format!("{}.unpacked", n.name),
-                Tensor::from_vec(vec![op.k, op.n], w).unwrap(),
-            )
-            .unwrap();
-        r.replace_node(
-            &registry,
-            id,
-            "",
-            "MatMul",
-            Default::default(),
-            vec![n.inputs[0], Some(c)],
-        )
-        .unwrap();
+    let mut r = Graph::new(g.name.clone(), g.opset);
+    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    for (id, role) in g.inputs() {
+        let v = g.value(*id);
+        map.insert(
+            *id,
+            r.add_input(v.name.clone(), v.ty.clone(), *role).unwrap(),
+        );
     }
+    for (id, t) in g.consts() {
+        map.insert(
+            id,
+            r.add_const(g.value(id).name.clone(), t.clone()).unwrap(),
+        );
+    }
+    for (_, n) in g.nodes() {
+        let inputs: Vec<Option<ValueId>> = n.inputs.iter().map(|i| i.map(|i| map[&i])).collect();
+        let names: Vec<String> = n.outputs.iter().map(|o| g.value(*o).name.clone()).collect();
+        let outs = if n.op_type == "HybridMatMul" {
+            let op = HybridMatMul::from_attrs(&n.attrs).unwrap();
+            let values = g.const_value(n.inputs[1].unwrap()).unwrap();
+            let meta = g.const_value(n.inputs[2].unwrap()).unwrap();
+            let w = op.weight(values, meta).unwrap().unpack_f32();
+            let c = r
+                .add_const(
+                    format!("{}.unpacked", n.name),
+                    Tensor::from_vec(vec![op.k, op.n], w).unwrap(),
+                )
+                .unwrap();
+            let addends: Vec<ValueId> = inputs.iter().skip(3).flatten().copied().collect();
+            let product_name = |last: bool, i: usize| {
+                if last {
+                    names[0].clone()
+                } else {
+                    format!("{}.ref{i}", names[0])
+                }
+            };
+            let mut y = r
+                .add_node(
+                    &registry,
+                    format!("{}.matmul", n.name),
+                    "",
+                    "MatMul",
+                    Default::default(),
+                    vec![inputs[0], Some(c)],
+                    vec![product_name(addends.is_empty(), 0)],
+                )
+                .unwrap()[0];
+            for (i, &a) in addends.iter().enumerate() {
+                y = r
+                    .add_node(
+                        &registry,
+                        format!("{}.add{i}", n.name),
+                        "",
+                        "Add",
+                        Default::default(),
+                        vec![Some(y), Some(a)],
+                        vec![product_name(i + 1 == addends.len(), i + 1)],
+                    )
+                    .unwrap()[0];
+            }
+            vec![y]
+        } else {
+            r.add_node(
+                &registry,
+                n.name.clone(),
+                &n.domain,
+                &n.op_type,
+                n.attrs.clone(),
+                inputs,
+                names,
+            )
+            .unwrap()
+        };
+        for (o, v) in n.outputs.iter().zip(outs) {
+            map.insert(*o, v);
+        }
+    }
+    r.set_outputs(
+        g.outputs()
+            .iter()
+            .map(|(id, role)| (map[id], *role))
+            .collect(),
+    );
     r
 }
 

@@ -210,7 +210,7 @@ impl Kind {
     /// Inputs the kernel reads from device memory (the others are host-side shape data).
     fn device_inputs(&self, arity: usize) -> Vec<usize> {
         match self {
-            Kind::Hybrid => vec![0, 3],
+            Kind::Hybrid => vec![0, 3, 4],
             Kind::Gather | Kind::Expand | Kind::View | Kind::Unary(_) | Kind::Softmax => {
                 vec![0]
             }
@@ -797,13 +797,19 @@ impl CudaPlan {
                     .as_ref()
                     .ok_or_else(|| bad("packed weight not uploaded".into()))?;
                 let x = dev(0)?;
-                let bias = match ins.get(3) {
-                    Some(Some(Value::Device(b))) => Some(b),
+                let device_in = |i: usize| match ins.get(i) {
+                    Some(Some(Value::Device(t))) => Some(t),
                     _ => None,
                 };
+                let (bias, residual) = (device_in(3), device_in(4));
+                if residual.is_some_and(|r| r.shape != out_shape) {
+                    return Err(bad(format!(
+                        "residual does not have the output's shape {out_shape:?}"
+                    )));
+                }
                 let m = x.len() / w.k.max(1);
                 let mut y = self.alloc(n_out)?;
-                w.launch(&self.dev, x, bias, &mut y, m)
+                w.launch(&self.dev, x, bias, residual, &mut y, m)
                     .map_err(|e| bad(e.to_string()))?;
                 DeviceTensor {
                     buf: Arc::new(y),
@@ -1231,20 +1237,21 @@ impl DeviceHybrid {
         }
         // SAFETY: `launch` writes every element of y.
         let mut y = unsafe { dev.stream().alloc::<f32>((m * self.n).max(1)) }?;
-        self.launch(dev, x, bias, &mut y, m)?;
+        self.launch(dev, x, bias, None, &mut y, m)?;
         Ok(DeviceTensor {
             buf: Arc::new(y),
             shape: vec![m, self.n],
         })
     }
 
-    /// `y[m, n] = x[m, k] · W (+ bias)`: tensor cores from 9 rows on 16-bit weights, the
+    /// `y[m, n] = x[m, k] · W (+ bias) (+ residual)`: tensor cores from 9 rows on 16-bit weights, the
     /// CUDA-core GEMV kernel (plus the fixed-order reduction) otherwise.
     pub fn launch(
         &self,
         dev: &CudaDevice,
         x: &DeviceTensor,
         bias: Option<&DeviceTensor>,
+        residual: Option<&DeviceTensor>,
         y: &mut CudaSlice<f32>,
         m: usize,
     ) -> Result<(), CudaError> {
@@ -1262,10 +1269,12 @@ impl DeviceHybrid {
             let func = dev.function(name)?;
             let mut l = stream.launch_builder(func);
             l.arg(&*x.buf).arg(&w.values).arg(&w.meta).arg(&w.tiles);
-            match bias {
-                Some(b) => l.arg(&*b.buf),
-                None => l.arg(&null),
-            };
+            for t in [bias, residual] {
+                match t {
+                    Some(t) => l.arg(&*t.buf),
+                    None => l.arg(&null),
+                };
+            }
             l.arg(y)
                 .arg(&m32)
                 .arg(&k32)
@@ -1314,10 +1323,12 @@ impl DeviceHybrid {
         let func = dev.function("patch_hybrid_reduce")?;
         let mut l = stream.launch_builder(func);
         l.arg(&partials);
-        match bias {
-            Some(b) => l.arg(&*b.buf),
-            None => l.arg(&null),
-        };
+        for t in [bias, residual] {
+            match t {
+                Some(t) => l.arg(&*t.buf),
+                None => l.arg(&null),
+            };
+        }
         l.arg(y).arg(&kt).arg(&mn).arg(&n32);
         // SAFETY: matches `patch_hybrid_reduce`.
         unsafe { l.launch(grid_1d(m * w.n)) }?;

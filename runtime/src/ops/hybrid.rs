@@ -10,6 +10,7 @@
 //! | 1 `values` | u8 `[bytes]` | [`PackedWeight::values`] |
 //! | 2 `meta` | u32 `[words]` | [`PackedWeight::meta`] (empty when every tile is dense) |
 //! | 3 `bias` (optional) | f32 `[N]` | added to every row |
+//! | 4 `residual` (optional) | f32, the output's shape | added to the output (a folded residual `Add`) |
 //!
 //! Attributes: `k`, `n`, `tile` (`[tile_k, tile_n]`), `weight_dtype` (`f32`, `bf16`, `f16`),
 //! `tile_kinds` (row-major over the tile grid: 0 dense, 1 2:4).
@@ -178,7 +179,7 @@ impl HybridMatMul {
 
 impl Op for HybridMatMul {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
-        arity(inputs, 3, 4)?;
+        arity(inputs, 3, 5)?;
         let x = req(inputs, 0)?;
         let expect = |index: usize, got: DType, want: DType| {
             if got == want {
@@ -223,11 +224,21 @@ impl Op for HybridMatMul {
         }
         let mut out = shape.clone();
         *out.last_mut().expect("rank ≥ 1") = Dim::from(self.n as i64);
+        if let Some(r) = opt(inputs, 4) {
+            expect(4, r.ty.dtype, DType::F32)?;
+            if r.ty.shape != out {
+                return Err(OpError::Shape(format!(
+                    "residual must have the output's shape {}, got {}",
+                    crate::dim::shape_to_string(&out),
+                    crate::dim::shape_to_string(&r.ty.shape)
+                )));
+            }
+        }
         Ok(vec![OutputFact::new(TensorType::new(DType::F32, out))])
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        arity(inputs, 3, 4)?;
+        arity(inputs, 3, 5)?;
         let invalid = |e: crate::RuntimeError| OpError::Invalid(e.to_string());
         let x = req(inputs, 0)?;
         let w = self.weight(req(inputs, 1)?, req(inputs, 2)?)?;
@@ -250,6 +261,17 @@ impl Op for HybridMatMul {
             .map_err(|e| OpError::Invalid(e.to_string()))?;
         let mut out_shape = shape.to_vec();
         *out_shape.last_mut().expect("rank ≥ 1") = self.n;
+        if let Some(r) = opt(inputs, 4) {
+            if r.shape() != out_shape.as_slice() {
+                return Err(OpError::Shape(format!(
+                    "residual {:?} must have the output's shape {out_shape:?}",
+                    r.shape()
+                )));
+            }
+            for (a, b) in y.iter_mut().zip(r.as_slice::<f32>().map_err(invalid)?) {
+                *a += b;
+            }
+        }
         Ok(vec![Tensor::from_vec(out_shape, y).map_err(invalid)?])
     }
 }
@@ -294,6 +316,45 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(err < 1e-4, "m = {m}: max abs error {err}");
         }
+    }
+
+    #[test]
+    fn a_residual_is_added_to_the_output() {
+        let (k, n) = (8, 4);
+        let w: Vec<f32> = (0..k * n).map(|i| i as f32 / 10.0).collect();
+        let tile = TileShape::new(8, 4).unwrap();
+        let packed = pack(
+            &w,
+            k,
+            n,
+            tile,
+            &TileMap::uniform(1, 1, TileKind::Dense),
+            None,
+        )
+        .unwrap();
+        let (attrs, values, meta) = HybridMatMul::encode(&packed);
+        let op = HybridMatMul::from_attrs(&attrs).unwrap();
+        let x = Tensor::from_vec(vec![2, k], (0..2 * k).map(|i| i as f32).collect()).unwrap();
+        let r =
+            Tensor::from_vec(vec![2, n], vec![0.5f32, -1.0, 2.0, 7.0, 1.0, 1.0, 1.0, 1.0]).unwrap();
+        let plain = run(&op, &x, &values, &meta);
+        let with = op
+            .eval(&[Some(&x), Some(&values), Some(&meta), None, Some(&r)])
+            .unwrap()
+            .remove(0);
+        let (p, w2, rr) = (
+            plain.as_slice::<f32>().unwrap(),
+            with.as_slice::<f32>().unwrap(),
+            r.as_slice::<f32>().unwrap(),
+        );
+        for i in 0..2 * n {
+            assert_eq!(w2[i], p[i] + rr[i]);
+        }
+        let wrong = Tensor::from_vec(vec![1, n], vec![0f32; n]).unwrap();
+        let err = op
+            .eval(&[Some(&x), Some(&values), Some(&meta), None, Some(&wrong)])
+            .unwrap_err();
+        assert!(err.to_string().contains("residual"), "{err}");
     }
 
     #[test]
