@@ -73,6 +73,13 @@ pub(crate) unsafe fn for_each_block(
     }
 }
 
+/// One product of [`CpuKernels::matmul_group`]: `y = x · w (+ bias)`.
+pub struct GroupProduct<'a> {
+    pub w: &'a PackedWeight,
+    pub bias: Option<&'a [f32]>,
+    pub y: &'a mut [f32],
+}
+
 /// Output pointer shared by the threads of one call; each writes a disjoint column range.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -83,7 +90,7 @@ unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
 
 impl SharedOut {
-    fn ptr(self) -> *mut f32 {
+    fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
@@ -156,27 +163,45 @@ impl CpuKernels {
         bias: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<(), KernelError> {
-        let (k, n) = (w.k(), w.n());
-        let check = |what: &'static str, expected: usize, got: usize| {
-            if expected == got {
-                Ok(())
-            } else {
-                Err(KernelError::Shape {
-                    what,
-                    expected,
-                    got,
-                    m,
-                    k,
-                    n,
-                })
-            }
+        self.matmul_group(m, x, &mut [GroupProduct { w, bias, y }])
+    }
+
+    /// Several products of the same `x` (sibling projections: Q/K/V, gate/up) in one dispatch
+    /// to the pool: `x` is padded (and rounded for the `vdpbf16ps` path) once, and the column
+    /// panels of every product are split across the threads together.
+    pub fn matmul_group(
+        &self,
+        m: usize,
+        x: &[f32],
+        products: &mut [GroupProduct<'_>],
+    ) -> Result<(), KernelError> {
+        let Some(first) = products.first() else {
+            return Ok(());
         };
-        check("x", m * k, x.len())?;
-        check("y", m * n, y.len())?;
-        if let Some(b) = bias {
-            check("bias", n, b.len())?;
+        let k = first.w.k();
+        for p in products.iter() {
+            let n = p.w.n();
+            let check = |what: &'static str, expected: usize, got: usize| {
+                if expected == got {
+                    Ok(())
+                } else {
+                    Err(KernelError::Shape {
+                        what,
+                        expected,
+                        got,
+                        m,
+                        k: p.w.k(),
+                        n,
+                    })
+                }
+            };
+            check("x", m * p.w.k(), x.len())?;
+            check("y", m * n, p.y.len())?;
+            if let Some(b) = p.bias {
+                check("bias", n, b.len())?;
+            }
         }
-        if m == 0 || n == 0 {
+        if m == 0 {
             return Ok(());
         }
         // X rows padded to a multiple of 4 so every tile can read whole groups.
@@ -191,20 +216,38 @@ impl CpuKernels {
             Cow::Owned(v)
         };
         // The bf16 copy of X for the `vdpbf16ps` path (zero padded like `xpad`).
-        let xb: Option<Vec<u16>> = self
-            .path
-            .rounds_activations(m, w.dtype())
+        let rounds: Vec<bool> = products
+            .iter()
+            .map(|p| self.path.rounds_activations(m, p.w.dtype()))
+            .collect();
+        let xb: Option<Vec<u16>> = rounds
+            .iter()
+            .any(|&r| r)
             .then(|| round_to_bf16(self.path, &xpad));
-        let map = w.tile_map();
-        let nt = map.n_tiles();
-        let units_of = |j: usize| w.tile(0, j).nw.div_ceil(UNIT);
-        let total: usize = if map.k_tiles() == 0 {
-            n.div_ceil(UNIT)
-        } else {
-            (0..nt).map(units_of).sum()
-        };
+        // Work units (UNIT columns of one tile column) of every product, laid end to end.
+        let units_of = |w: &PackedWeight, j: usize| w.tile(0, j).nw.div_ceil(UNIT);
+        let unit_counts: Vec<usize> = products
+            .iter()
+            .map(|p| {
+                if p.w.tile_map().k_tiles() == 0 {
+                    p.w.n().div_ceil(UNIT)
+                } else {
+                    (0..p.w.tile_map().n_tiles())
+                        .map(|j| units_of(p.w, j))
+                        .sum()
+                }
+            })
+            .collect();
+        let total: usize = unit_counts.iter().sum();
+        if total == 0 {
+            return Ok(());
+        }
         let used = self.threads().min(total).max(1);
-        let out = SharedOut(y.as_mut_ptr());
+        let outs: Vec<SharedOut> = products
+            .iter_mut()
+            .map(|p| SharedOut(p.y.as_mut_ptr()))
+            .collect();
+        let products: &[GroupProduct<'_>] = products;
         let xs: &[f32] = &xpad;
         let xb: Option<&[u16]> = xb.as_deref();
         let work = |t: usize| {
@@ -212,29 +255,40 @@ impl CpuKernels {
                 return;
             }
             let (u0, u1) = (total * t / used, total * (t + 1) / used);
-            if map.k_tiles() == 0 {
-                // K == 0: Y is just the bias.
-                let (c0, c1) = (u0 * UNIT, (u1 * UNIT).min(n));
-                for r in 0..m {
-                    for c in c0..c1 {
-                        // SAFETY: (r, c) is inside Y and column c belongs to this thread only.
-                        unsafe { *out.ptr().add(r * n + c) = bias.map_or(0.0, |b| b[c]) };
-                    }
-                }
-                return;
-            }
             let mut base = 0;
-            for j in 0..nt {
-                let nu = units_of(j);
-                let (a, b) = (u0.max(base), u1.min(base + nu));
-                if a < b {
-                    let nw = w.tile(0, j).nw;
-                    let (c0, c1) = ((a - base) * UNIT, ((b - base) * UNIT).min(nw));
-                    // SAFETY: columns c0..c1 of tile column j belong to this thread only;
-                    // `xs` (and `xb`) has m rows of kp values.
-                    unsafe { self.panel(m, xs, xb, kp, w, bias, out.ptr(), j, c0, c1) };
+            for (pi, p) in products.iter().enumerate() {
+                let (w, bias, out) = (p.w, p.bias, &outs[pi]);
+                let n = w.n();
+                let map = w.tile_map();
+                if map.k_tiles() == 0 {
+                    // K == 0: Y is just the bias.
+                    let (a, b) = (u0.max(base), u1.min(base + unit_counts[pi]));
+                    if a < b {
+                        let (c0, c1) = ((a - base) * UNIT, ((b - base) * UNIT).min(n));
+                        for r in 0..m {
+                            for c in c0..c1 {
+                                // SAFETY: (r, c) is inside Y and column c belongs to this
+                                // thread only.
+                                unsafe { *out.ptr().add(r * n + c) = bias.map_or(0.0, |b| b[c]) };
+                            }
+                        }
+                    }
+                    base += unit_counts[pi];
+                    continue;
                 }
-                base += nu;
+                let xb = xb.filter(|_| rounds[pi]);
+                for j in 0..map.n_tiles() {
+                    let nu = units_of(w, j);
+                    let (a, b) = (u0.max(base), u1.min(base + nu));
+                    if a < b {
+                        let nw = w.tile(0, j).nw;
+                        let (c0, c1) = ((a - base) * UNIT, ((b - base) * UNIT).min(nw));
+                        // SAFETY: columns c0..c1 of tile column j of this product belong to
+                        // this thread only; `xs` (and `xb`) has m rows of kp values.
+                        unsafe { self.panel(m, xs, xb, kp, w, bias, out.ptr(), j, c0, c1) };
+                    }
+                    base += nu;
+                }
             }
         };
         if used == 1 {

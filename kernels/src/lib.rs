@@ -21,7 +21,7 @@ pub mod pool;
 pub mod reference;
 mod scalar;
 
-pub use cpu::{matmul, CpuKernels};
+pub use cpu::{matmul, CpuKernels, GroupProduct};
 pub use dispatch::SimdPath;
 pub use format::{
     magnitude_24_mask, pack, PackError, PackedWeight, TileInfo, TileKind, TileMap, TileShape,

@@ -3,8 +3,8 @@
 
 use patch_kernels::reference::gemm_f32;
 use patch_kernels::{
-    bf16, f16, magnitude_24_mask, pack, CpuKernels, KernelError, PackError, PackedWeight, SimdPath,
-    TileKind, TileMap, TileShape, WeightDtype, WeightElement,
+    bf16, f16, magnitude_24_mask, pack, CpuKernels, GroupProduct, KernelError, PackError,
+    PackedWeight, SimdPath, TileKind, TileMap, TileShape, WeightDtype, WeightElement,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -301,5 +301,46 @@ fn empty_reduction_gives_bias() {
         kern.matmul(2, &[], &w, Some(&[1.0, 2.0, 3.0]), &mut y)
             .unwrap();
         assert_eq!(y, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+}
+
+/// A group of sibling products (mixed widths, dtypes and tile kinds, one shared X) gives
+/// bit for bit what the products give one by one, on every path and thread count, on both
+/// sides of the bf16-rounding row threshold.
+#[test]
+fn a_group_of_products_equals_the_products_one_by_one() {
+    let tile = TileShape::new(32, 16).unwrap();
+    let k = 70;
+    let ws = [
+        packed_of(WeightDtype::Bf16, k, 45, tile, Mix::Mixed, 1),
+        packed_of(WeightDtype::Bf16, k, 16, tile, Mix::AllSparse, 2),
+        packed_of(WeightDtype::F32, k, 33, tile, Mix::AllDense, 3),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let bias: Vec<f32> = (0..45).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    for path in SimdPath::available() {
+        for threads in [1, 2, 3] {
+            let kern = CpuKernels::new(path, threads).unwrap();
+            for m in [1, 5, 20] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                let biases = [Some(&bias[..]), None, None];
+                let mut alone: Vec<Vec<f32>> = Vec::new();
+                for (w, b) in ws.iter().zip(biases) {
+                    let mut y = vec![0f32; m * w.n()];
+                    kern.matmul(m, &x, w, b, &mut y).unwrap();
+                    alone.push(y);
+                }
+                let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.n()]).collect();
+                let mut group: Vec<GroupProduct<'_>> = ws
+                    .iter()
+                    .zip(biases)
+                    .zip(ys.iter_mut())
+                    .map(|((w, bias), y)| GroupProduct { w, bias, y })
+                    .collect();
+                kern.matmul_group(m, &x, &mut group).unwrap();
+                drop(group);
+                assert_eq!(ys, alone, "{path:?}, {threads} threads, m = {m}");
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::dim::{shape_to_string, Bindings};
 use crate::error::RuntimeError;
 use crate::ir::{Def, Graph, Node};
+use crate::ops::hybrid::{self, HybridMatMul};
 use crate::tensor::Tensor;
 
 /// Runs `graph` on `inputs` (in graph input order) and returns its outputs in order.
@@ -18,8 +19,9 @@ pub fn run(graph: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError
     Plan::new(graph)?.run(inputs)
 }
 
-/// A graph prepared for repeated runs: constants aligned once, and for every node the values
-/// whose last use it is, so that each run touches only a flat slot array.
+/// A graph prepared for repeated runs: constants aligned once, for every node the values
+/// whose last use it is, so that each run touches only a flat slot array, and the sibling
+/// hybrid products scheduled together.
 #[derive(Debug)]
 pub struct Plan {
     graph: Graph,
@@ -27,8 +29,61 @@ pub struct Plan {
     consts: Vec<Option<Tensor>>,
     /// Per node in order: values to drop after it runs.
     frees: Vec<Vec<usize>>,
+    /// Per node in order: how it is scheduled (see [`Sched`]).
+    sched: Vec<Sched>,
     /// Time per op type, when profiling is on.
     profile: Option<Mutex<BTreeMap<String, OpTime>>>,
+}
+
+/// Scheduling of one node. `patch.HybridMatMul`s that read the same activation and have only
+/// constants besides it (Q/K/V, gate/up) run as one kernel dispatch when the first of them is
+/// reached; the others then only hand over their result. `PATCH_SIBLINGS=0` turns this off
+/// (to measure it).
+#[derive(Debug)]
+enum Sched {
+    Alone,
+    /// The first of a group: the ops and positions of every member, this node first.
+    Lead(Vec<(HybridMatMul, usize)>),
+    /// A later member: its output is computed by the lead.
+    Follow,
+}
+
+/// The sibling groups of `graph` (node positions in order), as [`Sched`] per node.
+fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
+    let nodes: Vec<&Node> = graph.nodes().map(|(_, n)| n).collect();
+    let mut sched: Vec<Sched> = nodes.iter().map(|_| Sched::Alone).collect();
+    if std::env::var("PATCH_SIBLINGS").is_ok_and(|v| v == "0") {
+        return sched;
+    }
+    let mut by_input: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (pos, n) in nodes.iter().enumerate() {
+        let groupable = n.domain == hybrid::DOMAIN
+            && n.op_type == hybrid::OP_TYPE
+            && n.inputs
+                .iter()
+                .skip(1)
+                .flatten()
+                .all(|id| consts[id.0 as usize].is_some());
+        if let (true, Some(Some(x))) = (groupable, n.inputs.first()) {
+            by_input.entry(x.0 as usize).or_default().push(pos);
+        }
+    }
+    for positions in by_input.into_values().filter(|p| p.len() > 1) {
+        let ops: Option<Vec<(HybridMatMul, usize)>> = positions
+            .iter()
+            .map(|&p| {
+                HybridMatMul::from_attrs(&nodes[p].attrs)
+                    .ok()
+                    .map(|op| (op, p))
+            })
+            .collect();
+        let Some(ops) = ops else { continue };
+        for &p in &positions[1..] {
+            sched[p] = Sched::Follow;
+        }
+        sched[positions[0]] = Sched::Lead(ops);
+    }
+    sched
 }
 
 /// Calls and seconds spent in one op type.
@@ -59,12 +114,32 @@ impl Plan {
                 frees[pos].push(v);
             }
         }
+        let sched = sibling_schedule(graph, &consts);
         Ok(Plan {
             graph: graph.clone(),
             consts,
             frees,
+            sched,
             profile: None,
         })
+    }
+
+    /// Turns the joint scheduling of sibling hybrid products on (the default, unless
+    /// `PATCH_SIBLINGS=0`) or off.
+    pub fn set_sibling_groups(&mut self, on: bool) {
+        self.sched = if on {
+            sibling_schedule(&self.graph, &self.consts)
+        } else {
+            self.graph.nodes().map(|_| Sched::Alone).collect()
+        };
+    }
+
+    /// The number of sibling groups scheduled as one dispatch.
+    pub fn sibling_groups(&self) -> usize {
+        self.sched
+            .iter()
+            .filter(|s| matches!(s, Sched::Lead(_)))
+            .count()
     }
 
     /// Turns per-op-type timing on (and clears it) or off.
@@ -90,6 +165,29 @@ impl Plan {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// The inputs of `node`, from the constants or the environment.
+    fn input_refs<'a>(
+        &'a self,
+        node: &Node,
+        env: &'a [Option<Tensor>],
+    ) -> Result<Vec<Option<&'a Tensor>>, RuntimeError> {
+        let mut refs = Vec::with_capacity(node.inputs.len());
+        for slot in &node.inputs {
+            match slot {
+                None => refs.push(None),
+                Some(id) => {
+                    let i = id.0 as usize;
+                    let t = self.consts[i].as_ref().or(env[i].as_ref());
+                    if t.is_none() {
+                        return Err(RuntimeError::Undefined(self.graph.value(*id).name.clone()));
+                    }
+                    refs.push(t);
+                }
+            }
+        }
+        Ok(refs)
     }
 
     /// Runs the graph on `inputs` (in graph input order) and returns its outputs in order.
@@ -136,27 +234,40 @@ impl Plan {
         for ((id, _), t) in graph.inputs().iter().zip(inputs) {
             env[id.0 as usize] = Some(t.clone());
         }
-        for ((_, node), frees) in graph.nodes().zip(&self.frees) {
-            let mut refs: Vec<Option<&Tensor>> = Vec::with_capacity(node.inputs.len());
-            for slot in &node.inputs {
-                match slot {
-                    None => refs.push(None),
-                    Some(id) => {
-                        let i = id.0 as usize;
-                        let t = self.consts[i].as_ref().or(env[i].as_ref());
-                        if t.is_none() {
-                            return Err(RuntimeError::Undefined(graph.value(*id).name.clone()));
-                        }
-                        refs.push(t);
-                    }
-                }
-            }
+        let nodes: Vec<&Node> = graph.nodes().map(|(_, n)| n).collect();
+        // Results of group members computed by their lead, by node position.
+        let mut pending: BTreeMap<usize, Tensor> = BTreeMap::new();
+        for (pos, (node, frees)) in nodes.iter().zip(&self.frees).enumerate() {
+            let refs = self.input_refs(node, &env)?;
             observe(node, &refs);
             let started = self.profile.as_ref().map(|_| Instant::now());
-            let results = node
-                .op
-                .eval(&refs)
-                .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?;
+            let results = match &self.sched[pos] {
+                Sched::Alone => node.op.eval(&refs),
+                Sched::Follow => pending
+                    .remove(&pos)
+                    .map(|t| vec![t])
+                    .ok_or_else(|| crate::OpError::Invalid("its sibling group did not run".into())),
+                Sched::Lead(members) => {
+                    let member_refs: Vec<Vec<Option<&Tensor>>> = members
+                        .iter()
+                        .map(|(_, p)| self.input_refs(nodes[*p], &env))
+                        .collect::<Result<_, _>>()?;
+                    let group: Vec<(&HybridMatMul, &[Option<&Tensor>])> = members
+                        .iter()
+                        .zip(&member_refs)
+                        .map(|((op, _), r)| (op, r.as_slice()))
+                        .collect();
+                    HybridMatMul::eval_group(&group).map(|outs| {
+                        let mut outs = outs.into_iter();
+                        let lead = outs.next();
+                        for ((_, p), t) in members.iter().skip(1).zip(outs) {
+                            pending.insert(*p, t);
+                        }
+                        lead.into_iter().collect()
+                    })
+                }
+            }
+            .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?;
             drop(refs);
             if let (Some(p), Some(t)) = (&self.profile, started) {
                 let key = if node.domain.is_empty() {

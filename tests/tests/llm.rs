@@ -89,6 +89,39 @@ fn residual_epilogues_fold_and_keep_every_fixture_within_1e_4_of_onnx_runtime() 
     }
 }
 
+/// Sibling products (Q/K/V, gate/up: one X, constant weights) run as one kernel dispatch and
+/// give exactly what they give one by one.
+#[test]
+fn sibling_products_scheduled_together_give_identical_outputs() {
+    for name in FIXTURES {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let g = rewritten(name, dtype);
+            let mut plan = interp::Plan::new(&g).unwrap();
+            plan.set_sibling_groups(true);
+            let groups = plan.sibling_groups();
+            // LLaMA layouts: Q/K/V and gate/up in each of 2 layers. GPT-2 has one QKV Gemm and
+            // nothing to group.
+            let want = if name == "gpt2" { 0 } else { 4 };
+            assert_eq!(groups, want, "{name}");
+            for case in ["seq7", "seq64"] {
+                let c = read_case(&fixture_dir(name).join("cases").join(case));
+                let inputs: Vec<Tensor> = c.inputs.iter().map(|(_, t)| t.clone()).collect();
+                let together = plan.run(&inputs).unwrap();
+                plan.set_sibling_groups(false);
+                let alone = plan.run(&inputs).unwrap();
+                plan.set_sibling_groups(true);
+                for (a, b) in together.iter().zip(&alone) {
+                    assert_eq!(
+                        a.as_slice::<f32>().ok(),
+                        b.as_slice::<f32>().ok(),
+                        "{name}/{case} {dtype:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bf16_and_f16_weights_stay_close_to_onnx_runtime() {
     for name in FIXTURES {

@@ -18,7 +18,9 @@
 use std::sync::{Arc, Mutex};
 
 use patch_kernels::format::SharedBytes;
-use patch_kernels::{CpuKernels, PackedWeight, TileKind, TileMap, TileShape, WeightDtype};
+use patch_kernels::{
+    CpuKernels, GroupProduct, PackedWeight, TileKind, TileMap, TileShape, WeightDtype,
+};
 
 use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
 use crate::dim::Dim;
@@ -238,41 +240,77 @@ impl Op for HybridMatMul {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        arity(inputs, 3, 5)?;
+        HybridMatMul::eval_group(&[(self, inputs)])
+    }
+}
+
+impl HybridMatMul {
+    /// Evaluates sibling products that read the same X (`inputs[0]` of every member is the
+    /// same tensor: Q/K/V, gate/up) in one kernel dispatch, which pads and rounds X once and
+    /// splits all their column panels across the threads together. One output per member.
+    pub fn eval_group(
+        members: &[(&HybridMatMul, &[Option<&Tensor>])],
+    ) -> Result<Vec<Tensor>, OpError> {
         let invalid = |e: crate::RuntimeError| OpError::Invalid(e.to_string());
-        let x = req(inputs, 0)?;
-        let w = self.weight(req(inputs, 1)?, req(inputs, 2)?)?;
-        let bias = opt(inputs, 3)
-            .map(|b| b.as_slice::<f32>())
-            .transpose()
-            .map_err(invalid)?;
+        let Some(&(_, first)) = members.first() else {
+            return Ok(Vec::new());
+        };
+        let x = req(first, 0)?;
         let shape = x.shape();
-        if shape.last() != Some(&self.k) {
-            return Err(OpError::Shape(format!(
-                "X must be [..., {}], got {shape:?}",
-                self.k
-            )));
-        }
-        let m: usize = shape[..shape.len() - 1].iter().product();
-        let mut y = vec![0f32; m * self.n];
-        let kernels = CpuKernels::global().map_err(|e| OpError::Invalid(e.to_string()))?;
-        kernels
-            .matmul(m, x.as_slice::<f32>().map_err(invalid)?, &w, bias, &mut y)
-            .map_err(|e| OpError::Invalid(e.to_string()))?;
-        let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().expect("rank ≥ 1") = self.n;
-        if let Some(r) = opt(inputs, 4) {
-            if r.shape() != out_shape.as_slice() {
+        let m: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        let mut weights = Vec::with_capacity(members.len());
+        let mut biases = Vec::with_capacity(members.len());
+        for &(op, inputs) in members {
+            arity(inputs, 3, 5)?;
+            if !std::ptr::eq(req(inputs, 0)?, x) {
+                return Err(OpError::Invalid(
+                    "grouped products must read the same X".into(),
+                ));
+            }
+            if shape.last() != Some(&op.k) {
                 return Err(OpError::Shape(format!(
-                    "residual {:?} must have the output's shape {out_shape:?}",
-                    r.shape()
+                    "X must be [..., {}], got {shape:?}",
+                    op.k
                 )));
             }
-            for (a, b) in y.iter_mut().zip(r.as_slice::<f32>().map_err(invalid)?) {
-                *a += b;
-            }
+            weights.push(op.weight(req(inputs, 1)?, req(inputs, 2)?)?);
+            biases.push(
+                opt(inputs, 3)
+                    .map(|b| b.as_slice::<f32>())
+                    .transpose()
+                    .map_err(invalid)?,
+            );
         }
-        Ok(vec![Tensor::from_vec(out_shape, y).map_err(invalid)?])
+        let mut ys: Vec<Vec<f32>> = members.iter().map(|(op, _)| vec![0f32; m * op.n]).collect();
+        let kernels = CpuKernels::global().map_err(|e| OpError::Invalid(e.to_string()))?;
+        let mut products: Vec<GroupProduct<'_>> = weights
+            .iter()
+            .zip(&biases)
+            .zip(ys.iter_mut())
+            .map(|((w, &bias), y)| GroupProduct { w, bias, y })
+            .collect();
+        kernels
+            .matmul_group(m, x.as_slice::<f32>().map_err(invalid)?, &mut products)
+            .map_err(|e| OpError::Invalid(e.to_string()))?;
+        drop(products);
+        let mut outs = Vec::with_capacity(members.len());
+        for ((op, inputs), mut y) in members.iter().zip(ys) {
+            let mut out_shape = shape.to_vec();
+            *out_shape.last_mut().expect("rank ≥ 1") = op.n;
+            if let Some(r) = opt(inputs, 4) {
+                if r.shape() != out_shape.as_slice() {
+                    return Err(OpError::Shape(format!(
+                        "residual {:?} must have the output's shape {out_shape:?}",
+                        r.shape()
+                    )));
+                }
+                for (a, b) in y.iter_mut().zip(r.as_slice::<f32>().map_err(invalid)?) {
+                    *a += b;
+                }
+            }
+            outs.push(Tensor::from_vec(out_shape, y).map_err(invalid)?);
+        }
+        Ok(outs)
     }
 }
 
