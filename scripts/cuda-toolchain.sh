@@ -11,9 +11,10 @@ venv=.cuda-venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2
 fi
+# Pinned: the versions CI was validated with (the wheels' directory layout is relied on below).
 "$venv/bin/pip" install -q --disable-pip-version-check \
-  nvidia-cuda-nvcc nvidia-cuda-crt nvidia-cuda-runtime nvidia-cuda-cccl \
-  nvidia-cuda-nvrtc-cu12 >&2
+  nvidia-cuda-nvcc==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-cuda-runtime==13.5.37 \
+  nvidia-nvvm==13.5.37 nvidia-cuda-cccl==13.3.5.0.6 nvidia-cuda-nvrtc-cu12==12.9.86 >&2
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 nvcc="$site/nvidia/cu13/bin/nvcc"
 nvrtc_lib="$site/nvidia/cuda_nvrtc/lib"
