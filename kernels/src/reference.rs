@@ -33,6 +33,20 @@ pub fn gemm_f32(
     }
 }
 
+/// `n` deterministic pseudo-random values in [-1, 1) from `seed` (xorshift64): test and
+/// benchmark data that needs no RNG crate and is the same on every platform.
+pub fn uniform_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

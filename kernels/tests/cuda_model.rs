@@ -13,6 +13,8 @@
 
 use patch_kernels::cuda::{tile_descs, TileDesc, HYBRID, KERNELS, OPS};
 use patch_kernels::{bf16, magnitude_24_mask, pack, PackedWeight, TileMap, TileShape};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 #[test]
 fn every_launched_kernel_is_defined_in_its_source() {
@@ -52,15 +54,8 @@ fn tile_desc_has_the_c_layout() {
 }
 
 fn randoms(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
 }
 
 fn lo(w: u32) -> f32 {

@@ -52,9 +52,6 @@ enum Sched {
 fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
     let nodes: Vec<&Node> = graph.nodes().map(|(_, n)| n).collect();
     let mut sched: Vec<Sched> = nodes.iter().map(|_| Sched::Alone).collect();
-    if std::env::var("PATCH_SIBLINGS").is_ok_and(|v| v == "0") {
-        return sched;
-    }
     let mut by_input: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (pos, n) in nodes.iter().enumerate() {
         let groupable = n.domain == hybrid::DOMAIN
@@ -86,6 +83,30 @@ fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
     sched
 }
 
+/// Per node in order: the values whose last use it is (never graph outputs nor the values
+/// `is_const` names), so that an executor can drop them right after it.
+pub(crate) fn frees_after_last_use(
+    graph: &Graph,
+    is_const: impl Fn(usize) -> bool,
+) -> Vec<Vec<usize>> {
+    let mut last_use = vec![usize::MAX; graph.value_count()];
+    for (pos, (_, node)) in graph.nodes().enumerate() {
+        for id in node.inputs.iter().flatten() {
+            last_use[id.0 as usize] = pos;
+        }
+    }
+    for (id, _) in graph.outputs() {
+        last_use[id.0 as usize] = usize::MAX;
+    }
+    let mut frees = vec![Vec::new(); graph.node_count()];
+    for (v, &pos) in last_use.iter().enumerate() {
+        if pos != usize::MAX && !is_const(v) {
+            frees[pos].push(v);
+        }
+    }
+    frees
+}
+
 /// Calls and seconds spent in one op type.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpTime {
@@ -99,22 +120,12 @@ impl Plan {
         for (id, t) in graph.consts() {
             consts[id.0 as usize] = Some(t.to_aligned());
         }
-        let mut last_use = vec![usize::MAX; graph.value_count()];
-        for (pos, (_, node)) in graph.nodes().enumerate() {
-            for id in node.inputs.iter().flatten() {
-                last_use[id.0 as usize] = pos;
-            }
-        }
-        for (id, _) in graph.outputs() {
-            last_use[id.0 as usize] = usize::MAX;
-        }
-        let mut frees = vec![Vec::new(); graph.node_count()];
-        for (v, &pos) in last_use.iter().enumerate() {
-            if pos != usize::MAX && consts[v].is_none() {
-                frees[pos].push(v);
-            }
-        }
-        let sched = sibling_schedule(graph, &consts);
+        let frees = frees_after_last_use(graph, |v| consts[v].is_some());
+        let sched = if std::env::var("PATCH_SIBLINGS").is_ok_and(|v| v == "0") {
+            graph.nodes().map(|_| Sched::Alone).collect()
+        } else {
+            sibling_schedule(graph, &consts)
+        };
         Ok(Plan {
             graph: graph.clone(),
             consts,

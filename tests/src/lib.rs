@@ -120,3 +120,32 @@ pub fn word_tokenizer_json(n: usize) -> String {
         vocab.join(", ")
     )
 }
+
+/// Copies fixture `name`'s files into `dir` with a 512-word tokenizer beside them — a model
+/// folder as `patchc compile` reads one — and returns the model's path.
+pub fn stage_fixture(name: &str, dir: &Path) -> PathBuf {
+    for entry in std::fs::read_dir(fixture_dir(name)).expect("fixture folder") {
+        let p = entry.expect("fixture entry").path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().expect("file name"))).expect("copy");
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).expect("tokenizer");
+    dir.join("model.onnx")
+}
+
+/// The prepared SmolLM2 with-past model, or `None` (saying so) when `prepare.sh` has not run;
+/// with `PATCH_REQUIRE_MODELS=1` a missing model fails instead.
+pub fn smollm2_model() -> Option<PathBuf> {
+    let model = repo_root().join("models/smollm2-135m/model_with_past.onnx");
+    if model.with_extension("onnx.data").exists() {
+        return Some(model);
+    }
+    let msg = "SmolLM2 is not prepared: run `bash models/smollm2-135m/prepare.sh`";
+    assert!(
+        std::env::var("PATCH_REQUIRE_MODELS").map_or(true, |v| v != "1"),
+        "{msg} (PATCH_REQUIRE_MODELS=1)"
+    );
+    eprintln!("skipped: {msg}");
+    None
+}

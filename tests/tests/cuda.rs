@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use patch_compiler::pipeline::{self, CompileOptions};
+use patch_kernels::reference::uniform_values as randoms;
 use patch_kernels::{magnitude_24_mask, pack, TileMap, TileShape, WeightDtype};
 use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::cuda::{
@@ -28,7 +29,9 @@ use patch_runtime::llm::{Backend, LanguageModel, LlmError};
 use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, DType, Graph, InputRole, OutputRole, Tensor, TensorType};
-use patch_tests::{fixture_dir, max_abs_diff, read_case, word_tokenizer_json, CASES, FIXTURES};
+use patch_tests::{
+    fixture_dir, max_abs_diff, read_case, smollm2_model, stage_fixture, CASES, FIXTURES,
+};
 
 fn require(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
@@ -61,15 +64,9 @@ fn compile_fixture(
     sparsity: f64,
     weights: WeightDtype,
 ) -> (Graph, PathBuf) {
-    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).unwrap();
+    let model = stage_fixture(name, dir);
     let out = dir.join(format!("{name}-{sparsity}-{weights}.patch"));
-    let mut opts = CompileOptions::new(dir.join("model.onnx"), out.clone());
+    let mut opts = CompileOptions::new(model, out.clone());
     opts.sparsity = sparsity;
     opts.weights = weights;
     opts.tile = TileShape::new(16, 16).unwrap();
@@ -192,19 +189,6 @@ fn without_a_driver_the_backend_fails_cleanly() {
 // ------------------------------------------------------------------------------------------
 // On a GPU
 // ------------------------------------------------------------------------------------------
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn randoms(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn run_both(dev: &Arc<CudaDevice>, graph: &Graph, inputs: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
     let want = interp::run(graph, inputs).unwrap();
@@ -561,16 +545,9 @@ fn every_fixture_matches_the_cpu_on_the_device() {
 #[test]
 fn smollm2_on_the_gpu_matches_the_cpu() {
     let Some(_dev) = gpu() else { return };
-    let model = patch_tests::repo_root().join("models/smollm2-135m/model_with_past.onnx");
-    if !model.with_extension("onnx.data").exists() {
-        let msg = "skipped: SmolLM2 is not prepared (bash models/smollm2-135m/prepare.sh)";
-        assert!(
-            !require("PATCH_REQUIRE_MODELS"),
-            "{msg} (PATCH_REQUIRE_MODELS=1)"
-        );
-        eprintln!("{msg}");
+    let Some(model) = smollm2_model() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.patch");
     for (sparsity, label) in [(0.0, "dense"), (0.5, "all 2:4")] {
@@ -621,16 +598,9 @@ fn argmax(v: &[f32]) -> u32 {
 /// it, unless `PATCH_REQUIRE_MODELS=1`).
 #[test]
 fn smollm2_runs_its_forward_pass_on_the_device() {
-    let model = patch_tests::repo_root().join("models/smollm2-135m/model_with_past.onnx");
-    if !model.with_extension("onnx.data").exists() {
-        let msg = "skipped: SmolLM2 is not prepared (bash models/smollm2-135m/prepare.sh)";
-        assert!(
-            !require("PATCH_REQUIRE_MODELS"),
-            "{msg} (PATCH_REQUIRE_MODELS=1)"
-        );
-        eprintln!("{msg}");
+    let Some(model) = smollm2_model() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.patch");
     let mut opts = CompileOptions::new(model, out.clone());

@@ -16,7 +16,7 @@ use patch_runtime::llm::LanguageModel;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Tensor};
 use patch_tests::{
-    argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, word_tokenizer_json, CASES,
+    argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, stage_fixture, CASES,
     FIXTURES,
 };
 
@@ -151,14 +151,7 @@ fn bf16_and_f16_weights_stay_close_to_onnx_runtime() {
 
 /// Compiles a fixture with a word tokenizer and `generation.json` into `dir`.
 fn compile_fixture(name: &str, dir: &Path, max_context: usize) -> PathBuf {
-    let src = fixture_dir(name);
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).unwrap();
+    let model = stage_fixture(name, dir);
     std::fs::write(
         dir.join("generation.json"),
         format!(r#"{{"eos_token_id": 511, "bos_token_id": 1, "max_context": {max_context}}}"#),
@@ -167,7 +160,7 @@ fn compile_fixture(name: &str, dir: &Path, max_context: usize) -> PathBuf {
     let out = dir.join(format!("{name}.patch"));
     let options = CompileOptions {
         tile: TileShape::new(32, 16).unwrap(),
-        ..CompileOptions::new(dir.join("model.onnx"), out.clone())
+        ..CompileOptions::new(model, out.clone())
     };
     pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
     out

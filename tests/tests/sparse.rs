@@ -13,24 +13,18 @@ use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Graph, Tensor, ValueId};
-use patch_tests::{fixture_dir, read_case, word_tokenizer_json};
+use patch_tests::{fixture_dir, read_case, stage_fixture};
 use serde_json::Value;
 
 /// The fixture copied into `dir` with a word tokenizer and `words` words of calibration text.
 fn setup(name: &str, dir: &Path, words: usize) -> (PathBuf, PathBuf) {
-    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(dir.join("tokenizer.json"), word_tokenizer_json(512)).unwrap();
+    let model = stage_fixture(name, dir);
     let text: Vec<String> = (0..words)
         .map(|i| format!("w{}", (i * 7919 + i / 3) % 500))
         .collect();
     let calib = dir.join("calib.txt");
     std::fs::write(&calib, text.join(" ")).unwrap();
-    (dir.join("model.onnx"), calib)
+    (model, calib)
 }
 
 fn options(model: &Path, out: &Path, calib: &Path, s: f64, method: Method) -> CompileOptions {

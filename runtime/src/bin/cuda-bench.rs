@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use patch_kernels::reference::uniform_values as randoms;
 use patch_kernels::{
     bf16, f16, magnitude_24_mask, pack, PackedWeight, TileMap, TileShape, WeightDtype,
 };
@@ -25,18 +26,6 @@ const SHAPES: [(&str, usize, usize); 5] = [
 ];
 const SPARSITIES: [f64; 4] = [0.0, 0.25, 0.4, 0.5];
 const ROWS: [usize; 3] = [1, 16, 512];
-
-fn randoms(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn packed(k: usize, n: usize, sparsity: f64, dtype: WeightDtype) -> Result<PackedWeight, String> {
     let tile = TileShape::new(128, 128).map_err(|e| e.to_string())?;

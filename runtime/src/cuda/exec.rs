@@ -5,13 +5,12 @@
 //! softmax, gather, concat, transpose, expand); views (Reshape, Squeeze, ...) of a device value
 //! stay on the device without a copy. Everything else — the integer shape arithmetic the
 //! exporters leave — runs on the host through the reference ops. A value crosses the bus only
-//! when a host op reads a device value or the other way round; [`TransferStats`] counts those
-//! crossings so that a model whose forward pass does not stay on the device is visible.
+//! when a host op reads a device value or the other way round; [`placement`] lists those
+//! crossings, so that a model whose forward pass does not stay on the device is visible.
 //!
 //! Output shapes of device ops come from the ops' own shape inference run on concrete input
 //! shapes, so the device path and the reference interpreter cannot disagree on them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -19,7 +18,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use super::{CudaDevice, CudaError};
 use crate::dim::shape_of;
 use crate::dtype::DType;
-use crate::ir::{Def, Graph, Node, TensorType, ValueId};
+use crate::ir::{Graph, Node, TensorType, ValueId};
 use crate::ops::fused::broadcast_strides;
 use crate::ops::hybrid::HybridMatMul;
 use crate::ops::InputFact;
@@ -150,16 +149,6 @@ pub enum Placement {
     Host,
 }
 
-/// Bus crossings since the plan was made: a forward pass that stays on the device uploads
-/// its token ids and downloads its logits, and nothing else of size.
-#[derive(Debug, Default)]
-pub struct TransferStats {
-    pub uploads: AtomicU64,
-    pub upload_bytes: AtomicU64,
-    pub downloads: AtomicU64,
-    pub download_bytes: AtomicU64,
-}
-
 /// What a device node does.
 #[derive(Clone, Debug)]
 enum Kind {
@@ -211,10 +200,12 @@ impl Kind {
     fn device_inputs(&self, arity: usize) -> Vec<usize> {
         match self {
             Kind::Hybrid => vec![0, 3, 4],
-            Kind::Gather | Kind::Expand | Kind::View | Kind::Unary(_) | Kind::Softmax => {
-                vec![0]
-            }
-            Kind::Transpose { .. } => vec![0],
+            Kind::Gather
+            | Kind::Expand
+            | Kind::View
+            | Kind::Unary(_)
+            | Kind::Softmax
+            | Kind::Transpose { .. } => vec![0],
             _ => (0..arity).collect(),
         }
     }
@@ -453,7 +444,6 @@ pub struct CudaPlan {
     weights: Vec<Option<DeviceHybrid>>,
     /// Per node in order: values to drop after it runs.
     frees: Vec<Vec<usize>>,
-    stats: TransferStats,
 }
 
 impl std::fmt::Debug for CudaPlan {
@@ -520,21 +510,7 @@ impl CudaPlan {
             }
             weights.push(weight);
         }
-        let mut last_use = vec![usize::MAX; graph.value_count()];
-        for (pos, node) in nodes.iter().enumerate() {
-            for id in node.inputs.iter().flatten() {
-                last_use[id.0 as usize] = pos;
-            }
-        }
-        for (id, _) in graph.outputs() {
-            last_use[id.0 as usize] = usize::MAX;
-        }
-        let mut frees = vec![Vec::new(); nodes.len()];
-        for (v, &pos) in last_use.iter().enumerate() {
-            if pos != usize::MAX && host_consts[v].is_none() {
-                frees[pos].push(v);
-            }
-        }
+        let frees = crate::interp::frees_after_last_use(graph, |v| host_consts[v].is_some());
         dev.synchronize()?;
         Ok(CudaPlan {
             dev,
@@ -544,7 +520,6 @@ impl CudaPlan {
             device_consts,
             weights,
             frees,
-            stats: TransferStats::default(),
         })
     }
 
@@ -554,10 +529,6 @@ impl CudaPlan {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
-    }
-
-    pub fn stats(&self) -> &TransferStats {
-        &self.stats
     }
 
     /// Runs the graph. Inputs and outputs are in graph order; outputs a device node produced
@@ -614,19 +585,12 @@ impl CudaPlan {
             .iter()
             .map(|(id, _)| {
                 let i = id.0 as usize;
-                if let Some(v) = env[i].take() {
-                    return Ok(v);
-                }
-                if let Some(t) = &self.host_consts[i] {
-                    return Ok(Value::Host(t.clone()));
-                }
-                match graph.value(*id).def {
-                    Def::Input(_) => Err(CudaError::Driver(format!(
-                        "output `{}` is a graph input consumed earlier",
-                        graph.value(*id).name
-                    ))),
-                    _ => Err(crate::RuntimeError::Undefined(graph.value(*id).name.clone()).into()),
-                }
+                env[i]
+                    .clone()
+                    .or_else(|| self.host_consts[i].clone().map(Value::Host))
+                    .ok_or_else(|| {
+                        crate::RuntimeError::Undefined(graph.value(*id).name.clone()).into()
+                    })
             })
             .collect()
     }
@@ -650,13 +614,7 @@ impl CudaPlan {
         }
         match &env[i] {
             Some(Value::Host(t)) => Ok(t.clone()),
-            Some(Value::Device(d)) => {
-                self.stats.downloads.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .download_bytes
-                    .fetch_add(4 * d.len() as u64, Ordering::Relaxed);
-                d.to_host(&self.dev)
-            }
+            Some(Value::Device(d)) => d.to_host(&self.dev),
             None => Err(crate::RuntimeError::Undefined(self.graph.value(id).name.clone()).into()),
         }
     }
@@ -668,13 +626,7 @@ impl CudaPlan {
         }
         match (&env[i], &self.host_consts[i]) {
             (Some(Value::Device(d)), _) => Ok(d.clone()),
-            (Some(Value::Host(t)), _) | (None, Some(t)) => {
-                self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .upload_bytes
-                    .fetch_add(4 * t.len() as u64, Ordering::Relaxed);
-                DeviceTensor::upload(&self.dev, t)
-            }
+            (Some(Value::Host(t)), _) | (None, Some(t)) => DeviceTensor::upload(&self.dev, t),
             (None, None) => {
                 Err(crate::RuntimeError::Undefined(self.graph.value(id).name.clone()).into())
             }
@@ -1158,10 +1110,8 @@ impl CudaPlan {
                     .map_err(|e| bad(e.to_string()))?
             }
         };
-        let mut outs = vec![Value::Device(result)];
-        // Extra outputs are never placed on the device (see `device_kind`).
-        outs.truncate(node.outputs.len().max(1));
-        Ok(outs)
+        // Every device kind has exactly one output (see `device_kind`).
+        Ok(vec![Value::Device(result)])
     }
 
     /// `y[i] = x[Σ idx·sa]` over the row-major space `shape`.

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use thiserror::Error;
 
-pub use exec::{
-    placement, Crossing, CudaPlan, DeviceHybrid, DeviceTensor, Placement, TransferStats, Value,
-};
+pub use exec::{placement, Crossing, CudaPlan, DeviceHybrid, DeviceTensor, Placement, Value};
 pub use nvrtc::{compile_cubin, nvrtc_available};
 
 use patch_kernels::cuda::{KERNELS, MIN_COMPUTE_CAPABILITY, SOURCES};
@@ -116,8 +114,7 @@ impl CudaDevice {
         for (file, source) in SOURCES {
             let cubin = compile_cubin(file, source, &arch)?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
-            for &(kfile, kernel) in KERNELS.iter().filter(|(f, _)| *f == file) {
-                debug_assert_eq!(kfile, file);
+            for &(_, kernel) in KERNELS.iter().filter(|(f, _)| *f == file) {
                 functions.insert(kernel, module.load_function(kernel)?);
             }
         }

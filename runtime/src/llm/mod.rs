@@ -499,13 +499,7 @@ impl LanguageModel {
         let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
         let data = self.keep_logits(&logits, tokens.len(), keep)?;
         if native {
-            cache.layers = l
-                .present
-                .iter()
-                .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
-                .collect();
-            let got = cache.layers.first().map(|(k, _)| k.shape().to_vec());
-            self.check_present(got.as_deref(), total)?;
+            self.store_present(&mut cache.layers, &outputs, Tensor::shape, total)?;
         }
         cache.tokens.extend_from_slice(tokens);
         Ok(Logits {
@@ -538,16 +532,29 @@ impl LanguageModel {
         Ok(data)
     }
 
-    /// Checks that the present keys (shape `got`) hold all `total` positions.
-    fn check_present(&self, got: Option<&[usize]>, total: usize) -> Result<(), LlmError> {
-        if let Some(shape) = got {
-            let got = shape.get(self.layout.past_axis).copied().unwrap_or(0);
+    /// Keeps a step's present keys and values (`outputs` in graph order) as the cache's
+    /// `layers`, after checking that they hold all `total` positions.
+    fn store_present<T: Clone>(
+        &self,
+        layers: &mut Vec<(T, T)>,
+        outputs: &[T],
+        shape: impl Fn(&T) -> &[usize],
+        total: usize,
+    ) -> Result<(), LlmError> {
+        let l = &self.layout;
+        if let Some(&(k, _)) = l.present.first() {
+            let got = shape(&outputs[k]).get(l.past_axis).copied().unwrap_or(0);
             if got != total {
                 return Err(LlmError::Invalid(format!(
                     "present keys hold {got} positions after {total} tokens"
                 )));
             }
         }
+        *layers = l
+            .present
+            .iter()
+            .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
+            .collect();
         Ok(())
     }
 
@@ -579,13 +586,7 @@ impl LanguageModel {
             .map_err(backend_err)?;
         let data = self.keep_logits(&logits, tokens.len(), keep)?;
         if self.has_kv_cache() {
-            cache.device_layers = l
-                .present
-                .iter()
-                .map(|&(k, v)| (outputs[k].clone(), outputs[v].clone()))
-                .collect();
-            let got = cache.device_layers.first().map(|(k, _)| k.shape().to_vec());
-            self.check_present(got.as_deref(), total)?;
+            self.store_present(&mut cache.device_layers, &outputs, Value::shape, total)?;
         }
         cache.tokens.extend_from_slice(tokens);
         Ok(Logits {
