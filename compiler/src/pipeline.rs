@@ -378,6 +378,8 @@ pub fn compile(
             "calibration_seq": options.calib.seq,
             "seed": options.calib.seed,
             "update_weights": options.calib.update_weights,
+            "patch_steps": options.calib.patch.steps,
+            "joint_steps": options.calib.patch.joint.steps,
             "tile_map_svg": svg_path.display().to_string(),
             "layers": c.layers,
         });

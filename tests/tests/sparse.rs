@@ -229,20 +229,55 @@ fn the_learned_method_is_deterministic_for_a_seed_and_beats_wanda() {
     let (b, _) = run("b.patch", Method::Patch);
     assert_eq!(a, b, "same seed, same graph");
     let (_, rm) = run("w.patch", Method::Wanda);
-    let total = |r: &Value| -> f64 {
-        r["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["reconstruction_error"].as_f64().unwrap())
-            .sum()
-    };
+    let total = summed_error;
     assert!(
         total(&ra) < total(&rm),
         "summed layer errors: patch {} vs wanda {}",
         total(&ra),
         total(&rm)
     );
+}
+
+fn summed_error(r: &Value) -> f64 {
+    r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reconstruction_error"].as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn patch_joint_learns_patterns_that_beat_the_frozen_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_dynamo_op18", dir.path(), 400);
+    let case = read_case(&fixture_dir("llama_dynamo_op18").join("cases/seq7"));
+    let inputs: Vec<Tensor> = case.inputs.iter().map(|(_, t)| t.clone()).collect();
+    for s in [0.35, 0.5] {
+        let run = |name: &str, joint_steps: usize| {
+            let out = dir.path().join(name);
+            let mut o = options(&model, &out, &calib, s, Method::Patch);
+            o.calib.patch.joint.steps = joint_steps;
+            pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
+            (load(&out), sparse_report(&out))
+        };
+        let (_, tile) = run("tile.patch", 0);
+        let (g, joint) = run("joint.patch", 100);
+        let (g2, _) = run("joint2.patch", 100);
+        assert_eq!(g.to_text(), g2.to_text(), "same seed, same graph");
+        assert_eq!(joint["joint_steps"], 100);
+        let achieved = joint["achieved_sparsity"].as_f64().unwrap();
+        assert!((achieved - s).abs() <= 0.005 * s, "achieved {achieved}");
+        assert!(
+            summed_error(&joint) < summed_error(&tile),
+            "at {s}: joint {} vs tile {}",
+            summed_error(&joint),
+            summed_error(&tile)
+        );
+        let got = interp::run(&g, &inputs).unwrap();
+        let want = interp::run(&unpacked_reference(&g), &inputs).unwrap();
+        assert!(patch_tests::max_abs_diff(&got[0], &want[0]) <= 1e-4);
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use patch_compiler::calibrate::{layer_table, CalibOptions};
 use patch_compiler::{inspect, onnx, pipeline};
 use patch_kernels::{TileShape, WeightDtype};
-use patch_passes::masks::{patch::PatchOptions, Method};
+use patch_passes::masks::{joint::JointOptions, patch::PatchOptions, Method};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -78,6 +78,10 @@ enum Command {
         /// Optimizer steps of the patch method.
         #[arg(long, default_value_t = 2000)]
         patch_steps: usize,
+        /// PATCH-Joint: Adam steps per layer that learn the 2:4 patterns inside 2:4 tiles
+        /// (0: PATCH-Tile, patterns frozen from the one-shot method).
+        #[arg(long, default_value_t = 0)]
+        joint_steps: usize,
         /// Skip the fusion pipeline (to compare fused and unfused bundles).
         #[arg(long)]
         no_fuse: bool,
@@ -138,6 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             update_weights,
             patch_steps,
+            joint_steps,
             calib_cache,
             no_fuse,
             dump_after,
@@ -168,6 +173,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     cache: calib_cache,
                     patch: PatchOptions {
                         steps: patch_steps,
+                        joint: JointOptions {
+                            steps: joint_steps,
+                            ..JointOptions::default()
+                        },
                         ..PatchOptions::default()
                     },
                 },

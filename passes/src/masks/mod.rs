@@ -11,11 +11,15 @@
 //!   over K with the inverse Hessian: 2:4 choices by `w² / [H⁻¹]_kk` group by group, and the
 //!   kept weights (dense tiles included) updated to absorb the pruning error.
 //! * `patch` (default): tile choices learned across all layers at once (see [`patch`]), the
-//!   2:4 pattern inside tiles frozen from `wanda` (PATCH-Tile).
+//!   2:4 pattern inside tiles frozen from `wanda` (PATCH-Tile), or learned too when
+//!   `patch.joint.steps > 0` (PATCH-Joint, see [`joint`]).
 //!
 //! Every method finishes with a global budget repair, so the achieved sparsity is the target
-//! within 0.5% (relative). `update_weights` adds the SparseGPT weight update on the final mask.
+//! within 0.5% (relative). `update_weights` adds the SparseGPT weight update on the final mask;
+//! for PATCH-Tile the frozen one-shot pattern is then SparseGPT's own (its OBS selection inside
+//! the learned tile map), for the other methods the mask stays as chosen.
 
+pub mod joint;
 pub mod linalg;
 pub mod patch;
 pub mod sparsegpt;
@@ -383,6 +387,27 @@ pub fn compute_masks(
             costs[l][t].1 / layer_scale[l] / costs[l][t].0.max(1) as f64
         });
     }
+    let joint = options.method == Method::Patch && options.patch.joint.steps > 0;
+    if joint {
+        for (i, t) in targets.iter().enumerate() {
+            progress("learn patterns", i, targets.len());
+            let numeric = |msg| MaskError::Numeric {
+                weight: t.name.clone(),
+                msg,
+            };
+            let g = t.gram.ok_or_else(|| MaskError::NoStatistics {
+                method: Method::Patch,
+                weight: t.name.clone(),
+            })?;
+            let problem =
+                joint::PatternProblem::new(&t.w, t.k, t.n, g, &maps[i], tile, &patterns[i])
+                    .map_err(numeric)?;
+            let seed = options.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let learned = problem.learn(&options.patch.joint, seed).map_err(numeric)?;
+            problem.apply(&mut patterns[i], &learned.choice);
+        }
+        progress("learn patterns", targets.len(), targets.len());
+    }
     let update = options.update_weights || options.method == Method::SparseGpt;
     let mut out = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
@@ -393,8 +418,10 @@ pub fn compute_masks(
                 method: Method::SparseGpt,
                 weight: t.name.clone(),
             })?;
-            let fixed = (options.method != Method::SparseGpt)
-                .then(|| keep_for(&map, &patterns[i], t.k, t.n, tile));
+            // SparseGPT and PATCH-Tile select 2:4 patterns inside the map as they sweep.
+            let obs_patterns =
+                options.method == Method::SparseGpt || (options.method == Method::Patch && !joint);
+            let fixed = (!obs_patterns).then(|| keep_for(&map, &patterns[i], t.k, t.n, tile));
             let (w, keep) = sparsegpt::prune(&t.w, t.k, t.n, g, &map, tile, fixed.as_deref())
                 .map_err(|msg| MaskError::Numeric {
                     weight: t.name.clone(),

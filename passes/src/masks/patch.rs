@@ -43,6 +43,8 @@ pub struct PatchOptions {
     pub lambda: f64,
     /// Scale of the initial logits (±3σ).
     pub sigma: f64,
+    /// PATCH-Joint's pattern learner (`steps: 0` is PATCH-Tile).
+    pub joint: super::joint::JointOptions,
 }
 
 impl Default for PatchOptions {
@@ -54,6 +56,7 @@ impl Default for PatchOptions {
             tau: (2.0, 0.05),
             lambda: 20.0,
             sigma: 0.01,
+            joint: super::joint::JointOptions::default(),
         }
     }
 }
