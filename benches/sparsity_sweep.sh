@@ -4,8 +4,10 @@
 #   bash benches/sparsity_sweep.sh [OUT_DIR] [EVAL_TOKENS] [CALIB_SAMPLES]
 #
 # Environment: SPARSITIES (default "0.25 0.35 0.45 0.5"), METHODS (default "patch patch-update
-# wanda sparsegpt magnitude"; patch-update is `--method patch --update-weights`), DENSE=0 skips
-# the dense row, KEEP=0 deletes each bundle once evaluated, THREADS (default 2).
+# wanda sparsegpt magnitude"; patch-update is `--method patch --update-weights`, patch-joint is
+# `--method patch --joint-steps $JOINT_STEPS` (default 100), patch-joint-update adds
+# `--update-weights`), DENSE=0 skips the dense row, KEEP=0 deletes each bundle once evaluated,
+# THREADS (default 2).
 #
 # Needs `cargo build --release` and both prepare.sh scripts. Calibration statistics are
 # computed once (OUT_DIR/calib.bin) and reused by every compile. Prints one markdown row per
@@ -41,7 +43,11 @@ for s in ${SPARSITIES:-0.25 0.35 0.45 0.5}; do
   for m in ${METHODS:-patch patch-update wanda sparsegpt magnitude}; do
     b="$OUT/$m-$s.patch"
     args=(--method "$m")
-    [ "$m" = patch-update ] && args=(--method patch --update-weights)
+    case "$m" in
+      patch-update) args=(--method patch --update-weights) ;;
+      patch-joint) args=(--method patch --joint-steps "${JOINT_STEPS:-100}") ;;
+      patch-joint-update) args=(--method patch --joint-steps "${JOINT_STEPS:-100}" --update-weights) ;;
+    esac
     start=$(date +%s.%N)
     "$BIN/patchc" compile "$MODEL" -o "$b" --sparsity "$s" "${args[@]}" \
       --calib-samples "$SAMPLES" --calib-cache "$OUT/calib.bin" > "$OUT/$m-$s.log" 2>&1
