@@ -333,6 +333,8 @@ pub fn calibrate(
             "dense_tiles": m.map.kinds().len() - sparse,
             "sparse_tiles": sparse,
             "reconstruction_error": m.error,
+            "joint_prior_error": m.joint.map(|j| j.0),
+            "joint_learned_error": m.joint.map(|j| j.1),
         }));
         tile_maps.push((t.node.clone(), m.map.clone()));
         masks_by_weight.insert(

@@ -266,6 +266,14 @@ fn patch_joint_learns_patterns_that_beat_the_frozen_ones() {
         let (g2, _) = run("joint2.patch", 100);
         assert_eq!(g.to_text(), g2.to_text(), "same seed, same graph");
         assert_eq!(joint["joint_steps"], 100);
+        for l in joint["layers"].as_array().unwrap() {
+            let (prior, learned) = (
+                l["joint_prior_error"].as_f64().unwrap(),
+                l["joint_learned_error"].as_f64().unwrap(),
+            );
+            assert!(learned <= prior, "{}: {learned} > {prior}", l["node"]);
+        }
+        assert!(tile["layers"][0]["joint_prior_error"].is_null());
         let achieved = joint["achieved_sparsity"].as_f64().unwrap();
         assert!((achieved - s).abs() <= 0.005 * s, "achieved {achieved}");
         assert!(

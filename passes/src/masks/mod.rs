@@ -102,6 +102,9 @@ pub struct LayerMask {
     /// `tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)`: the layer output's relative squared error on the
     /// calibration data (None without statistics).
     pub error: Option<f64>,
+    /// PATCH-Joint only: the layer's error (before any weight update) with the one-shot
+    /// pattern and with the learned one.
+    pub joint: Option<(f64, f64)>,
 }
 
 /// Options of [`compute_masks`].
@@ -388,6 +391,7 @@ pub fn compute_masks(
         });
     }
     let joint = options.method == Method::Patch && options.patch.joint.steps > 0;
+    let mut joint_errors = vec![None; targets.len()];
     if joint {
         for (i, t) in targets.iter().enumerate() {
             progress("learn patterns", i, targets.len());
@@ -405,6 +409,7 @@ pub fn compute_masks(
             let seed = options.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let learned = problem.learn(&options.patch.joint, seed).map_err(numeric)?;
             problem.apply(&mut patterns[i], &learned.choice);
+            joint_errors[i] = Some((learned.prior_loss, learned.loss));
         }
         progress("learn patterns", targets.len(), targets.len());
     }
@@ -450,6 +455,7 @@ pub fn compute_masks(
             weights,
             pruned,
             error,
+            joint: joint_errors[i],
         });
     }
     Ok(out)
