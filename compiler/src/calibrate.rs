@@ -138,6 +138,8 @@ pub enum CalibError {
     },
     #[error("--calib-samples and --calib-seq must be at least 1 and 2")]
     BadSize,
+    #[error("--joint-steps learns the 2:4 patterns of --method patch; --method {0} has no learned patterns (drop --joint-steps or use --method patch)")]
+    JointNeedsPatch(Method),
     #[error("calibration run: {0}")]
     Run(String),
     #[error("cannot write the calibration cache `{path}`: {msg}")]
@@ -197,6 +199,9 @@ pub fn calibrate(
         return Err(CalibError::BadSize);
     }
     let method = options.method;
+    if options.patch.joint.steps > 0 && method != Method::Patch {
+        return Err(CalibError::JointNeedsPatch(method));
+    }
     let mut phase_seconds = Vec::new();
     let mut calib = Calibration::default();
     let mut calib_tokens = 0;

@@ -315,6 +315,10 @@ fn bad_calibration_input_fails_before_the_long_work() {
     );
     o.calib.text = None;
     pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
+    // Learned patterns belong to the patch method only.
+    o.calib.patch.joint.steps = 10;
+    let err = pipeline::compile(&o, &OpRegistry::onnx()).unwrap_err();
+    assert!(err.to_string().contains("--joint-steps"), "{err}");
     // Without a tokenizer, calibration cannot read text.
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let err = pipeline::compile(
