@@ -407,24 +407,15 @@ fn argmax(phi: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::masks::{keep_for, pattern_24, reconstruction_error};
+    use crate::masks::{
+        correlated_gram, keep_for, masked_weights, pattern_24, reconstruction_error,
+    };
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     fn problem(k: usize, n: usize, seed: u64) -> (Gram, Vec<f32>) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let x: Vec<f32> = (0..3 * k * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        // Correlated features, so patterns interact through H.
-        let x: Vec<f32> = x
-            .chunks(k)
-            .flat_map(|r| {
-                (0..k)
-                    .map(move |j| r[j] + 0.7 * r[(j + 1) % k])
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let mut g = Gram::new(k);
-        g.add_rows(&x);
+        let g = correlated_gram(&mut rng, k, 3 * k, 0.7);
         let w = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         (g, w)
     }
@@ -458,11 +449,7 @@ mod tests {
         let pp = PatternProblem::new(&w, k, n, &g, &map, tile, &pat).unwrap();
         assert!(pp.groups() > 0);
         let keep = keep_for(&map, &pat, k, n, tile);
-        let masked: Vec<f32> = w
-            .iter()
-            .zip(&keep)
-            .map(|(&v, &kp)| if kp { v } else { 0.0 })
-            .collect();
+        let masked = masked_weights(&w, &keep);
         let exact = reconstruction_error(&w, &masked, &g, n);
         let got = pp.hard_loss(&pp.prior).unwrap();
         assert!((got - exact).abs() <= 1e-4 * exact, "{got} vs {exact}");
@@ -530,11 +517,7 @@ mod tests {
                 assert_eq!(kept, if sparse { 2 } else { 4 });
             }
         }
-        let masked: Vec<f32> = w
-            .iter()
-            .zip(&keep)
-            .map(|(&v, &kp)| if kp { v } else { 0.0 })
-            .collect();
+        let masked = masked_weights(&w, &keep);
         let exact = reconstruction_error(&w, &masked, &g, n);
         assert!((exact - learned.loss).abs() <= 1e-4 * exact);
         // Deterministic for a seed.

@@ -306,6 +306,33 @@ pub fn repair_budget(
     }
 }
 
+/// `w` with the elements `keep` drops set to zero.
+pub fn masked_weights(w: &[f32], keep: &[bool]) -> Vec<f32> {
+    w.iter()
+        .zip(keep)
+        .map(|(&v, &k)| if k { v } else { 0.0 })
+        .collect()
+}
+
+/// Test data: the Gram matrix of `rows` random rows of width `k` whose features are coupled to
+/// their neighbour (`x_j + coupling · x_{j+1}`), so that masks interact through `H`.
+#[cfg(test)]
+pub(crate) fn correlated_gram(
+    rng: &mut impl rand::Rng,
+    k: usize,
+    rows: usize,
+    coupling: f32,
+) -> Gram {
+    let x: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let x: Vec<f32> = x
+        .chunks(k)
+        .flat_map(|r| (0..k).map(move |j| r[j] + coupling * r[(j + 1) % k]))
+        .collect();
+    let mut g = Gram::new(k);
+    g.add_rows(&x);
+    g
+}
+
 /// `H · D` for a row-major `[K, N]` `d`, in f32 (matrixmultiply).
 pub fn h_times(gram: &Gram, d: &[f32], n: usize) -> ndarray::Array2<f32> {
     let k = gram.k;
@@ -438,14 +465,9 @@ pub fn compute_masks(
         };
         let pruned = keep.iter().filter(|&&k| !k).count();
         let error = t.gram.map(|g| {
-            let masked: Vec<f32> = match &weights {
+            let masked = match &weights {
                 Some(w) => w.clone(),
-                None => {
-                    t.w.iter()
-                        .zip(&keep)
-                        .map(|(&v, &k)| if k { v } else { 0.0 })
-                        .collect()
-                }
+                None => masked_weights(&t.w, &keep),
             };
             reconstruction_error(&t.w, &masked, g, t.n)
         });

@@ -382,11 +382,7 @@ mod tests {
         let mut g = [0.0; 4];
         let model = q.loss_grad(&r, &mut g);
         let keep = crate::masks::keep_for(&map, &pat, 16, 8, tile);
-        let masked: Vec<f32> =
-            t.w.iter()
-                .zip(&keep)
-                .map(|(&v, &k)| if k { v } else { 0.0 })
-                .collect();
+        let masked = crate::masks::masked_weights(&t.w, &keep);
         let exact = crate::masks::reconstruction_error(&t.w, &masked, &grams[0], 8);
         assert!(
             (model - exact).abs() <= 1e-5 * exact.max(1e-12),

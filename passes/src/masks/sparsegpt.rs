@@ -116,25 +116,17 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::masks::{keep_for, pattern_24, reconstruction_error};
+    use crate::masks::{
+        correlated_gram, keep_for, masked_weights, pattern_24, reconstruction_error,
+    };
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     #[test]
     fn obs_update_beats_plain_masking_and_keeps_2_of_4() {
         let mut rng = StdRng::seed_from_u64(3);
         let (k, n, rows) = (16, 8, 64);
-        let x: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
         // Correlated features make the update matter.
-        let x: Vec<f32> = x
-            .chunks(k)
-            .flat_map(|r| {
-                (0..k)
-                    .map(move |j| r[j] + 0.5 * r[(j + 1) % k])
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let mut g = Gram::new(k);
-        g.add_rows(&x);
+        let g = correlated_gram(&mut rng, k, rows, 0.5);
         let w: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let tile = TileShape::new(8, 4).unwrap();
         let (kt, nt) = tile.grid(k, n);
@@ -154,11 +146,7 @@ mod tests {
             .map(|(i, v)| v.abs() as f64 * norms[i / n])
             .collect();
         let plain_keep = keep_for(&map, &pattern_24(&sc, k, n), k, n, tile);
-        let plain: Vec<f32> = w
-            .iter()
-            .zip(&plain_keep)
-            .map(|(&v, &kp)| if kp { v } else { 0.0 })
-            .collect();
+        let plain = masked_weights(&w, &plain_keep);
         let e_obs = reconstruction_error(&w, &new_w, &g, n);
         let e_plain = reconstruction_error(&w, &plain, &g, n);
         assert!(e_obs < e_plain, "OBS {e_obs} vs wanda masking {e_plain}");
