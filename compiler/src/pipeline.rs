@@ -17,8 +17,8 @@ use patch_kernels::{TileShape, WeightDtype};
 use patch_passes::fuse::{Fuse, FuseLimits};
 use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
 use patch_passes::{
-    cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, PassError, PassManager,
-    PassObserver, PassRun, PipelineOutcome,
+    cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, layout_pipeline, PassError,
+    PassManager, PassObserver, PassRun, PipelineOutcome,
 };
 use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
@@ -55,7 +55,7 @@ pub struct CompileOptions {
 }
 
 /// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
-pub const PASS_NAMES: [&str; 7] = [
+pub const PASS_NAMES: [&str; 8] = [
     "fold-constants",
     "canonicalize",
     "cse",
@@ -63,6 +63,7 @@ pub const PASS_NAMES: [&str; 7] = [
     "hybrid-matmul",
     "fuse",
     "epilogue",
+    "kv-layout",
 ];
 
 impl std::fmt::Debug for CompileOptions {
@@ -423,6 +424,11 @@ pub fn compile(
             },
         });
         phases.insert("fuse", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        if let Some(stopped) = stage(layout_pipeline(registry), &mut graph)? {
+            return Ok(stopped);
+        }
+        phases.insert("layout", t.elapsed().as_secs_f64());
     }
     let dumps = dumper.borrow().written.clone();
 

@@ -10,6 +10,7 @@ pub mod epilogue;
 pub mod fold;
 pub mod fuse;
 pub mod hybrid;
+pub mod kv_layout;
 pub mod masks;
 
 use std::sync::Arc;
@@ -92,6 +93,16 @@ pub fn fusion_pipeline(registry: &OpRegistry, fuse: fuse::Fuse) -> PassManager<'
         .named("fuse")
         .with_pass(fuse)
         .with_pass(epilogue::ResidualEpilogue)
+        .with_pass(dce::DeadCodeElimination)
+}
+
+/// The layout pipeline, after fusion: head-layout transposes folded into the attention and
+/// the KV cache re-laid out for in-place appends (see [`kv_layout`]), then dead-code
+/// elimination. It changes the past/present tensors' layout, so it runs only for bundles.
+pub fn layout_pipeline(registry: &OpRegistry) -> PassManager<'_> {
+    PassManager::new(registry)
+        .named("layout")
+        .with_pass(kv_layout::KvLayout)
         .with_pass(dce::DeadCodeElimination)
 }
 

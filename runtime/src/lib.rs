@@ -1,6 +1,7 @@
 //! The PATCH runtime: a typed dataflow IR with symbolic shapes, its text form and verifier,
 //! shape inference, an op registry and the reference CPU interpreter.
 
+pub mod append;
 pub mod bundle;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -9,11 +9,13 @@
 //! wholesale.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
+use crate::append::AppendBuffer;
 use crate::dtype::DType;
 use crate::error::RuntimeError;
 
@@ -57,6 +59,9 @@ pub struct Tensor {
     dtype: DType,
     shape: Vec<usize>,
     data: Bytes,
+    /// When `data` is the whole committed prefix of an append buffer: that buffer, so that
+    /// [`Tensor::append_outer`] can grow it in place.
+    spare: Option<Arc<AppendBuffer>>,
 }
 
 impl Tensor {
@@ -72,6 +77,7 @@ impl Tensor {
             dtype: T::DTYPE,
             shape,
             data: Bytes::from_owner(TypedVec(data)),
+            spare: None,
         })
     }
 
@@ -115,7 +121,12 @@ impl Tensor {
         } else {
             copy_aligned(dtype, &data)
         };
-        Ok(Tensor { dtype, shape, data })
+        Ok(Tensor {
+            dtype,
+            shape,
+            data,
+            spare: None,
+        })
     }
 
     /// True when the data is aligned for the dtype, so typed access works without a copy.
@@ -132,6 +143,7 @@ impl Tensor {
             dtype: self.dtype,
             shape: self.shape.clone(),
             data: copy_aligned(self.dtype, &self.data),
+            spare: None,
         }
     }
 
@@ -139,6 +151,91 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: Vec<usize>) -> Tensor {
         let volume: usize = shape.iter().product();
         Tensor::from_bytes(dtype, shape, zeroed(dtype, volume)).expect("zeroed size matches")
+    }
+
+    /// An empty tensor of `shape` (whose volume must be 0) with room to grow to
+    /// `capacity` elements by [`append_outer`](Self::append_outer) without copying. The room
+    /// is zero-allocated, so untouched pages cost no memory.
+    pub fn with_append_capacity(
+        dtype: DType,
+        shape: Vec<usize>,
+        capacity: usize,
+    ) -> Result<Tensor, RuntimeError> {
+        if shape.iter().product::<usize>() != 0 {
+            return Err(RuntimeError::Tensor(format!(
+                "an appendable tensor starts empty, got shape {shape:?}"
+            )));
+        }
+        let bytes = capacity
+            .checked_mul(dtype.size_of())
+            .ok_or_else(|| RuntimeError::Tensor(format!("{capacity} elements overflow")))?;
+        let buf = AppendBuffer::with_capacity(bytes);
+        Ok(Tensor {
+            dtype,
+            shape,
+            data: buf.prefix(0),
+            spare: Some(buf),
+        })
+    }
+
+    /// `Concat([self, tail], axis)` when every axis before `axis` has size 1 in both, so that
+    /// the result is `self`'s bytes followed by `tail`'s. Writes `tail` in place after `self`
+    /// when `self` is the whole committed prefix of an append buffer with room left (the
+    /// result shares that buffer); otherwise copies both into a new buffer with twice the room
+    /// needed, so a cache that keeps growing copies O(log n) times.
+    pub fn append_outer(&self, tail: &Tensor, axis: usize) -> Result<Tensor, RuntimeError> {
+        let bad = |msg: String| RuntimeError::Tensor(format!("append: {msg}"));
+        if self.dtype != tail.dtype {
+            return Err(bad(format!("{} after {}", tail.dtype, self.dtype)));
+        }
+        let r = self.rank();
+        if tail.rank() != r || axis >= r {
+            return Err(bad(format!(
+                "{:?} after {:?} along axis {axis}",
+                tail.shape, self.shape
+            )));
+        }
+        let fits = (0..r).all(|a| a == axis || self.shape[a] == tail.shape[a])
+            && self.shape[..axis].iter().all(|&d| d == 1);
+        if !fits {
+            return Err(bad(format!(
+                "{:?} after {:?} along axis {axis}: the other axes must agree and the ones \
+                 before it be 1",
+                tail.shape, self.shape
+            )));
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] += tail.shape[axis];
+        let (head_len, total) = (self.data.len(), self.data.len() + tail.data.len());
+        if let Some(buf) = &self.spare {
+            let starts_buffer = head_len == 0 || buf.as_ptr() == self.data.as_ptr();
+            if starts_buffer && buf.try_append(head_len, &tail.data) {
+                return Ok(Tensor {
+                    dtype: self.dtype,
+                    shape,
+                    data: buf.prefix(total),
+                    spare: Some(Arc::clone(buf)),
+                });
+            }
+        }
+        let buf = AppendBuffer::with_capacity(total.saturating_mul(2).max(64));
+        let appended = buf.try_append(0, &self.data) && buf.try_append(head_len, &tail.data);
+        debug_assert!(appended, "a fresh buffer has room for both");
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape,
+            data: buf.prefix(total),
+            spare: Some(buf),
+        })
+    }
+
+    /// Bytes this tensor can still grow by in place (0 unless it owns an append buffer's
+    /// whole committed prefix).
+    pub fn append_room(&self) -> usize {
+        match &self.spare {
+            Some(buf) if buf.committed() == self.data.len() => buf.capacity() - self.data.len(),
+            _ => 0,
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -216,6 +313,7 @@ impl Tensor {
             dtype: self.dtype,
             shape,
             data: self.data.clone(),
+            spare: self.spare.clone(),
         })
     }
 

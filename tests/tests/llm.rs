@@ -189,6 +189,7 @@ fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
     let greedy = fixture_dir("llama_optimum_with_past").join("cases/greedy8");
     let mut cache = model.new_cache();
     let mut feed = ids_of(&read_case(&greedy.join("step_0")).inputs[0].1);
+    let mut room_before = 0;
     for step in 0..=8 {
         let c = read_case(&greedy.join(format!("step_{step}")));
         assert_eq!(ids_of(&c.inputs[0].1), feed, "step {step}: fed tokens");
@@ -204,8 +205,20 @@ fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
         assert!(err <= 1e-4, "step {step}: last logits differ by {err}");
         let next = argmax(logits.last());
         assert_eq!(next as usize, argmax_last(&c.outputs[0].1).pop().unwrap());
+        // The cache (re-laid out by `kv-layout`) grows in place: each step uses exactly one
+        // position's room (2 KV heads × 16 dims × 4 bytes) of the buffer sized at the start.
+        let room = cache.room_in_place();
+        if step > 0 {
+            assert_eq!(
+                room + 2 * 16 * 4,
+                room_before,
+                "step {step}: the cache was copied"
+            );
+        }
+        room_before = room;
         feed = vec![next];
     }
+    assert!(room_before > 0);
 }
 
 #[test]

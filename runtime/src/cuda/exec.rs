@@ -169,6 +169,8 @@ enum Kind {
     },
     Attention {
         scale: f32,
+        /// `layout = "bshd"`: run as the head-major kernel between axis-swapping copies.
+        seq_major: bool,
     },
     Gather,
     Concat,
@@ -311,7 +313,14 @@ fn device_kind(graph: &Graph, node: &Node) -> Option<Kind> {
         }),
         ("patch", "Attention") if all_f32 => Some(Kind::Attention {
             scale: node.attrs.float("scale").ok()??,
+            seq_major: match node.attrs.string("layout").ok()? {
+                None | Some("bhsd") => false,
+                Some("bshd") => true,
+                Some(_) => return None,
+            },
         }),
+        // The cache grows by a copy on the device (no in-place append there yet).
+        ("patch", "KvAppend") if all_f32 => Some(Kind::Concat),
         ("", "Gather") => {
             let axis = node.attrs.int_or("axis", 0).ok()?;
             (f32_in(0) && ty(0)?.rank() == 2 && axis == 0).then_some(Kind::Gather)
@@ -955,8 +964,26 @@ impl CudaPlan {
                     shape: out_shape,
                 }
             }
-            Kind::Attention { scale } => {
+            Kind::Attention { scale, seq_major } => {
                 let (q, k, v) = (dev(0)?, dev(1)?, dev(2)?);
+                // Seq-major operands are swapped to head-major copies for the kernel.
+                let swapped = if *seq_major {
+                    let swap =
+                        |x: &DeviceTensor| self.swap_axes_12(x).map_err(|e| bad(e.to_string()));
+                    Some((swap(q)?, swap(k)?, swap(v)?))
+                } else {
+                    None
+                };
+                let (q, k, v) = match &swapped {
+                    Some((q, k, v)) => (q, k, v),
+                    None => (q, k, v),
+                };
+                let head_major_shape = if *seq_major {
+                    let o = &out_shape;
+                    vec![o[0], o[2], o[1], o[3]]
+                } else {
+                    out_shape.clone()
+                };
                 let (&[b, h, s, d], &[kb, hk, t, kd]) = (q.shape.as_slice(), k.shape.as_slice())
                 else {
                     return Err(bad(format!(
@@ -1011,9 +1038,14 @@ impl CudaPlan {
                 // SAFETY: matches `patch_attention_f32`; shapes checked above, the mask
                 // strides come from `broadcast_strides` against [b, h, s, t].
                 unsafe { l.launch(cfg) }?;
-                DeviceTensor {
+                let y = DeviceTensor {
                     buf: Arc::new(y),
-                    shape: out_shape,
+                    shape: head_major_shape,
+                };
+                if *seq_major {
+                    self.swap_axes_12(&y).map_err(|e| bad(e.to_string()))?
+                } else {
+                    y
                 }
             }
             Kind::Gather => {
@@ -1112,6 +1144,17 @@ impl CudaPlan {
         };
         // Every device kind has exactly one output (see `device_kind`).
         Ok(vec![Value::Device(result)])
+    }
+
+    /// `[a, b, c, d]` → `[a, c, b, d]` (a copy).
+    fn swap_axes_12(&self, x: &DeviceTensor) -> Result<DeviceTensor, CudaError> {
+        let &[a, b, c, d] = x.shape.as_slice() else {
+            return Err(CudaError::Driver(format!(
+                "an axis swap needs rank 4, got {:?}",
+                x.shape
+            )));
+        };
+        self.strided_copy(x, &[a, c, b, d], &[b * c * d, d, c * d, 1])
     }
 
     /// `y[i] = x[Σ idx·sa]` over the row-major space `shape`.

@@ -355,6 +355,48 @@ impl Graph {
         Ok(outputs)
     }
 
+    /// [`add_node`](Self::add_node), placed in the order right before node `before` instead of
+    /// last. Its inputs must be defined before `before`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_node_before(
+        &mut self,
+        registry: &OpRegistry,
+        before: NodeId,
+        name: impl Into<String>,
+        domain: &str,
+        op_type: &str,
+        attrs: Attrs,
+        inputs: Vec<Option<ValueId>>,
+        output_names: Vec<String>,
+    ) -> Result<Vec<ValueId>, RuntimeError> {
+        let at = self
+            .order
+            .iter()
+            .position(|&n| n == before)
+            .ok_or_else(|| RuntimeError::Verify(format!("node #{} is not live", before.0)))?;
+        let outputs =
+            self.add_node(registry, name, domain, op_type, attrs, inputs, output_names)?;
+        let id = self.order.pop().expect("add_node appended it");
+        self.order.insert(at, id);
+        Ok(outputs)
+    }
+
+    /// Gives value `id` a new name, which no other value may have.
+    pub fn rename_value(
+        &mut self,
+        id: ValueId,
+        name: impl Into<String>,
+    ) -> Result<(), RuntimeError> {
+        let name = name.into();
+        if self.by_name.contains_key(&name) {
+            return Err(RuntimeError::Redefined(name));
+        }
+        let old = std::mem::replace(&mut self.values[id.0 as usize].name, name.clone());
+        self.by_name.remove(&old);
+        self.by_name.insert(name, id);
+        Ok(())
+    }
+
     pub fn set_outputs(&mut self, outputs: Vec<(ValueId, OutputRole)>) {
         self.outputs = outputs;
     }

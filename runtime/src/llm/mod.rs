@@ -89,8 +89,9 @@ struct IoLayout {
     logits: usize,
     /// Per layer: (present key output, present value output).
     present: Vec<(usize, usize)>,
-    /// Shape of one past tensor with the sequence axis at 0: `[1, heads, 0, head_dim]`.
+    /// Shape of one empty past tensor: `[1, heads, 0, head_dim]` or `[1, 0, heads, head_dim]`.
     past_shape: Vec<usize>,
+    /// The positions' axis of past and present tensors (2 or 1).
     past_axis: usize,
 }
 
@@ -172,20 +173,27 @@ fn layout_of(graph: &Graph) -> Result<IoLayout, LlmError> {
                 shape.len()
             )));
         }
-        past_axis = 2;
-        for (axis, d) in shape.iter().enumerate() {
-            past_shape.push(match (axis, d.as_const()) {
-                (0, _) => 1,
-                (2, _) => 0,
-                (_, Some(c)) => c as usize,
-                (_, None) => {
-                    return Err(bad(format!(
-                        "past input `{}` has a symbolic dim `{d}` at axis {axis}",
-                        v.name
-                    )))
-                }
-            });
-        }
+        // `[batch, heads, past, head_dim]` (as exported) or `[batch, past, heads, head_dim]`
+        // (after the `kv-layout` pass): besides the batch, exactly one symbolic axis, the
+        // positions.
+        let symbolic: Vec<usize> = (1..4).filter(|&a| shape[a].as_const().is_none()).collect();
+        let [axis] = symbolic[..] else {
+            return Err(bad(format!(
+                "past input `{}` {} needs exactly one symbolic axis besides the batch (the \
+                 positions)",
+                v.name, v.ty
+            )));
+        };
+        past_axis = axis;
+        past_shape = shape
+            .iter()
+            .enumerate()
+            .map(|(a, d)| match a {
+                0 => 1,
+                a if a == axis => 0,
+                _ => d.as_const().expect("checked above") as usize,
+            })
+            .collect();
     }
     Ok(IoLayout {
         ids,
@@ -220,6 +228,16 @@ impl KvCache {
     }
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Bytes every layer's keys and values can still grow by in place (the smallest over the
+    /// layers; 0 when the cache is empty, head-major, or on the GPU).
+    pub fn room_in_place(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|(k, v)| [k.append_room(), v.append_room()])
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -478,10 +496,7 @@ impl LanguageModel {
             for (layer, &(k, v)) in l.past.iter().enumerate() {
                 let (pk, pv) = match cache.layers.get(layer) {
                     Some((pk, pv)) => (pk.clone(), pv.clone()),
-                    None => {
-                        let empty = Tensor::zeros(DType::F32, l.past_shape.clone());
-                        (empty.clone(), empty)
-                    }
+                    None => (self.empty_past(total)?, self.empty_past(total)?),
                 };
                 inputs[k] = Some(pk);
                 inputs[v] = Some(pv);
@@ -530,6 +545,24 @@ impl LanguageModel {
         let data = logits.as_slice::<f32>()?;
         let data = data[(rows - keep) * self.vocab..rows * self.vocab].to_vec();
         Ok(data)
+    }
+
+    /// The past of an empty cache. In the seq-major layout (`[1, 0, heads, head_dim]`) its
+    /// buffer has room for the whole context, so `patch.KvAppend` grows it in place every step
+    /// (the room is zero-allocated: pages are touched only as tokens arrive). `tokens` is the
+    /// first step's length, the room's floor when the bundle states no context.
+    fn empty_past(&self, tokens: usize) -> Result<Tensor, LlmError> {
+        let l = &self.layout;
+        if l.past_axis != 1 {
+            return Ok(Tensor::zeros(DType::F32, l.past_shape.clone()));
+        }
+        let row: usize = l.past_shape.iter().filter(|&&d| d != 0).product();
+        let positions = self.max_context().unwrap_or(0).max(tokens.max(256));
+        Ok(Tensor::with_append_capacity(
+            DType::F32,
+            l.past_shape.clone(),
+            positions * row,
+        )?)
     }
 
     /// Keeps a step's present keys and values (`outputs` in graph order) as the cache's

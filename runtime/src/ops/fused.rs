@@ -15,16 +15,25 @@
 //!   after the softmax). From 16 query rows (prefill) each head is two GEMMs around a row-wise
 //!   softmax; below (decode) rows run one by one and keys masked to `-inf` are skipped.
 //!
+//!   With `layout = "bshd"` the same op reads Q as `[b, s, h, d]`, K and V as `[b, t, hk, d]`
+//!   and writes `[b, s, h, d]`: the exporters' head-layout transposes folded in (the
+//!   `kv-layout` pass), and the layout the in-place KV cache grows in.
+//! * `patch.KvAppend(Past, New) {axis}`: `Concat([Past, New], axis)`. When the axes before
+//!   `axis` are 1 (a batch-1 cache in the `[b, t, hk, d]` layout) and `Past` owns room after its
+//!   bytes (an append buffer, see `crate::append`), `New` is written there and the result
+//!   shares the buffer: decode does not copy the cache each step.
+//!
 //! All take and return f32 (the pass only fuses f32 subgraphs) and split rows over the kernels'
 //! thread pool when the tensor is large enough to pay for the wake-up.
 
 use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use super::{
-    arity, for_each_row, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact,
+    arity, for_each_row, for_each_row_split, norm_axis, opt, req, InputFact, Op, OpError,
+    OpRegistry, OutputFact,
 };
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
@@ -42,10 +51,42 @@ pub fn register(r: &mut OpRegistry) {
     r.register("patch", "Attention", 1, |attrs, _| {
         Ok(Arc::new(Attention::from_attrs(attrs)?))
     });
+    r.register("patch", "KvAppend", 1, |attrs, _| {
+        Ok(Arc::new(KvAppend {
+            axis: attrs.req_int("axis")?,
+        }))
+    });
+}
+
+/// `patch.KvAppend` (see the module docs).
+#[derive(Debug)]
+pub struct KvAppend {
+    pub axis: i64,
+}
+
+impl Op for KvAppend {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 2, 2)?;
+        super::shape::Concat { axis: self.axis }.infer(inputs)
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 2, 2)?;
+        let (past, new) = (req(inputs, 0)?, req(inputs, 1)?);
+        let axis = norm_axis(self.axis, past.rank())?;
+        if past.shape()[..axis].iter().all(|&d| d == 1) {
+            let grown = past.append_outer(new, axis).map_err(tensor_err)?;
+            return Ok(vec![grown]);
+        }
+        super::shape::Concat { axis: self.axis }.eval(inputs)
+    }
 }
 
 /// Query rows from which attention runs as two GEMMs per head instead of row by row.
 const GEMM_MIN_ROWS: usize = 16;
+
+/// Multiply-adds from which decode attention spreads over the pool (≈ 10 µs on one core).
+const DECODE_PARALLEL_WORK: usize = 1 << 17;
 
 fn tensor_err(e: crate::RuntimeError) -> OpError {
     OpError::Invalid(e.to_string())
@@ -358,6 +399,8 @@ impl Op for Rotary {
 #[derive(Debug)]
 pub struct Attention {
     pub scale: f32,
+    /// `layout = "bshd"`: Q, K, V and the output have the sequence axis before the heads.
+    pub seq_major: bool,
 }
 
 impl Attention {
@@ -371,7 +414,37 @@ impl Attention {
                 "patch.Attention: scale must be finite, got {scale}"
             )));
         }
-        Ok(Attention { scale })
+        let seq_major = match attrs.string("layout")? {
+            None | Some("bhsd") => false,
+            Some("bshd") => true,
+            Some(other) => {
+                return Err(OpError::BadAttr {
+                    name: "layout".into(),
+                    msg: format!("patch.Attention layout must be bhsd or bshd, got `{other}`"),
+                })
+            }
+        };
+        Ok(Attention { scale, seq_major })
+    }
+
+    /// `[b, heads, seq, d]` of a Q/K/V/output shape in this op's layout.
+    fn dims<T: Clone>(&self, shape: &[T]) -> [T; 4] {
+        let [b, x, y, d] = [0, 1, 2, 3].map(|i| shape[i].clone());
+        if self.seq_major {
+            [b, y, x, d]
+        } else {
+            [b, x, y, d]
+        }
+    }
+
+    /// The element strides of (batch, head, position) in a tensor of `heads` heads and `seq`
+    /// positions of width `d`, in this op's layout.
+    fn strides(&self, heads: usize, seq: usize, d: usize) -> [usize; 3] {
+        if self.seq_major {
+            [seq * heads * d, d, heads * d]
+        } else {
+            [heads * seq * d, seq * d, d]
+        }
     }
 }
 
@@ -490,8 +563,140 @@ fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
     true
 }
 
-/// `Σ a[i] b[i]` in eight independent lanes (so the compiler vectorizes it).
+/// Decode attention for the query heads that share one KV head (see `Attention::eval`).
+struct DecodeGroup<'a> {
+    /// One query row per head of the group.
+    queries: Vec<&'a [f32]>,
+    masks: Vec<Option<(&'a [f32], usize)>>,
+    /// (data from the group's first key, stride between positions, width).
+    keys: (&'a [f32], usize, usize),
+    values: (&'a [f32], usize, usize),
+    positions: usize,
+    scale: f32,
+}
+
+impl DecodeGroup<'_> {
+    /// Writes the group's output rows (`queries.len() × value width`) to `o`.
+    fn run(&self, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { self.run_avx512(o) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { self.run_avx2(o) };
+            }
+        }
+        self.run_body(o, dot4)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, o: &mut [f32]) {
+        self.run_body(o, |a, bs| dot4_avx2(a, bs))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, o: &mut [f32]) {
+        self.run_body(o, |a, bs| dot4_avx2(a, bs))
+    }
+
+    /// The same sums in the same order as the row-by-row path (so the two layouts agree bit
+    /// for bit); keys and values are read once for the whole group.
+    #[inline(always)]
+    fn run_body(&self, o: &mut [f32], dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4]) {
+        let (t, (k, ks, d), (v, vs, dv)) = (self.positions, self.keys, self.values);
+        let mut scores = vec![0f32; self.queries.len() * t];
+        let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
+        // Four keys at a time: four independent accumulator chains instead of one.
+        let blocks = t / 4 * 4;
+        for j in (0..blocks).step_by(4) {
+            let keys = [0, 1, 2, 3].map(|x| &k[(j + x) * ks..][..d]);
+            for (g, qi) in self.queries.iter().enumerate() {
+                let dots = dot4(qi, keys);
+                for (x, &p) in dots.iter().enumerate() {
+                    scores[g * t + j + x] = if masked(g, j + x) {
+                        f32::NEG_INFINITY
+                    } else {
+                        self.scale * p
+                    };
+                }
+            }
+        }
+        for j in blocks..t {
+            let key = &k[j * ks..][..d];
+            for (g, qi) in self.queries.iter().enumerate() {
+                scores[g * t + j] = if masked(g, j) {
+                    f32::NEG_INFINITY
+                } else {
+                    self.scale * dot(qi, key)
+                };
+            }
+        }
+        o.fill(0.0);
+        let live: Vec<bool> = scores
+            .chunks_exact_mut(t.max(1))
+            .zip(&self.masks)
+            .map(|(row, &m)| softmax_row_body(row, m))
+            .collect();
+        for j in 0..t {
+            let value = &v[j * vs..][..dv];
+            for (g, out_row) in o.chunks_exact_mut(dv).enumerate() {
+                let p = scores[g * t + j];
+                if live[g] && p != 0.0 {
+                    for (acc, &x) in out_row.iter_mut().zip(value) {
+                        *acc += p * x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dot`] of `a` with four vectors at once, each summed in exactly `dot`'s order (so the
+/// results are `dot`'s bit for bit).
+#[inline(always)]
+fn dot4(a: &[f32], bs: [&[f32]; 4]) -> [f32; 4] {
+    bs.map(|b| dot(a, b))
+}
+
+/// [`dot4`] on 256-bit vectors: each key's eight lanes in one register, the same products
+/// and sums in the same order (no fused multiply-add).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
 #[inline]
+fn dot4_avx2(a: &[f32], bs: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    let n = a.len() / 8 * 8;
+    let bs = bs.map(|b| &b[..a.len()]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in (0..n).step_by(8) {
+        // SAFETY: `c + 8 ≤ n ≤ len` for `a` and every `b` (cut to `a`'s length above).
+        unsafe {
+            let x = _mm256_loadu_ps(a.as_ptr().add(c));
+            for (s, b) in acc.iter_mut().zip(&bs) {
+                *s = _mm256_add_ps(*s, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
+            }
+        }
+    }
+    [0, 1, 2, 3].map(|i| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]) };
+        let tail: f32 = a[n..].iter().zip(&bs[i][n..]).map(|(x, y)| x * y).sum();
+        lanes.iter().sum::<f32>() + tail
+    })
+}
+
+/// `Σ a[i] b[i]` in eight independent lanes (so the compiler vectorizes it).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -513,16 +718,24 @@ impl Op for Attention {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 3, 4)?;
         let (q, k, v) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+        let want = if self.seq_major {
+            "[batch, seq, heads, head_dim]"
+        } else {
+            "[batch, heads, seq, head_dim]"
+        };
         for (what, t) in [("Q", q.ty), ("K", k.ty), ("V", v.ty)] {
             require_f32("patch.Attention", what, t)?;
             if t.rank() != 4 {
                 return Err(OpError::Invalid(format!(
-                    "patch.Attention: {what} must be [batch, heads, seq, head_dim], got {}",
-                    t
+                    "patch.Attention: {what} must be {want}, got {t}"
                 )));
             }
         }
-        let (qs, ks, vs) = (&q.ty.shape, &k.ty.shape, &v.ty.shape);
+        let (qs, ks, vs) = (
+            self.dims(&q.ty.shape),
+            self.dims(&k.ty.shape),
+            self.dims(&v.ty.shape),
+        );
         let bad = |msg: String| Err(OpError::Invalid(format!("patch.Attention: {msg}")));
         if qs[0] != ks[0] || ks[0] != vs[0] || ks[1] != vs[1] || ks[2] != vs[2] || qs[3] != ks[3] {
             return bad(format!("Q {}, K {}, V {} do not fit", q.ty, k.ty, v.ty));
@@ -540,7 +753,8 @@ impl Op for Attention {
                 return bad(format!("Mask {} has rank > 4", m.ty));
             }
         }
-        let mut shape = qs.clone();
+        // The output has Q's layout with V's head width.
+        let mut shape = q.ty.shape.clone();
         shape[3] = vs[3].clone();
         Ok(vec![OutputFact::new(TensorType::new(DType::F32, shape))])
     }
@@ -553,9 +767,10 @@ impl Op for Attention {
         if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
             return Err(bad("Q, K and V must have rank 4".into()));
         }
-        let [b, h, s, d] = [qd[0], qd[1], qd[2], qd[3]];
-        let [hk, t, dv] = [kd[1], kd[2], vd[3]];
-        if kd[0] != b || vd[0] != b || vd[1] != hk || vd[2] != t || kd[3] != d {
+        let [b, h, s, d] = self.dims(qd);
+        let [kb, hk, t, kdim] = self.dims(kd);
+        let [vb, hv, tv, dv] = self.dims(vd);
+        if kb != b || vb != b || hv != hk || tv != t || kdim != d {
             return Err(bad(format!("Q {qd:?}, K {kd:?}, V {vd:?} do not fit")));
         }
         if hk == 0 || h % hk != 0 {
@@ -568,6 +783,12 @@ impl Op for Attention {
             qt.as_slice::<f32>().map_err(tensor_err)?,
             kt.as_slice::<f32>().map_err(tensor_err)?,
             vt.as_slice::<f32>().map_err(tensor_err)?,
+        );
+        // Element strides of (batch, head, position) in each operand.
+        let (qst, kst, vst) = (
+            self.strides(h, s, d),
+            self.strides(hk, t, d),
+            self.strides(hk, t, dv),
         );
         let mask = opt(inputs, 3)
             .map(|m| -> Result<_, OpError> {
@@ -585,15 +806,24 @@ impl Op for Attention {
         let mut out = vec![0f32; b * h * s * dv];
         if s >= GEMM_MIN_ROWS {
             // Prefill: per (batch, head), two GEMMs through matrixmultiply around a row-wise
-            // softmax; heads are spread over the pool.
+            // softmax, written head-major; heads are spread over the pool.
             for_each_row(&mut out, s * dv, &|bh, o| {
                 let (batch, head) = (bh / h, bh % h);
-                let kv = batch * hk + head / group;
-                fn view(data: &[f32], rows: usize, cols: usize, at: usize) -> ArrayView2<'_, f32> {
-                    ArrayView2::from_shape((rows, cols), &data[at * rows * cols..][..rows * cols])
+                let kv = head / group;
+                /// `rows × cols` starting at `at`, rows `stride` apart.
+                fn view(
+                    data: &[f32],
+                    rows: usize,
+                    cols: usize,
+                    at: usize,
+                    stride: usize,
+                ) -> ArrayView2<'_, f32> {
+                    ArrayView2::from_shape((rows, cols).strides((stride, 1)), &data[at..])
                         .expect("sizes checked above")
                 }
-                let (qh, kh, vh) = (view(q, s, d, bh), view(k, t, d, kv), view(v, t, dv, kv));
+                let qh = view(q, s, d, batch * qst[0] + head * qst[1], qst[2]);
+                let kh = view(k, t, d, batch * kst[0] + kv * kst[1], kst[2]);
+                let vh = view(v, t, dv, batch * vst[0] + kv * vst[1], vst[2]);
                 let mut scores = Array2::<f32>::zeros((s, t));
                 general_mat_mul(scale, &qh, &kh.t(), 0.0, &mut scores);
                 for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
@@ -605,23 +835,54 @@ impl Op for Attention {
                 let mut oh = ArrayViewMut2::from_shape((s, dv), o).expect("sizes checked above");
                 general_mat_mul(1.0, &scores, &vh, 0.0, &mut oh);
             });
+            if self.seq_major && h > 1 && s > 1 {
+                let mut seq_major = vec![0f32; out.len()];
+                for (bh, block) in out.chunks_exact(s * dv).enumerate() {
+                    let (batch, head) = (bh / h, bh % h);
+                    for (i, row) in block.chunks_exact(dv).enumerate() {
+                        let at = ((batch * s + i) * h + head) * dv;
+                        seq_major[at..at + dv].copy_from_slice(row);
+                    }
+                }
+                out = seq_major;
+            }
+        } else if self.seq_major {
+            // Decode, seq-major: the query heads that share a KV head are contiguous in the
+            // output, so each (batch, position, KV head) reads its keys and values once for
+            // all of them. The same sums in the same order as the row-by-row path below.
+            let parallel = b * s * h * t * (d + dv) >= DECODE_PARALLEL_WORK;
+            for_each_row_split(&mut out, group * dv, parallel, &|c, o| {
+                let (batch, i, kv) = (c / (s * hk), (c / hk) % s, c % hk);
+                let heads = kv * group..(kv + 1) * group;
+                let (kb, vb) = (batch * kst[0] + kv * kst[1], batch * vst[0] + kv * vst[1]);
+                let job = DecodeGroup {
+                    queries: heads
+                        .clone()
+                        .map(|head| &q[batch * qst[0] + head * qst[1] + i * qst[2]..][..d])
+                        .collect(),
+                    masks: heads.map(|head| mask_row(batch, head, i)).collect(),
+                    keys: (&k[kb..], kst[2], d),
+                    values: (&v[vb..], vst[2], dv),
+                    positions: t,
+                    scale,
+                };
+                job.run(o);
+            });
         } else {
-            // Decode: one output row at a time; a masked key costs nothing.
+            // Decode: one output row at a time, in the output's own order; a masked key costs
+            // nothing.
             for_each_row(&mut out, dv, &|row, o| {
-                let i = row % s;
-                let head = (row / s) % h;
-                let batch = row / (s * h);
-                let qi = &q[row * d..(row + 1) * d];
-                let kv = batch * hk + head / group;
-                let kb = &k[kv * t * d..(kv + 1) * t * d];
-                let vb = &v[kv * t * dv..(kv + 1) * t * dv];
+                let (batch, head, i) = (row / (s * h), (row / s) % h, row % s);
+                let qi = &q[batch * qst[0] + head * qst[1] + i * qst[2]..][..d];
+                let kv = head / group;
+                let (kb, vb) = (batch * kst[0] + kv * kst[1], batch * vst[0] + kv * vst[1]);
                 let m = mask_row(batch, head, i);
                 let mut scores: Vec<f32> = (0..t)
                     .map(|j| match m {
                         Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY => {
                             f32::NEG_INFINITY
                         }
-                        _ => scale * dot(qi, &kb[j * d..(j + 1) * d]),
+                        _ => scale * dot(qi, &k[kb + j * kst[2]..][..d]),
                     })
                     .collect();
                 o.fill(0.0);
@@ -630,14 +891,15 @@ impl Op for Attention {
                 }
                 for (j, &p) in scores.iter().enumerate() {
                     if p != 0.0 {
-                        for (acc, &x) in o.iter_mut().zip(&vb[j * dv..(j + 1) * dv]) {
+                        for (acc, &x) in o.iter_mut().zip(&v[vb + j * vst[2]..][..dv]) {
                             *acc += p * x;
                         }
                     }
                 }
             });
         }
-        let shape = vec![b, h, s, dv];
+        let mut shape = qd.to_vec();
+        shape[3] = dv;
         Ok(vec![Tensor::from_vec(shape, out).map_err(tensor_err)?])
     }
 }
@@ -646,6 +908,7 @@ impl Op for Attention {
 mod tests {
     use super::*;
     use crate::ir::Attr;
+    use ndarray::IxDyn;
     use rand::{Rng, SeedableRng};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -768,6 +1031,133 @@ mod tests {
         }
         let no_scale = r.build("patch", "Attention", 1, &Attrs::new(), "a");
         assert!(no_scale.is_err());
+    }
+
+    /// `[b, x, y, d]` → `[b, y, x, d]`.
+    fn swap12(t: &Tensor) -> Tensor {
+        let a = t.to_array::<f32>().unwrap();
+        let p = a.permuted_axes(IxDyn(&[0, 2, 1, 3]));
+        Tensor::from_array(p.as_standard_layout().to_owned())
+    }
+
+    /// The seq-major layout is the head-major one on transposed operands, bit for bit, on the
+    /// decode path (1 and 5 query rows) and the GEMM path (ragged 37 rows), grouped heads, a
+    /// ragged head width and a causal mask.
+    #[test]
+    fn seq_major_attention_is_head_major_attention_transposed() {
+        let r = OpRegistry::onnx();
+        for (b, h, hk, s, t, d) in [
+            (1usize, 6usize, 2usize, 1usize, 9usize, 13usize),
+            (2, 4, 4, 5, 11, 8),
+            (1, 9, 3, 37, 45, 16),
+        ] {
+            let q = random(&[b, h, s, d], 16);
+            let k = random(&[b, hk, t, d], 17);
+            let v = random(&[b, hk, t, d], 18);
+            let m: Vec<f32> = (0..s * t)
+                .map(|x| {
+                    let (i, j) = (x / t, x % t);
+                    if j > i + (t - s) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(vec![1, 1, s, t], m).unwrap();
+            let build = |layout: &str| {
+                let attrs = Attrs::new()
+                    .with("scale", Attr::Float(0.25))
+                    .with("layout", Attr::String(layout.into()));
+                r.build("patch", "Attention", 1, &attrs, "a").unwrap()
+            };
+            let head_major = build("bhsd")
+                .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
+                .unwrap();
+            let (qs, ks, vs) = (swap12(&q), swap12(&k), swap12(&v));
+            let seq_major = build("bshd")
+                .eval(&[Some(&qs), Some(&ks), Some(&vs), Some(&mask)])
+                .unwrap();
+            assert_eq!(seq_major[0].shape(), &[b, s, h, d]);
+            assert_eq!(
+                seq_major[0].as_slice::<f32>().unwrap(),
+                swap12(&head_major[0]).as_slice::<f32>().unwrap(),
+                "b {b} h {h} hk {hk} s {s} t {t} d {d}"
+            );
+        }
+        let attrs = Attrs::new()
+            .with("scale", Attr::Float(0.25))
+            .with("layout", Attr::String("sbhd".into()));
+        let err = r.build("patch", "Attention", 1, &attrs, "a").unwrap_err();
+        assert!(err.to_string().contains("bhsd or bshd"), "{err}");
+    }
+
+    /// Appending in place gives what Concat gives; the second of two appends to one past (a
+    /// cache that branched) copies instead of overwriting the first's tokens.
+    #[test]
+    fn kv_append_is_concat_and_grows_in_place() {
+        let r = OpRegistry::onnx();
+        let op = r
+            .build(
+                "patch",
+                "KvAppend",
+                1,
+                &Attrs::new().with("axis", Attr::Int(1)),
+                "kv",
+            )
+            .unwrap();
+        let concat = r
+            .build(
+                "",
+                "Concat",
+                13,
+                &Attrs::new().with("axis", Attr::Int(1)),
+                "c",
+            )
+            .unwrap();
+        let (hk, d) = (3usize, 5usize);
+        let empty =
+            Tensor::with_append_capacity(DType::F32, vec![1, 0, hk, d], 8 * hk * d).unwrap();
+        let mut past = empty.clone();
+        let mut plain = Tensor::zeros(DType::F32, vec![1, 0, hk, d]);
+        for (step, n) in [4usize, 1, 1, 1, 3].into_iter().enumerate() {
+            let new = random(&[1, n, hk, d], 30 + step as u64);
+            let grown = op.eval(&[Some(&past), Some(&new)]).unwrap().remove(0);
+            plain = concat.eval(&[Some(&plain), Some(&new)]).unwrap().remove(0);
+            assert_eq!(grown.shape(), plain.shape());
+            assert_eq!(
+                grown.as_slice::<f32>().unwrap(),
+                plain.as_slice::<f32>().unwrap()
+            );
+            // In place while the 8 positions of room last, then a copy with new room.
+            let in_place = grown.bytes().as_ptr() == empty.bytes().as_ptr();
+            assert_eq!(in_place, grown.shape()[1] <= 8, "step {step}");
+            past = grown;
+        }
+        assert!(past.append_room() > 0);
+        // Two continuations of one past: both are right, the first did not get overwritten.
+        let base = op
+            .eval(&[Some(&empty), Some(&random(&[1, 2, hk, d], 40))])
+            .unwrap()
+            .remove(0);
+        let (x, y) = (random(&[1, 1, hk, d], 41), random(&[1, 1, hk, d], 42));
+        let bx = op.eval(&[Some(&base), Some(&x)]).unwrap().remove(0);
+        let by = op.eval(&[Some(&base), Some(&y)]).unwrap().remove(0);
+        for (grown, tail) in [(&bx, &x), (&by, &y)] {
+            let want = concat.eval(&[Some(&base), Some(tail)]).unwrap().remove(0);
+            assert_eq!(
+                grown.as_slice::<f32>().unwrap(),
+                want.as_slice::<f32>().unwrap()
+            );
+        }
+        // Batch 2 is not a byte append: it falls back to Concat.
+        let b2 = op
+            .eval(&[
+                Some(&random(&[2, 3, hk, d], 43)),
+                Some(&random(&[2, 1, hk, d], 44)),
+            ])
+            .unwrap();
+        assert_eq!(b2[0].shape(), &[2, 4, hk, d]);
     }
 
     /// Against its definition, with Cos/Sin of shape [b, 1, s, d] broadcast over heads.

@@ -177,10 +177,22 @@ pub(crate) fn for_each_row(
     width: usize,
     row: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) {
+    let parallel = out.len() >= PARALLEL_MIN;
+    for_each_row_split(out, width, parallel, row)
+}
+
+/// [`for_each_row`], on the pool whenever `parallel` (for callers whose work per row is
+/// much larger than its width).
+pub(crate) fn for_each_row_split(
+    out: &mut [f32],
+    width: usize,
+    parallel: bool,
+    row: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
     let rows = out.len().checked_div(width).unwrap_or(0);
     let pool = patch_kernels::CpuKernels::global()
         .ok()
-        .filter(|p| p.threads() > 1 && out.len() >= PARALLEL_MIN);
+        .filter(|p| p.threads() > 1 && parallel && rows > 1);
     let Some(pool) = pool else {
         for (r, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
             row(r, o);

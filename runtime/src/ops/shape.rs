@@ -400,6 +400,32 @@ fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> Result<Shape,
     Ok(out)
 }
 
+/// [`reshape_dims`] on concrete sizes, without allocating symbolic dims (Reshape runs a
+/// hundred times per decoded token); `None` when the reshape is invalid.
+fn reshape_concrete(input: &[usize], target: &[i64], allowzero: bool) -> Option<Vec<usize>> {
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer_at = None;
+    for (i, &d) in target.iter().enumerate() {
+        match d {
+            0 if !allowzero => out.push(*input.get(i)?),
+            -1 if infer_at.is_none() && !(allowzero && target.contains(&0)) => {
+                infer_at = Some(i);
+                out.push(1);
+            }
+            d if d >= 0 => out.push(usize::try_from(d).ok()?),
+            _ => return None,
+        }
+    }
+    let vin: usize = input.iter().product();
+    let vout: usize = out.iter().product();
+    match infer_at {
+        Some(i) if vout != 0 && vin.is_multiple_of(vout) => out[i] = vin / vout,
+        None if vin == vout => {}
+        _ => return None,
+    }
+    Some(out)
+}
+
 impl Op for Reshape {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 2, 2)?;
@@ -413,15 +439,19 @@ impl Op for Reshape {
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 2, 2)?;
         let x = req(inputs, 0)?;
-        let target: Shape = ints_of(req(inputs, 1)?, 1)?
-            .into_iter()
-            .map(Dim::constant)
-            .collect();
-        let shape = concrete(&reshape_dims(
-            &shape_of(x.shape()),
-            &target,
-            self.allowzero,
-        )?)?;
+        let target = ints_of(req(inputs, 1)?, 1)?;
+        let shape = match reshape_concrete(x.shape(), &target, self.allowzero) {
+            Some(shape) => shape,
+            // Not a valid reshape: the symbolic rules say why.
+            None => {
+                let target: Shape = target.into_iter().map(Dim::constant).collect();
+                concrete(&reshape_dims(
+                    &shape_of(x.shape()),
+                    &target,
+                    self.allowzero,
+                )?)?
+            }
+        };
         Ok(vec![x.reshaped(shape).map_err(rt)?])
     }
 }
@@ -743,8 +773,8 @@ impl Op for Squeeze {
 // Concat
 
 #[derive(Debug)]
-struct Concat {
-    axis: i64,
+pub(crate) struct Concat {
+    pub(crate) axis: i64,
 }
 
 /// Row-major concatenation: for each index of the axes before `axis`, every part's

@@ -1,0 +1,180 @@
+//! Append-only byte buffers whose committed prefix tensors share: the storage of the in-place
+//! KV cache.
+//!
+//! An [`AppendBuffer`] owns `capacity` bytes and a committed length. Bytes below the committed
+//! length are never written again, so any number of tensors may view a prefix of them while
+//! new bytes are appended past it. [`AppendBuffer::try_append`] claims the next bytes only at
+//! the committed length (an atomic compare-and-swap), so of two tensors that view the same
+//! prefix, one appends in place and the other gets `false` and copies (a cloned cache that
+//! branches off never overwrites the one it came from).
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// Alignment of every buffer: a cache line, enough for any element type and for SIMD loads.
+const ALIGN: usize = 64;
+
+pub struct AppendBuffer {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    committed: AtomicUsize,
+}
+
+// SAFETY: the buffer is plain bytes. The committed prefix is only read; bytes past it are
+// written only by the one caller whose compare-and-swap claimed them, before any view of them
+// exists.
+unsafe impl Send for AppendBuffer {}
+unsafe impl Sync for AppendBuffer {}
+
+impl AppendBuffer {
+    /// An empty buffer of `capacity` bytes. The memory is zero-allocated, so the operating
+    /// system backs large buffers with pages only as appends touch them: a cache sized for the
+    /// whole context costs what it holds.
+    pub fn with_capacity(capacity: usize) -> Arc<AppendBuffer> {
+        let layout = Layout::from_size_align(capacity.max(1), ALIGN).expect("capacity overflows");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        Arc::new(AppendBuffer {
+            ptr,
+            capacity,
+            committed: AtomicUsize::new(0),
+        })
+    }
+
+    /// Where the buffer starts (a tensor viewing a prefix starts here).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes appended so far.
+    pub fn committed(&self) -> usize {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Appends `src` when `at` is the committed length and `src` fits; false otherwise (the
+    /// caller then copies into a new buffer).
+    pub fn try_append(&self, at: usize, src: &[u8]) -> bool {
+        let Some(end) = at.checked_add(src.len()) else {
+            return false;
+        };
+        if end > self.capacity {
+            return false;
+        }
+        if self
+            .committed
+            .compare_exchange(at, end, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        // SAFETY: `[at, end)` lies inside the allocation and was claimed by the compare-and-swap
+        // above, so no view covers it and no other writer can claim it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(at), src.len());
+        }
+        true
+    }
+
+    /// The first `len` committed bytes, shared (no copy).
+    pub fn prefix(self: &Arc<Self>, len: usize) -> Bytes {
+        assert!(
+            len <= self.committed(),
+            "a view of {len} bytes past the committed {}",
+            self.committed()
+        );
+        Bytes::from_owner(Prefix {
+            buf: Arc::clone(self),
+            len,
+        })
+    }
+}
+
+impl Drop for AppendBuffer {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity.max(1), ALIGN).expect("as allocated");
+        // SAFETY: allocated in `with_capacity` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+impl std::fmt::Debug for AppendBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AppendBuffer({} of {} bytes)",
+            self.committed(),
+            self.capacity
+        )
+    }
+}
+
+/// A committed prefix of a buffer, as the owner of a [`Bytes`].
+struct Prefix {
+    buf: Arc<AppendBuffer>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Prefix {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` ≤ the committed length when the view was made, and committed bytes are
+        // never written again.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr.as_ptr(), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_in_place_only_at_the_committed_end() {
+        let buf = AppendBuffer::with_capacity(16);
+        assert!(buf.try_append(0, &[1, 2, 3, 4]));
+        let first = buf.prefix(4);
+        assert!(buf.try_append(4, &[5, 6]));
+        // A second append from the same old end is refused: the bytes are taken.
+        assert!(!buf.try_append(4, &[9, 9]));
+        // Past the capacity is refused too.
+        assert!(!buf.try_append(6, &[0; 11]));
+        assert_eq!(&first[..], &[1, 2, 3, 4]);
+        assert_eq!(&buf.prefix(6)[..], &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(buf.committed(), 6);
+        assert_eq!(buf.prefix(6).as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn racing_appenders_claim_disjoint_bytes() {
+        let buf = AppendBuffer::with_capacity(4 * 1000);
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let buf = &buf;
+                s.spawn(move || {
+                    let mut done = 0;
+                    while done < 250 {
+                        let at = buf.committed();
+                        if buf.try_append(at, &[t; 4]) {
+                            done += 1;
+                        }
+                    }
+                });
+            }
+        });
+        let all = buf.prefix(4000);
+        // Every 4-byte record was written whole by one thread.
+        for rec in all.chunks(4) {
+            assert!(rec.iter().all(|&b| b == rec[0]), "{rec:?}");
+        }
+        for t in 0..4u8 {
+            assert_eq!(all.chunks(4).filter(|r| r[0] == t).count(), 250);
+        }
+    }
+}
