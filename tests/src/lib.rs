@@ -149,3 +149,50 @@ pub fn smollm2_model() -> Option<PathBuf> {
     eprintln!("skipped: {msg}");
     None
 }
+
+/// `[b, x, y, d]` → `[b, y, x, d]` (f32).
+pub fn swap_axes_12(t: &Tensor) -> Tensor {
+    let (b, x, y, d) = (t.shape()[0], t.shape()[1], t.shape()[2], t.shape()[3]);
+    let src = t.as_slice::<f32>().expect("f32");
+    let mut out = vec![0f32; src.len()];
+    for bi in 0..b {
+        for xi in 0..x {
+            for yi in 0..y {
+                let from = ((bi * x + xi) * y + yi) * d;
+                let to = ((bi * y + yi) * x + xi) * d;
+                out[to..to + d].copy_from_slice(&src[from..from + d]);
+            }
+        }
+    }
+    Tensor::from_vec(vec![b, y, x, d], out).expect("same volume")
+}
+
+/// True when `graph`'s past inputs are seq-major (`[b, t, hk, d]`, after the `kv-layout`
+/// pass) rather than as exported (`[b, hk, t, d]`).
+pub fn has_seq_major_cache(graph: &Graph) -> bool {
+    graph.inputs().iter().any(|(id, role)| {
+        matches!(
+            role,
+            patch_runtime::InputRole::PastKey(_) | patch_runtime::InputRole::PastValue(_)
+        ) && graph.value(*id).ty.shape[1].as_const().is_none()
+    })
+}
+
+/// A golden case's inputs as `graph` takes them: past keys/values swapped to `[b, t, hk, d]`
+/// when the graph's cache is seq-major.
+pub fn feed(graph: &Graph, case: &Case) -> Vec<Tensor> {
+    let seq_major = has_seq_major_cache(graph);
+    graph
+        .inputs()
+        .iter()
+        .zip(&case.inputs)
+        .map(|((_, role), (_, t))| match role {
+            patch_runtime::InputRole::PastKey(_) | patch_runtime::InputRole::PastValue(_)
+                if seq_major =>
+            {
+                swap_axes_12(t)
+            }
+            _ => t.clone(),
+        })
+        .collect()
+}

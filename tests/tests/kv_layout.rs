@@ -10,7 +10,8 @@ use patch_runtime::ir::{Attr, Attrs};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, DType, Dim, Graph, InputRole, OutputRole, Tensor, TensorType};
 use patch_tests::{
-    argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, CASES, FIXTURES,
+    argmax_last, feed, fixture_dir, import_fixture, max_abs_diff, read_case, swap_axes_12, CASES,
+    FIXTURES,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -24,23 +25,6 @@ fn optimize(graph: &mut Graph) -> bool {
         .unwrap();
     let outcome = layout_pipeline(&registry).run(graph).unwrap();
     outcome.changed().contains(&"kv-layout")
-}
-
-/// `[b, x, y, d]` → `[b, y, x, d]`.
-fn swap12(t: &Tensor) -> Tensor {
-    let (b, x, y, d) = (t.shape()[0], t.shape()[1], t.shape()[2], t.shape()[3]);
-    let src = t.as_slice::<f32>().unwrap();
-    let mut out = vec![0f32; src.len()];
-    for bi in 0..b {
-        for xi in 0..x {
-            for yi in 0..y {
-                let from = ((bi * x + xi) * y + yi) * d;
-                let to = ((bi * y + yi) * x + xi) * d;
-                out[to..to + d].copy_from_slice(&src[from..from + d]);
-            }
-        }
-    }
-    Tensor::from_vec(vec![b, y, x, d], out).unwrap()
 }
 
 fn count(graph: &Graph, op_type: &str) -> usize {
@@ -89,15 +73,7 @@ fn seq_major_attention_keeps_every_fixture_within_1e_4_of_onnx_runtime() {
         }
         for case in CASES {
             let golden = read_case(&fixture_dir(name).join("cases").join(case));
-            let inputs: Vec<Tensor> = graph
-                .inputs()
-                .iter()
-                .zip(&golden.inputs)
-                .map(|((_, role), (_, t))| match role {
-                    InputRole::PastKey(_) | InputRole::PastValue(_) => swap12(t),
-                    _ => t.clone(),
-                })
-                .collect();
+            let inputs = feed(&graph, &golden);
             let got = interp::run(&graph, &inputs)
                 .unwrap_or_else(|e| panic!("{name}/{case}: rewritten graph fails: {e}"));
             for ((role, (out_name, ort)), g) in graph
@@ -108,7 +84,7 @@ fn seq_major_attention_keeps_every_fixture_within_1e_4_of_onnx_runtime() {
                 .zip(&got)
             {
                 let g = match role {
-                    OutputRole::PresentKey(_) | OutputRole::PresentValue(_) => swap12(g),
+                    OutputRole::PresentKey(_) | OutputRole::PresentValue(_) => swap_axes_12(g),
                     _ => g.clone(),
                 };
                 let err = max_abs_diff(&g, ort);
