@@ -13,6 +13,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod bandwidth;
 mod cpu;
 pub mod cuda;
 pub mod dispatch;

@@ -31,8 +31,43 @@ pub struct Plan {
     frees: Vec<Vec<usize>>,
     /// Per node in order: how it is scheduled (see [`Sched`]).
     sched: Vec<Sched>,
-    /// Time per op type, when profiling is on.
-    profile: Option<Mutex<BTreeMap<String, OpTime>>>,
+    /// Time per op type and per whole run, when profiling is on.
+    profile: Option<Mutex<Profile>>,
+}
+
+/// Profiling state: per node position the op type's slot, the time per op type, and the time
+/// of whole runs (so that the time outside ops, the interpreter's own, is known too).
+#[derive(Debug, Default)]
+struct Profile {
+    /// Op type (domain-qualified outside the default domain) by slot.
+    keys: Vec<String>,
+    /// Slot of every node, by position.
+    slot: Vec<usize>,
+    by_slot: Vec<OpTime>,
+    runs: OpTime,
+}
+
+impl Profile {
+    fn new(graph: &Graph) -> Profile {
+        let mut p = Profile::default();
+        for (_, node) in graph.nodes() {
+            let key = if node.domain.is_empty() {
+                node.op_type.clone()
+            } else {
+                format!("{}.{}", node.domain, node.op_type)
+            };
+            let slot = match p.keys.iter().position(|k| *k == key) {
+                Some(s) => s,
+                None => {
+                    p.keys.push(key);
+                    p.by_slot.push(OpTime::default());
+                    p.keys.len() - 1
+                }
+            };
+            p.slot.push(slot);
+        }
+        p
+    }
 }
 
 /// Scheduling of one node. `patch.HybridMatMul`s that read the same activation and have only
@@ -155,7 +190,7 @@ impl Plan {
 
     /// Turns per-op-type timing on (and clears it) or off.
     pub fn set_profiling(&mut self, on: bool) {
-        self.profile = on.then(|| Mutex::new(BTreeMap::new()));
+        self.profile = on.then(|| Mutex::new(Profile::new(&self.graph)));
     }
 
     /// Time per op type (domain-qualified outside the default domain) since profiling began,
@@ -164,14 +199,24 @@ impl Plan {
         let Some(p) = &self.profile else {
             return Vec::new();
         };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = p
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .keys
             .iter()
-            .map(|(k, t)| (k.clone(), *t))
+            .cloned()
+            .zip(p.by_slot.iter().copied())
+            .filter(|(_, t)| t.calls > 0)
             .collect();
         v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
         v
+    }
+
+    /// Calls and seconds of whole runs since profiling began (ops and the interpreter around
+    /// them); zero when profiling is off.
+    pub fn profile_runs(&self) -> OpTime {
+        self.profile.as_ref().map_or(OpTime::default(), |p| {
+            p.lock().unwrap_or_else(|e| e.into_inner()).runs
+        })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -209,6 +254,22 @@ impl Plan {
     /// [`run`](Self::run), calling `observe(node, inputs)` before each node is evaluated (how
     /// calibration sees the activations entering every MatMul).
     pub fn run_observed(
+        &self,
+        inputs: &[Tensor],
+        observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let run_started = self.profile.as_ref().map(|_| Instant::now());
+        let outputs = self.run_nodes(inputs, observe)?;
+        if let (Some(p), Some(t)) = (&self.profile, run_started) {
+            let seconds = t.elapsed().as_secs_f64();
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.runs.calls += 1;
+            p.runs.seconds += seconds;
+        }
+        Ok(outputs)
+    }
+
+    fn run_nodes(
         &self,
         inputs: &[Tensor],
         observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
@@ -281,15 +342,12 @@ impl Plan {
             .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?;
             drop(refs);
             if let (Some(p), Some(t)) = (&self.profile, started) {
-                let key = if node.domain.is_empty() {
-                    node.op_type.clone()
-                } else {
-                    format!("{}.{}", node.domain, node.op_type)
-                };
+                let seconds = t.elapsed().as_secs_f64();
                 let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p.entry(key).or_default();
+                let slot = p.slot[pos];
+                let e = &mut p.by_slot[slot];
                 e.calls += 1;
-                e.seconds += t.elapsed().as_secs_f64();
+                e.seconds += seconds;
             }
             if results.len() < node.outputs.len() {
                 return Err(RuntimeError::at_node(

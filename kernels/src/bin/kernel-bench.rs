@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use patch_kernels::{
-    bf16, f16, magnitude_24_mask, pack, CpuKernels, PackedWeight, SimdPath, TileMap, TileShape,
-    WeightDtype, WeightElement,
+    bandwidth, bf16, f16, magnitude_24_mask, pack, CpuKernels, PackedWeight, SimdPath, TileMap,
+    TileShape, WeightDtype, WeightElement,
 };
 
 struct Args {
@@ -131,93 +131,6 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Sums `c` with wide vector loads (AVX-512 when present) and many independent accumulators.
-fn sum_chunk(c: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        #[target_feature(enable = "avx512f")]
-        #[inline(never)]
-        unsafe fn sum512(c: &[f32]) -> f32 {
-            let n = c.len() / 128 * 128;
-            let p = c.as_ptr();
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-            );
-            let (mut a4, mut a5, mut a6, mut a7) = (
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-            );
-            let mut i = 0;
-            while i < n {
-                a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p.add(i)));
-                a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p.add(i + 16)));
-                a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p.add(i + 32)));
-                a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p.add(i + 48)));
-                a4 = _mm512_add_ps(a4, _mm512_loadu_ps(p.add(i + 64)));
-                a5 = _mm512_add_ps(a5, _mm512_loadu_ps(p.add(i + 80)));
-                a6 = _mm512_add_ps(a6, _mm512_loadu_ps(p.add(i + 96)));
-                a7 = _mm512_add_ps(a7, _mm512_loadu_ps(p.add(i + 112)));
-                i += 128;
-            }
-            let s = _mm512_add_ps(
-                _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)),
-            );
-            let mut tail = 0f32;
-            for v in &c[n..] {
-                tail += v;
-            }
-            _mm512_reduce_add_ps(s) + tail
-        }
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: avx512f was detected just above; `sum512` reads only inside `c`.
-            return unsafe { sum512(c) };
-        }
-    }
-    let mut acc = [0f32; 32];
-    for blk in c.chunks_exact(32) {
-        for (a, v) in acc.iter_mut().zip(blk) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
-}
-
-/// One STREAM-like read-bandwidth sample over the next 16 MiB window of `buf` (GB/s).
-///
-/// Windows rotate through the 256 MiB buffer, so each is cold (last read 240 MiB ago); a
-/// sample lasts about as long as one kernel sample (≈ 0.5–2 ms), so on a shared machine both
-/// see the same odds of being preempted and the median compares like with like.
-fn read_bandwidth_window(buf: &[f32], kernels: &CpuKernels, next: &mut usize) -> f64 {
-    let win = 4 << 20;
-    let nwin = buf.len() / win;
-    let w = &buf[(*next % nwin) * win..(*next % nwin + 1) * win];
-    *next += 1;
-    read_bandwidth(w, kernels)
-}
-
-/// Read bandwidth of one pass over `buf` split over the threads of `kernels`' pool, the same
-/// workers (already running) that the kernels use (GB/s).
-fn read_bandwidth(buf: &[f32], kernels: &CpuKernels) -> f64 {
-    let threads = kernels.threads();
-    let chunk = buf.len().div_ceil(threads);
-    let sums: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| 0f32.into()).collect();
-    let t0 = Instant::now();
-    kernels.run_on_threads(&|t| {
-        let c = &buf[(t * chunk).min(buf.len())..((t + 1) * chunk).min(buf.len())];
-        *sums[t].lock().expect("sum") = sum_chunk(c);
-    });
-    let secs = t0.elapsed().as_secs_f64();
-    std::hint::black_box(sums);
-    (buf.len() * 4) as f64 / secs / 1e9
-}
-
 /// Single-core f32 FMA peak in GFLOP/s (AVX-512 or AVX2 FMA, 12 independent chains).
 fn fma_peak() -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -278,7 +191,7 @@ fn main() {
         .map(|(t, kern)| {
             let mut next = 0;
             let mut s: Vec<f64> = (0..31)
-                .map(|_| read_bandwidth_window(&buf, kern, &mut next))
+                .map(|_| bandwidth::read_window(&buf, kern, &mut next))
                 .collect();
             (*t, median(&mut s))
         })
@@ -339,7 +252,7 @@ fn main() {
                     let mut ratios = vec![Vec::new(); variants.len()];
                     for _ in 0..reps {
                         for _ in 0..3 {
-                            bw_cell.push(read_bandwidth_window(&buf, kern, &mut bw_next));
+                            bw_cell.push(bandwidth::read_window(&buf, kern, &mut bw_next));
                         }
                         let base = one(&variants[0], calls, &mut rot);
                         times[0].push(base);
@@ -391,7 +304,7 @@ fn main() {
     for (t, kern) in &kernels {
         let mut next = 0;
         let mut s: Vec<f64> = (0..31)
-            .map(|_| read_bandwidth_window(&buf, kern, &mut next))
+            .map(|_| bandwidth::read_window(&buf, kern, &mut next))
             .collect();
         println!(
             "read bandwidth at the end ({t} thread(s)): {:.1} GB/s",

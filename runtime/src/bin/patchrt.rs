@@ -185,6 +185,19 @@ fn print_profile(model: &LanguageModel) {
         "ops other than MatMul/Gemm/HybridMatMul: {:.1}% of the time in ops",
         100.0 * (total - matmul) / total.max(f64::MIN_POSITIVE)
     );
+    let runs = model.profile_runs();
+    if runs.seconds > 0.0 {
+        let share = |s: f64| 100.0 * s / runs.seconds;
+        eprintln!(
+            "{} forward passes, {:.3} s: outside the MatMuls {:.1}% (other ops {:.1}%, the \
+             interpreter between ops {:.1}%)",
+            runs.calls,
+            runs.seconds,
+            share(runs.seconds - matmul),
+            share(total - matmul),
+            share(runs.seconds - total),
+        );
+    }
 }
 
 fn kernels_line() -> String {
@@ -422,7 +435,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 decode_steps,
                 repeats,
             };
-            bench::run(&model, &options, |row| {
+            let mut probe = bench::BandwidthProbe::default();
+            let on_cpu = model.backend() == Backend::Cpu;
+            let rows = bench::run(&model, &options, on_cpu.then_some(&mut probe), |row| {
                 let runs: Vec<String> =
                     row.tokens_per_s.iter().map(|v| format!("{v:.1}")).collect();
                 println!(
@@ -434,6 +449,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             })
             .map_err(|e| e.to_string())?;
+            if let (Some(decode), false) = (rows.last(), probe.gb_per_s.is_empty()) {
+                let (bytes, gbs) = (model.weight_bytes_per_token() as f64, probe.median());
+                let bound = gbs * 1e9 / bytes;
+                println!(
+                    "\n{}: {:.1} tokens/s × {:.1} MB of weights per token = {:.1} GB/s; read \
+                     bandwidth in this run {gbs:.1} GB/s (median of {} probes between the \
+                     repeats) → bound {bound:.1} tokens/s; decode at {:.0}% of it",
+                    decode.name,
+                    decode.median(),
+                    bytes / 1e6,
+                    decode.median() * bytes / 1e9,
+                    probe.gb_per_s.len(),
+                    100.0 * decode.median() / bound
+                );
+            }
             print_profile(&model);
         }
         Command::Inspect { bundle: path, ir } => {

@@ -7,6 +7,11 @@
 //!
 //! Prompt ids are pseudo-random in `[100, vocab)` from a fixed seed. One warm-up run precedes
 //! the timed repeats of every row.
+//!
+//! On the CPU the decode repeats are interleaved with read-bandwidth probes on the kernels' own
+//! pool (`patch_kernels::bandwidth`, 16 MiB windows of a 256 MiB buffer), so that decode can be
+//! stated as a share of the memory-bandwidth bound measured in the same run: the bytes of
+//! weights one token reads ([`LanguageModel::weight_bytes_per_token`]) over that bandwidth.
 
 use std::time::Instant;
 
@@ -93,10 +98,31 @@ fn decode_rate(model: &LanguageModel, ids: &[u32], steps: usize) -> Result<f64, 
     Ok(steps as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Runs every measurement; `on_row` sees each row as soon as it is done.
+/// Read-bandwidth probes taken between the decode repeats, GB/s.
+#[derive(Clone, Debug, Default)]
+pub struct BandwidthProbe {
+    pub gb_per_s: Vec<f64>,
+}
+
+impl BandwidthProbe {
+    pub fn median(&self) -> f64 {
+        BenchRow {
+            name: String::new(),
+            tokens_per_s: self.gb_per_s.clone(),
+        }
+        .median()
+    }
+}
+
+/// Probes per decode repeat (each reads one 16 MiB window, ≈ 1 ms).
+const PROBES_PER_REPEAT: usize = 5;
+
+/// Runs every measurement; `on_row` sees each row as soon as it is done. With `bandwidth`,
+/// the decode repeats are interleaved with read-bandwidth probes, returned with the rows.
 pub fn run(
     model: &LanguageModel,
     options: &BenchOptions,
+    bandwidth: Option<&mut BandwidthProbe>,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, LlmError> {
     if options.repeats == 0 || options.decode_steps == 0 {
@@ -133,9 +159,25 @@ pub fn run(
     let c = options.decode_context;
     let ids = prompt_ids(c, model.vocab(), c as u64);
     decode_rate(model, &ids, options.decode_steps.min(4))?;
-    let tokens_per_s = (0..options.repeats)
-        .map(|_| decode_rate(model, &ids, options.decode_steps))
-        .collect::<Result<_, _>>()?;
+    let probe = bandwidth.and_then(|b| {
+        let kernels = patch_kernels::CpuKernels::global().ok()?;
+        Some((
+            b,
+            kernels,
+            vec![1f32; patch_kernels::bandwidth::PROBE_ELEMENTS],
+        ))
+    });
+    let mut probe = probe.map(|(b, k, buf)| (b, k, buf, 0usize));
+    let mut tokens_per_s = Vec::with_capacity(options.repeats);
+    for _ in 0..options.repeats {
+        tokens_per_s.push(decode_rate(model, &ids, options.decode_steps)?);
+        if let Some((b, kernels, buf, next)) = probe.as_mut() {
+            for _ in 0..PROBES_PER_REPEAT {
+                let gbs = patch_kernels::bandwidth::read_window(buf, kernels, next);
+                b.gb_per_s.push(gbs);
+            }
+        }
+    }
     let row = BenchRow {
         name: format!("decode{c}"),
         tokens_per_s,

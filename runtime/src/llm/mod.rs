@@ -392,6 +392,33 @@ impl LanguageModel {
         self.plan.profile()
     }
 
+    /// Calls and seconds of whole forward passes through the graph since profiling was turned
+    /// on (the ops and the interpreter between them).
+    pub fn profile_runs(&self) -> crate::interp::OpTime {
+        self.plan.profile_runs()
+    }
+
+    /// Bytes of weights one decoded token reads: every constant operand of the weight products
+    /// (`patch.HybridMatMul` values, metadata and bias; `MatMul`/`Gemm` constants), each read
+    /// once per token. Row gathers (the embedding) read one row and are left out.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let graph = self.plan.graph();
+        let mut seen = std::collections::HashSet::new();
+        graph
+            .nodes()
+            .filter(|(_, n)| {
+                matches!(
+                    (n.domain.as_str(), n.op_type.as_str()),
+                    ("patch", "HybridMatMul") | ("", "MatMul") | ("", "Gemm")
+                )
+            })
+            .flat_map(|(_, n)| n.inputs.iter().flatten().copied())
+            .filter(|v| seen.insert(*v))
+            .filter_map(|v| graph.const_value(v))
+            .map(|t| t.bytes().len())
+            .sum()
+    }
+
     /// True when the graph takes past keys/values (each step feeds only new tokens).
     pub fn has_kv_cache(&self) -> bool {
         !self.layout.past.is_empty()
