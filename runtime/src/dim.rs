@@ -51,10 +51,12 @@ impl Dim {
     }
 
     /// The value of a constant dim.
+    #[inline]
     pub fn as_const(&self) -> Option<i64> {
-        match self.terms.len() {
-            0 => Some(0),
-            1 => self.terms.get(&Vec::new()).copied(),
+        let mut terms = self.terms.iter();
+        match (terms.next(), terms.next()) {
+            (None, _) => Some(0),
+            (Some((mono, &coef)), None) if mono.is_empty() => Some(coef),
             _ => None,
         }
     }

@@ -31,6 +31,8 @@ pub struct Plan {
     frees: Vec<Vec<usize>>,
     /// Per node in order: how it is scheduled (see [`Sched`]).
     sched: Vec<Sched>,
+    /// Per value: its inferred shape, flattened for the check of every produced tensor.
+    checks: Vec<Vec<DimCheck>>,
     /// Time per op type and per whole run, when profiling is on.
     profile: Option<Mutex<Profile>>,
 }
@@ -161,11 +163,18 @@ impl Plan {
         } else {
             sibling_schedule(graph, &consts)
         };
+        let checks = (0..graph.value_count())
+            .map(|v| {
+                let shape = &graph.value(crate::ValueId(v as u32)).ty.shape;
+                shape.iter().map(DimCheck::of).collect()
+            })
+            .collect();
         Ok(Plan {
             graph: graph.clone(),
             consts,
             frees,
             sched,
+            checks,
             profile: None,
         })
     }
@@ -372,7 +381,13 @@ impl Plan {
                         v.ty.dtype
                     )));
                 }
-                bind_shape(&mut bindings, &v.ty.shape, t.shape()).map_err(|msg| {
+                let checked =
+                    match check_shape(&mut bindings, &self.checks[out.0 as usize], t.shape()) {
+                        Ok(()) => Ok(()),
+                        // The slow path says what does not match.
+                        Err(()) => bind_shape(&mut bindings, &v.ty.shape, t.shape()),
+                    };
+                checked.map_err(|msg| {
                     RuntimeError::Verify(format!(
                         "node `{}` ({}): output `{}`: {msg}",
                         node.name, node.op_type, v.name
@@ -403,6 +418,60 @@ impl Plan {
     }
 }
 
+/// One inferred dim, as the check of a produced tensor reads it.
+#[derive(Debug)]
+enum DimCheck {
+    Const(i64),
+    Sym(std::sync::Arc<str>),
+    /// An expression over symbols (checked when its symbols are bound).
+    Expr(crate::Dim),
+}
+
+impl DimCheck {
+    fn of(d: &crate::Dim) -> DimCheck {
+        match (d.as_const(), d.as_sym()) {
+            (Some(c), _) => DimCheck::Const(c),
+            (None, Some(s)) => DimCheck::Sym(s.into()),
+            (None, None) => DimCheck::Expr(d.clone()),
+        }
+    }
+}
+
+/// [`bind_shape`] on a precomputed shape, without touching the symbolic dims' trees for
+/// constants and single symbols (every produced tensor is checked, a hundred thousand times
+/// per second in decode). `Err(())` on any mismatch; [`bind_shape`] then says what.
+fn check_shape(bindings: &mut Bindings, checks: &[DimCheck], actual: &[usize]) -> Result<(), ()> {
+    if checks.len() != actual.len() {
+        return Err(());
+    }
+    let mut compound = false;
+    for (c, &a) in checks.iter().zip(actual) {
+        match c {
+            DimCheck::Const(v) if *v == a as i64 => {}
+            DimCheck::Const(_) => return Err(()),
+            DimCheck::Sym(s) => match bindings.get(s) {
+                Some(&b) if b != a as i64 => return Err(()),
+                Some(_) => {}
+                None => {
+                    bindings.insert(s.clone(), a as i64);
+                }
+            },
+            DimCheck::Expr(_) => compound = true,
+        }
+    }
+    if compound {
+        for (c, &a) in checks.iter().zip(actual) {
+            if let DimCheck::Expr(d) = c {
+                // An expression over a symbol no input binds cannot be checked.
+                if matches!(d.eval(bindings), Ok(v) if v != a as i64) {
+                    return Err(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Unifies a symbolic shape with a concrete one: binds single-symbol dims seen for the first
 /// time and checks everything else.
 fn bind_shape(
@@ -419,8 +488,16 @@ fn bind_shape(
     if shape.len() != actual.len() {
         return Err(mismatch());
     }
-    // Single symbols first, so that expressions over them can be checked afterwards.
+    // Constants and single symbols first, so that expressions over them can be checked
+    // afterwards.
+    let mut compound = false;
     for (d, &a) in shape.iter().zip(actual) {
+        if let Some(c) = d.as_const() {
+            if c != a as i64 {
+                return Err(mismatch());
+            }
+            continue;
+        }
         if let Some(s) = d.as_sym() {
             match bindings.get(s) {
                 Some(&b) if b != a as i64 => {
@@ -431,9 +508,17 @@ fn bind_shape(
                     bindings.insert(s.into(), a as i64);
                 }
             }
+        } else {
+            compound = true;
         }
     }
+    if !compound {
+        return Ok(());
+    }
     for (d, &a) in shape.iter().zip(actual) {
+        if d.as_const().is_some() || d.as_sym().is_some() {
+            continue;
+        }
         match d.eval(bindings) {
             Ok(v) if v == a as i64 => {}
             Ok(_) => return Err(mismatch()),
