@@ -536,10 +536,13 @@ fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
+/// The max and the sum of `exp(score - max)` of a row [`softmax_row`] normalized.
+type SoftmaxStats = Option<(f32, f32)>;
+
 /// Adds the mask row (`stride` apart) to the scores in `row`, then replaces them by their
-/// softmax; false (row contents unspecified) when every score is `-inf` or one is NaN.
-/// Max and sum run in 16 independent lanes so they vectorize.
-fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+/// softmax and returns its max and sum; `None` (row contents unspecified) when every score is
+/// `-inf` or one is NaN. Max and sum run in 16 independent lanes so they vectorize.
+fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -557,18 +560,18 @@ fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row_avx512(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+unsafe fn softmax_row_avx512(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
     softmax_row_body(row, mask)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+unsafe fn softmax_row_avx2(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
     softmax_row_body(row, mask)
 }
 
 #[inline(always)]
-fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
+fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
     match mask {
         Some((m, 1)) => row.iter_mut().zip(m).for_each(|(x, &a)| *x += a),
         Some((m, stride)) => row
@@ -590,7 +593,7 @@ fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
     if max == f32::NEG_INFINITY {
-        return false;
+        return None;
     }
     for x in row.iter_mut() {
         *x -= max;
@@ -606,13 +609,13 @@ fn softmax_row_body(row: &mut [f32], mask: Option<(&[f32], usize)>) -> bool {
     let sum: f32 = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     if !sum.is_finite() {
         // A NaN score (the max skips NaN, the exponentials do not).
-        return false;
+        return None;
     }
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
     }
-    true
+    Some((max, sum))
 }
 
 /// Decode attention for the query heads that share one KV head (see `Attention::eval`).
@@ -628,40 +631,46 @@ struct DecodeGroup<'a> {
 }
 
 impl DecodeGroup<'_> {
-    /// Writes the group's output rows (`queries.len() × value width`) to `o`.
-    fn run(&self, o: &mut [f32]) {
+    /// Writes the group's output rows (`queries.len() × value width`) to `o`, and each row's
+    /// softmax max and sum to `stats` (`(-inf, 0)` for a row that sees no key).
+    fn run(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
-                return unsafe { self.run_avx512(o) };
+                return unsafe { self.run_avx512(o, stats) };
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { self.run_avx2(o) };
+                return unsafe { self.run_avx2(o, stats) };
             }
         }
-        self.run_body(o, dot4)
+        self.run_body(o, stats, dot4)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self, o: &mut [f32]) {
-        self.run_body(o, |a, bs| dot4_avx2(a, bs))
+    unsafe fn run_avx512(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
+        self.run_body(o, stats, |a, bs| dot4_avx2(a, bs))
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, o: &mut [f32]) {
-        self.run_body(o, |a, bs| dot4_avx2(a, bs))
+    unsafe fn run_avx2(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
+        self.run_body(o, stats, |a, bs| dot4_avx2(a, bs))
     }
 
     /// The same sums in the same order as the row-by-row path (so the two layouts agree bit
     /// for bit); keys and values are read once for the whole group.
     #[inline(always)]
-    fn run_body(&self, o: &mut [f32], dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4]) {
+    fn run_body(
+        &self,
+        o: &mut [f32],
+        stats: &mut [(f32, f32)],
+        dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4],
+    ) {
         let (t, (k, ks, d), (v, vs, dv)) = (self.positions, self.keys, self.values);
         let mut scores = vec![0f32; self.queries.len() * t];
         let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
@@ -691,11 +700,20 @@ impl DecodeGroup<'_> {
             }
         }
         o.fill(0.0);
-        let live: Vec<bool> = scores
+        let mut live = vec![false; self.queries.len()];
+        for (g, (row, &m)) in scores
             .chunks_exact_mut(t.max(1))
             .zip(&self.masks)
-            .map(|(row, &m)| softmax_row_body(row, m))
-            .collect();
+            .enumerate()
+        {
+            let st = if t == 0 {
+                None
+            } else {
+                softmax_row_body(row, m)
+            };
+            live[g] = st.is_some();
+            stats[g] = st.unwrap_or((f32::NEG_INFINITY, 0.0));
+        }
         for j in 0..t {
             let value = &v[j * vs..][..dv];
             for (g, out_row) in o.chunks_exact_mut(dv).enumerate() {
@@ -903,7 +921,7 @@ impl Op for Attention {
                     general_mat_mul(scale, &qb, &kb.t(), 0.0, &mut scores);
                     for (r, mut row) in scores.rows_mut().into_iter().enumerate() {
                         let row = row.as_slice_mut().expect("standard layout");
-                        if !softmax_row(row, mask_row(batch, head, i0 + r)) {
+                        if softmax_row(row, mask_row(batch, head, i0 + r)).is_none() {
                             row.fill(0.0);
                         }
                     }
@@ -928,23 +946,83 @@ impl Op for Attention {
             // output, so each (batch, position, KV head) reads its keys and values once for
             // all of them. The same sums in the same order as the row-by-row path below.
             let parallel = b * s * h * t * (d + dv) >= DECODE_PARALLEL_WORK;
-            for_each_row_split(&mut out, group * dv, parallel, &|c, o| {
+            let threads = patch_kernels::CpuKernels::global().map_or(1, |k| k.threads());
+            // The group over keys `[j0, j1)` of (batch, position, KV head) `c`.
+            let job = |c: usize, j0: usize, j1: usize| {
                 let (batch, i, kv) = (c / (s * hk), (c / hk) % s, c % hk);
                 let heads = kv * group..(kv + 1) * group;
                 let (kb, vb) = (batch * kst[0] + kv * kst[1], batch * vst[0] + kv * vst[1]);
-                let job = DecodeGroup {
+                DecodeGroup {
                     queries: heads
                         .clone()
                         .map(|head| &q[batch * qst[0] + head * qst[1] + i * qst[2]..][..d])
                         .collect(),
-                    masks: heads.map(|head| mask_row(batch, head, i)).collect(),
-                    keys: (&k[kb..], kst[2], d),
-                    values: (&v[vb..], vst[2], dv),
-                    positions: t,
+                    masks: heads
+                        .map(|head| mask_row(batch, head, i).map(|(m, st)| (&m[j0 * st..], st)))
+                        .collect(),
+                    keys: (&k[kb + j0 * kst[2]..], kst[2], d),
+                    values: (&v[vb + j0 * vst[2]..], vst[2], dv),
+                    positions: j1 - j0,
                     scale,
-                };
-                job.run(o);
-            });
+                }
+            };
+            let chunks = b * s * hk;
+            if parallel && threads > 1 && chunks % threads != 0 && t >= 2 * threads {
+                // Fewer (or unevenly many) groups than threads: split the keys too, and merge
+                // the partial softmaxes (flash-decoding). Within f32 rounding of the unsplit
+                // path, not bit for bit.
+                let parts = threads;
+                let width = group * dv + 2 * group;
+                let mut partial = vec![0f32; chunks * parts * width];
+                for_each_row_split(&mut partial, width, true, &|item, buf| {
+                    let (c, p) = (item / parts, item % parts);
+                    let (j0, j1) = (t * p / parts, t * (p + 1) / parts);
+                    let (o, st) = buf.split_at_mut(group * dv);
+                    let mut stats = vec![(0f32, 0f32); group];
+                    job(c, j0, j1).run(o, &mut stats);
+                    for (g, (mx, sum)) in stats.into_iter().enumerate() {
+                        st[2 * g] = mx;
+                        st[2 * g + 1] = sum;
+                    }
+                });
+                for (c, out_group) in out.chunks_exact_mut(group * dv).enumerate() {
+                    let items = &partial[c * parts * width..(c + 1) * parts * width];
+                    for (g, out_row) in out_group.chunks_exact_mut(dv).enumerate() {
+                        let stat = |p: usize| {
+                            let st = &items[p * width + group * dv..];
+                            (st[2 * g], st[2 * g + 1])
+                        };
+                        let top = (0..parts)
+                            .map(|p| stat(p).0)
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        if top == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let weights: Vec<f32> = (0..parts)
+                            .map(|p| {
+                                let (mx, sum) = stat(p);
+                                if sum > 0.0 {
+                                    sum * (mx - top).exp()
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let total: f32 = weights.iter().sum();
+                        for (p, w) in weights.iter().enumerate() {
+                            let part = &items[p * width + g * dv..][..dv];
+                            for (acc, &x) in out_row.iter_mut().zip(part) {
+                                *acc += w / total * x;
+                            }
+                        }
+                    }
+                }
+            } else {
+                for_each_row_split(&mut out, group * dv, parallel, &|c, o| {
+                    let mut stats = vec![(0f32, 0f32); group];
+                    job(c, 0, t).run(o, &mut stats);
+                });
+            }
         } else {
             // Decode: one output row at a time, in the output's own order; a masked key costs
             // nothing.
@@ -963,7 +1041,7 @@ impl Op for Attention {
                     })
                     .collect();
                 o.fill(0.0);
-                if !softmax_row(&mut scores, m) {
+                if softmax_row(&mut scores, m).is_none() {
                     return;
                 }
                 for (j, &p) in scores.iter().enumerate() {
@@ -1167,6 +1245,42 @@ mod tests {
             .with("layout", Attr::String("sbhd".into()));
         let err = r.build("patch", "Attention", 1, &attrs, "a").unwrap_err();
         assert!(err.to_string().contains("bhsd or bshd"), "{err}");
+    }
+
+    /// A long decode context with fewer KV groups than pool threads (or a count that does not
+    /// divide among them) splits the keys too; the merged result stays within f32 rounding of
+    /// the head-major row-by-row path, masked tail included.
+    #[test]
+    fn split_key_decode_matches_the_unsplit_path() {
+        let r = OpRegistry::onnx();
+        let (h, hk, t, d) = (9usize, 3usize, 1500usize, 64usize);
+        let q = random(&[1, h, 1, d], 21);
+        let k = random(&[1, hk, t, d], 22);
+        let v = random(&[1, hk, t, d], 23);
+        // The last 100 keys are masked out.
+        let m: Vec<f32> = (0..t)
+            .map(|j| if j >= t - 100 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(vec![1, 1, 1, t], m).unwrap();
+        let build = |layout: &str| {
+            let attrs = Attrs::new()
+                .with("scale", Attr::Float(0.125))
+                .with("layout", Attr::String(layout.into()));
+            r.build("patch", "Attention", 1, &attrs, "a").unwrap()
+        };
+        let want = build("bhsd")
+            .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
+            .unwrap();
+        let got = build("bshd")
+            .eval(&[
+                Some(&swap12(&q)),
+                Some(&swap12(&k)),
+                Some(&swap12(&v)),
+                Some(&mask),
+            ])
+            .unwrap();
+        let want = want[0].to_f64_vec().unwrap();
+        close(&got[0], &want, 1e-5);
     }
 
     /// Appending in place gives what Concat gives; the second of two appends to one past (a
