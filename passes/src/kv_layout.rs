@@ -203,6 +203,74 @@ impl Matcher<'_> {
     }
 }
 
+/// The rotary tables transposed to `[c, s, 1, d]`, each once, before the first rewritten
+/// attention (the tables are computed before every layer).
+struct SeqMajorTables {
+    before: NodeId,
+    done: HashMap<ValueId, ValueId>,
+}
+
+impl SeqMajorTables {
+    fn get(
+        &mut self,
+        graph: &mut Graph,
+        registry: &OpRegistry,
+        table: ValueId,
+    ) -> Result<ValueId, RuntimeError> {
+        if let Some(&done) = self.done.get(&table) {
+            return Ok(done);
+        }
+        let name = format!("{}/seq_major", graph.value(table).name);
+        let out = graph.insert_node_before(
+            registry,
+            self.before,
+            name.clone(),
+            "",
+            "Transpose",
+            Attrs::new().with("perm", Attr::Ints(SWAP_HEADS.to_vec())),
+            vec![Some(table)],
+            vec![name],
+        )?[0];
+        self.done.insert(table, out);
+        Ok(out)
+    }
+}
+
+/// The seq-major form of an attention operand, new nodes placed before node `at`.
+fn seq_major_operand(
+    graph: &mut Graph,
+    registry: &OpRegistry,
+    operand: &Operand,
+    at: NodeId,
+    tables: &mut SeqMajorTables,
+) -> Result<ValueId, RuntimeError> {
+    match operand {
+        Operand::Plain(x) => Ok(*x),
+        Operand::Rotated {
+            x,
+            cos,
+            sin,
+            attrs,
+            old,
+        } => {
+            let cos = tables.get(graph, registry, *cos)?;
+            let sin = tables.get(graph, registry, *sin)?;
+            let old = graph.node(*old);
+            let value = format!("{}/seq_major", graph.value(old.outputs[0]).name);
+            Ok(graph.insert_node_before(
+                registry,
+                at,
+                format!("{}/seq_major", old.name),
+                "patch",
+                "Rotary",
+                attrs.clone(),
+                vec![Some(*x), Some(cos), Some(sin)],
+                vec![value],
+            )?[0])
+        }
+    }
+}
+
 /// `ty` with axes 1 and 2 swapped.
 fn swapped(ty: &TensorType) -> TensorType {
     let mut shape = ty.shape.clone();
@@ -289,59 +357,16 @@ impl Pass for KvLayout {
                 graph.replace_uses(old, head_major);
             }
         }
-        let mut tables: HashMap<ValueId, ValueId> = HashMap::new();
-        let first = layers[0].attention;
-        let swap_attrs = Attrs::new().with("perm", Attr::Ints(SWAP_HEADS.to_vec()));
+        let mut tables = SeqMajorTables {
+            before: layers[0].attention,
+            done: HashMap::new(),
+        };
         for layer in &layers {
             let at = layer.attention;
             let prefix = graph.node(at).name.clone();
-            let mut build =
-                |graph: &mut Graph, operand: &Operand| -> Result<ValueId, RuntimeError> {
-                    let Operand::Rotated {
-                        x,
-                        cos,
-                        sin,
-                        attrs,
-                        old,
-                    } = operand
-                    else {
-                        let Operand::Plain(x) = operand else {
-                            unreachable!()
-                        };
-                        return Ok(*x);
-                    };
-                    let mut seq_major_table = |graph: &mut Graph, t: ValueId| {
-                        if let Some(&done) = tables.get(&t) {
-                            return Ok(done);
-                        }
-                        let name = format!("{}/seq_major", graph.value(t).name);
-                        let out = graph.insert_node_before(
-                            registry,
-                            first,
-                            name.clone(),
-                            "",
-                            "Transpose",
-                            swap_attrs.clone(),
-                            vec![Some(t)],
-                            vec![name],
-                        )?[0];
-                        tables.insert(t, out);
-                        Ok::<_, RuntimeError>(out)
-                    };
-                    let (cos, sin) = (seq_major_table(graph, *cos)?, seq_major_table(graph, *sin)?);
-                    let old = graph.node(*old);
-                    let value = format!("{}/seq_major", graph.value(old.outputs[0]).name);
-                    Ok(graph.insert_node_before(
-                        registry,
-                        at,
-                        format!("{}/seq_major", old.name),
-                        "patch",
-                        "Rotary",
-                        attrs.clone(),
-                        vec![Some(*x), Some(cos), Some(sin)],
-                        vec![value],
-                    )?[0])
-                };
+            let mut build = |graph: &mut Graph, operand: &Operand| {
+                seq_major_operand(graph, registry, operand, at, &mut tables)
+            };
             let q = build(graph, &layer.q)?;
             let mut kv = Vec::new();
             for c in [&layer.k, &layer.v] {
