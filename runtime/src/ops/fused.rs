@@ -1188,6 +1188,13 @@ mod tests {
         assert!(no_scale.is_err());
     }
 
+    fn attention_op(r: &OpRegistry, scale: f32, layout: &str) -> Arc<dyn Op> {
+        let attrs = Attrs::new()
+            .with("scale", Attr::Float(scale))
+            .with("layout", Attr::String(layout.into()));
+        r.build("patch", "Attention", 1, &attrs, "a").unwrap()
+    }
+
     /// `[b, x, y, d]` → `[b, y, x, d]`.
     fn swap12(t: &Tensor) -> Tensor {
         let a = t.to_array::<f32>().unwrap();
@@ -1220,12 +1227,7 @@ mod tests {
                 })
                 .collect();
             let mask = Tensor::from_vec(vec![1, 1, s, t], m).unwrap();
-            let build = |layout: &str| {
-                let attrs = Attrs::new()
-                    .with("scale", Attr::Float(0.25))
-                    .with("layout", Attr::String(layout.into()));
-                r.build("patch", "Attention", 1, &attrs, "a").unwrap()
-            };
+            let build = |layout| attention_op(&r, 0.25, layout);
             let head_major = build("bhsd")
                 .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
                 .unwrap();
@@ -1262,12 +1264,7 @@ mod tests {
             .map(|j| if j >= t - 100 { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(vec![1, 1, 1, t], m).unwrap();
-        let build = |layout: &str| {
-            let attrs = Attrs::new()
-                .with("scale", Attr::Float(0.125))
-                .with("layout", Attr::String(layout.into()));
-            r.build("patch", "Attention", 1, &attrs, "a").unwrap()
-        };
+        let build = |layout| attention_op(&r, 0.125, layout);
         let want = build("bhsd")
             .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
             .unwrap();
