@@ -232,6 +232,22 @@ impl Plan {
         &self.graph
     }
 
+    /// Checks a concrete shape against value `id`'s inferred one, binding the symbols seen for
+    /// the first time: on the flattened copy (every produced tensor is checked, a hundred
+    /// thousand times per second in decode), and on the symbolic dims only to say what does
+    /// not match.
+    fn bind(
+        &self,
+        bindings: &mut Bindings,
+        id: crate::ValueId,
+        actual: &[usize],
+    ) -> Result<(), String> {
+        match check_shape(bindings, &self.checks[id.0 as usize], actual) {
+            Ok(()) => Ok(()),
+            Err(()) => bind_shape(bindings, &self.graph.value(id).ty.shape, actual),
+        }
+    }
+
     /// The inputs of `node`, from the constants or the environment.
     fn input_refs<'a>(
         &'a self,
@@ -303,12 +319,11 @@ impl Plan {
                     msg: format!("expected {}, got {}", v.ty.dtype, t.dtype()),
                 });
             }
-            bind_shape(&mut bindings, &v.ty.shape, t.shape()).map_err(|msg| {
-                RuntimeError::Input {
+            self.bind(&mut bindings, *id, t.shape())
+                .map_err(|msg| RuntimeError::Input {
                     name: v.name.clone(),
                     msg,
-                }
-            })?;
+                })?;
         }
 
         let mut env: Vec<Option<Tensor>> = vec![None; graph.value_count()];
@@ -381,13 +396,7 @@ impl Plan {
                         v.ty.dtype
                     )));
                 }
-                let checked =
-                    match check_shape(&mut bindings, &self.checks[out.0 as usize], t.shape()) {
-                        Ok(()) => Ok(()),
-                        // The slow path says what does not match.
-                        Err(()) => bind_shape(&mut bindings, &v.ty.shape, t.shape()),
-                    };
-                checked.map_err(|msg| {
+                self.bind(&mut bindings, *out, t.shape()).map_err(|msg| {
                     RuntimeError::Verify(format!(
                         "node `{}` ({}): output `{}`: {msg}",
                         node.name, node.op_type, v.name
@@ -437,9 +446,8 @@ impl DimCheck {
     }
 }
 
-/// [`bind_shape`] on a precomputed shape, without touching the symbolic dims' trees for
-/// constants and single symbols (every produced tensor is checked, a hundred thousand times
-/// per second in decode). `Err(())` on any mismatch; [`bind_shape`] then says what.
+/// [`bind_shape`] on a precomputed shape, without walking the symbolic dims' trees for
+/// constants and single symbols. `Err(())` on any mismatch.
 fn check_shape(bindings: &mut Bindings, checks: &[DimCheck], actual: &[usize]) -> Result<(), ()> {
     if checks.len() != actual.len() {
         return Err(());
@@ -488,16 +496,8 @@ fn bind_shape(
     if shape.len() != actual.len() {
         return Err(mismatch());
     }
-    // Constants and single symbols first, so that expressions over them can be checked
-    // afterwards.
-    let mut compound = false;
+    // Single symbols first, so that expressions over them can be checked afterwards.
     for (d, &a) in shape.iter().zip(actual) {
-        if let Some(c) = d.as_const() {
-            if c != a as i64 {
-                return Err(mismatch());
-            }
-            continue;
-        }
         if let Some(s) = d.as_sym() {
             match bindings.get(s) {
                 Some(&b) if b != a as i64 => {
@@ -508,17 +508,9 @@ fn bind_shape(
                     bindings.insert(s.into(), a as i64);
                 }
             }
-        } else {
-            compound = true;
         }
-    }
-    if !compound {
-        return Ok(());
     }
     for (d, &a) in shape.iter().zip(actual) {
-        if d.as_const().is_some() || d.as_sym().is_some() {
-            continue;
-        }
         match d.eval(bindings) {
             Ok(v) if v == a as i64 => {}
             Ok(_) => return Err(mismatch()),

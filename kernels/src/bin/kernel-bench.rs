@@ -180,7 +180,7 @@ fn main() {
         }
     };
     // 256 MiB: eight times the L3 cache.
-    let buf: Vec<f32> = vec![1.0; 64 << 20];
+    let buf: Vec<f32> = vec![1.0; bandwidth::PROBE_ELEMENTS];
     let kernels: Vec<(usize, CpuKernels)> = args
         .threads
         .iter()

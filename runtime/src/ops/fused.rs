@@ -19,7 +19,10 @@
 //!
 //!   With `layout = "bshd"` the same op reads Q as `[b, s, h, d]`, K and V as `[b, t, hk, d]`
 //!   and writes `[b, s, h, d]`: the exporters' head-layout transposes folded in (the
-//!   `kv-layout` pass), and the layout the in-place KV cache grows in.
+//!   `kv-layout` pass), and the layout the in-place KV cache grows in. Its decode runs per
+//!   KV head for all the query heads that share it (keys and values read once, the same sums
+//!   as the row-by-row path); when those groups do not divide among the pool's threads the
+//!   keys are split into ranges too and the partial softmaxes merged (within f32 rounding).
 //! * `patch.KvAppend(Past, New) {axis}`: `Concat([Past, New], axis)`. When the axes before
 //!   `axis` are 1 (a batch-1 cache in the `[b, t, hk, d]` layout) and `Past` owns room after its
 //!   bytes (an append buffer, see `crate::append`), `New` is written there and the result
@@ -453,6 +456,9 @@ pub struct Attention {
     pub scale: f32,
     /// `layout = "bshd"`: Q, K, V and the output have the sequence axis before the heads.
     pub seq_major: bool,
+    /// Key ranges one seq-major decode group is split into; `None`: the pool's thread count
+    /// when the groups do not divide among the threads, else 1.
+    pub key_parts: Option<usize>,
 }
 
 impl Attention {
@@ -476,7 +482,11 @@ impl Attention {
                 })
             }
         };
-        Ok(Attention { scale, seq_major })
+        Ok(Attention {
+            scale,
+            seq_major,
+            key_parts: None,
+        })
     }
 
     /// `[b, heads, seq, d]` of a Q/K/V/output shape in this op's layout.
@@ -967,14 +977,20 @@ impl Op for Attention {
                 }
             };
             let chunks = b * s * hk;
-            if parallel && threads > 1 && chunks % threads != 0 && t >= 2 * threads {
+            let parts = self.key_parts.unwrap_or(
+                if parallel && threads > 1 && !chunks.is_multiple_of(threads) {
+                    threads
+                } else {
+                    1
+                },
+            );
+            if parts > 1 && t >= parts {
                 // Fewer (or unevenly many) groups than threads: split the keys too, and merge
                 // the partial softmaxes (flash-decoding). Within f32 rounding of the unsplit
                 // path, not bit for bit.
-                let parts = threads;
                 let width = group * dv + 2 * group;
                 let mut partial = vec![0f32; chunks * parts * width];
-                for_each_row_split(&mut partial, width, true, &|item, buf| {
+                for_each_row_split(&mut partial, width, parallel, &|item, buf| {
                     let (c, p) = (item / parts, item % parts);
                     let (j0, j1) = (t * p / parts, t * (p + 1) / parts);
                     let (o, st) = buf.split_at_mut(group * dv);
@@ -1249,9 +1265,9 @@ mod tests {
         assert!(err.to_string().contains("bhsd or bshd"), "{err}");
     }
 
-    /// A long decode context with fewer KV groups than pool threads (or a count that does not
-    /// divide among them) splits the keys too; the merged result stays within f32 rounding of
-    /// the head-major row-by-row path, masked tail included.
+    /// Decode with the keys split into 2, 3 and 7 ranges (as when the KV groups do not divide
+    /// among the pool's threads): the merged partial softmaxes stay within f32 rounding of the
+    /// head-major row-by-row path, a masked tail and a range that sees no key included.
     #[test]
     fn split_key_decode_matches_the_unsplit_path() {
         let r = OpRegistry::onnx();
@@ -1259,25 +1275,27 @@ mod tests {
         let q = random(&[1, h, 1, d], 21);
         let k = random(&[1, hk, t, d], 22);
         let v = random(&[1, hk, t, d], 23);
-        // The last 100 keys are masked out.
+        // The last 300 keys are masked out: with 7 ranges the last sees none.
         let m: Vec<f32> = (0..t)
-            .map(|j| if j >= t - 100 { f32::NEG_INFINITY } else { 0.0 })
+            .map(|j| if j >= t - 300 { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(vec![1, 1, 1, t], m).unwrap();
-        let build = |layout| attention_op(&r, 0.125, layout);
-        let want = build("bhsd")
+        let want = attention_op(&r, 0.125, "bhsd")
             .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
             .unwrap();
-        let got = build("bshd")
-            .eval(&[
-                Some(&swap12(&q)),
-                Some(&swap12(&k)),
-                Some(&swap12(&v)),
-                Some(&mask),
-            ])
-            .unwrap();
         let want = want[0].to_f64_vec().unwrap();
-        close(&got[0], &want, 1e-5);
+        let (qs, ks, vs) = (swap12(&q), swap12(&k), swap12(&v));
+        for parts in [2, 3, 7] {
+            let op = Attention {
+                scale: 0.125,
+                seq_major: true,
+                key_parts: Some(parts),
+            };
+            let got = op
+                .eval(&[Some(&qs), Some(&ks), Some(&vs), Some(&mask)])
+                .unwrap();
+            close(&got[0], &want, 1e-5);
+        }
     }
 
     /// Appending in place gives what Concat gives; the second of two appends to one past (a
