@@ -5,13 +5,15 @@
 //! caught at the node that has it). Intermediate tensors are dropped after their last use.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::dim::{shape_to_string, Bindings};
 use crate::error::RuntimeError;
 use crate::ir::{Def, Graph, Node};
+use crate::memplan::{MemoryFigures, MemoryPlan};
 use crate::ops::hybrid::{self, HybridMatMul};
+use crate::pool::{Outputs, Slot};
 use crate::tensor::Tensor;
 
 /// Runs `graph` on `inputs` (in graph input order) and returns its outputs in order.
@@ -20,8 +22,10 @@ pub fn run(graph: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError
 }
 
 /// A graph prepared for repeated runs: constants aligned once, for every node the values
-/// whose last use it is, so that each run touches only a flat slot array, and the sibling
-/// hybrid products scheduled together.
+/// whose last use it is, so that each run touches only a flat value array, the sibling
+/// hybrid products scheduled together, and the activations' buffers planned
+/// ([`MemoryPlan`]): kept between runs in slots sized once per call, so that a decode step
+/// allocates no activation memory.
 #[derive(Debug)]
 pub struct Plan {
     graph: Graph,
@@ -29,6 +33,16 @@ pub struct Plan {
     consts: Vec<Option<Tensor>>,
     /// Per node in order: values to drop after it runs.
     frees: Vec<Vec<usize>>,
+    memory: MemoryPlan,
+    /// The buffers of the memory plan's slots.
+    slots: Vec<Arc<Slot>>,
+    /// Per node in order: the slot of each output (`None`: allocated by the op).
+    out_slots: Vec<Vec<Option<u32>>>,
+    /// Whether outputs go into the slots (else every op allocates its outputs).
+    use_slots: bool,
+    /// The value array of the last run, empty, kept for the next (one run at a time gets it;
+    /// concurrent runs allocate their own).
+    idle_env: Mutex<Vec<Option<Tensor>>>,
     /// Per node in order: how it is scheduled (see [`Sched`]).
     sched: Vec<Sched>,
     /// Per value: its inferred shape, flattened for the check of every produced tensor.
@@ -120,6 +134,38 @@ fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
     sched
 }
 
+/// The memory plan of `graph` under the schedule `sched`, its slots, and per node position
+/// the slot of each output.
+#[allow(clippy::type_complexity)]
+fn plan_memory(
+    graph: &Graph,
+    consts: &[Option<Tensor>],
+    sched: &[Sched],
+) -> (MemoryPlan, Vec<Arc<Slot>>, Vec<Vec<Option<u32>>>) {
+    let mut computed_at: Vec<usize> = (0..sched.len()).collect();
+    for (pos, s) in sched.iter().enumerate() {
+        if let Sched::Lead(members) = s {
+            for (_, p) in members {
+                computed_at[*p] = pos;
+            }
+        }
+    }
+    let memory = MemoryPlan::new(graph, |v| consts[v].is_some(), Some(&computed_at));
+    let slots = (0..memory.slot_count())
+        .map(|_| Arc::new(Slot::default()))
+        .collect();
+    let out_slots = graph
+        .nodes()
+        .map(|(_, node)| {
+            node.outputs
+                .iter()
+                .map(|o| memory.slot_of(o.0 as usize))
+                .collect()
+        })
+        .collect();
+    (memory, slots, out_slots)
+}
+
 /// Per node in order: the values whose last use it is (never graph outputs nor the values
 /// `is_const` names), so that an executor can drop them right after it.
 pub(crate) fn frees_after_last_use(
@@ -144,6 +190,19 @@ pub(crate) fn frees_after_last_use(
     frees
 }
 
+/// Use of the memory plan's slots since the plan was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    pub slots: usize,
+    /// Bytes the idle slots hold (buffers lent to live tensors are not counted).
+    pub idle_bytes: usize,
+    /// Output buffers served from a slot.
+    pub hits: u64,
+    /// Output buffers allocated because the slot's was in use or too small, and slots
+    /// grown for a larger call.
+    pub misses: u64,
+}
+
 /// Calls and seconds spent in one op type.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpTime {
@@ -163,6 +222,7 @@ impl Plan {
         } else {
             sibling_schedule(graph, &consts)
         };
+        let (memory, slots, out_slots) = plan_memory(graph, &consts, &sched);
         let checks = (0..graph.value_count())
             .map(|v| {
                 let shape = &graph.value(crate::ValueId(v as u32)).ty.shape;
@@ -173,10 +233,46 @@ impl Plan {
             graph: graph.clone(),
             consts,
             frees,
+            memory,
+            slots,
+            out_slots,
+            use_slots: !std::env::var("PATCH_ARENA").is_ok_and(|v| v == "0"),
+            idle_env: Mutex::default(),
             sched,
             checks,
             profile: None,
         })
+    }
+
+    /// Turns the memory plan's buffers on (the default, unless `PATCH_ARENA=0`) or off (every
+    /// op allocates its outputs; to measure it).
+    pub fn set_memory_plan(&mut self, on: bool) {
+        self.use_slots = on;
+    }
+
+    /// The activations' memory plan.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.memory
+    }
+
+    /// The memory plan's figures for a call with these input shapes (in graph input order);
+    /// `None` when a size depends on a symbol the inputs do not bind.
+    pub fn memory_figures(&self, input_shapes: &[&[usize]]) -> Option<MemoryFigures> {
+        let mut bindings = Bindings::new();
+        for ((id, _), shape) in self.graph.inputs().iter().zip(input_shapes) {
+            self.bind(&mut bindings, *id, shape).ok()?;
+        }
+        self.memory.figures(&self.graph, &bindings)
+    }
+
+    /// How the slots have served the runs so far.
+    pub fn slot_stats(&self) -> SlotStats {
+        SlotStats {
+            slots: self.slots.len(),
+            idle_bytes: self.slots.iter().map(|s| s.idle_bytes()).sum(),
+            hits: self.slots.iter().map(|s| s.hits()).sum(),
+            misses: self.slots.iter().map(|s| s.misses()).sum(),
+        }
     }
 
     /// Turns the joint scheduling of sibling hybrid products on (the default, unless
@@ -187,6 +283,8 @@ impl Plan {
         } else {
             self.graph.nodes().map(|_| Sched::Alone).collect()
         };
+        (self.memory, self.slots, self.out_slots) =
+            plan_memory(&self.graph, &self.consts, &self.sched);
     }
 
     /// The number of sibling groups scheduled as one dispatch.
@@ -245,6 +343,15 @@ impl Plan {
         match check_shape(bindings, &self.checks[id.0 as usize], actual) {
             Ok(()) => Ok(()),
             Err(()) => bind_shape(bindings, &self.graph.value(id).ty.shape, actual),
+        }
+    }
+
+    /// Where the outputs of the node at `pos` go.
+    fn outputs(&self, pos: usize) -> Outputs<'_> {
+        if self.use_slots {
+            Outputs::new(&self.slots, &self.out_slots[pos])
+        } else {
+            Outputs::none()
         }
     }
 
@@ -326,19 +433,29 @@ impl Plan {
                 })?;
         }
 
-        let mut env: Vec<Option<Tensor>> = vec![None; graph.value_count()];
+        // The plan's sizes for this call: the slots grow before the first node, if at all.
+        if self.use_slots {
+            for (slot, len) in self.slots.iter().zip(self.memory.slot_elements(&bindings)) {
+                if let Some(len) = len {
+                    slot.reserve(len);
+                }
+            }
+        }
+        let mut env = std::mem::take(&mut *self.idle_env.lock().unwrap_or_else(|e| e.into_inner()));
+        env.resize(graph.value_count(), None);
         for ((id, _), t) in graph.inputs().iter().zip(inputs) {
             env[id.0 as usize] = Some(t.clone());
         }
-        let nodes: Vec<&Node> = graph.nodes().map(|(_, n)| n).collect();
+        let node_at = |p: usize| graph.node(graph.order()[p]);
         // Results of group members computed by their lead, by node position.
         let mut pending: BTreeMap<usize, Tensor> = BTreeMap::new();
-        for (pos, (node, frees)) in nodes.iter().zip(&self.frees).enumerate() {
+        for (pos, ((_, node), frees)) in graph.nodes().zip(&self.frees).enumerate() {
             let refs = self.input_refs(node, &env)?;
             observe(node, &refs);
             let started = self.profile.as_ref().map(|_| Instant::now());
+            let outputs = self.outputs(pos);
             let results = match &self.sched[pos] {
-                Sched::Alone => node.op.eval(&refs),
+                Sched::Alone => node.op.eval_into(&refs, &outputs),
                 Sched::Follow => pending
                     .remove(&pos)
                     .map(|t| vec![t])
@@ -346,12 +463,12 @@ impl Plan {
                 Sched::Lead(members) => {
                     let member_refs: Vec<Vec<Option<&Tensor>>> = members
                         .iter()
-                        .map(|(_, p)| self.input_refs(nodes[*p], &env))
+                        .map(|(_, p)| self.input_refs(node_at(*p), &env))
                         .collect::<Result<_, _>>()?;
-                    let group: Vec<(&HybridMatMul, &[Option<&Tensor>])> = members
+                    let group: Vec<(&HybridMatMul, &[Option<&Tensor>], Outputs)> = members
                         .iter()
                         .zip(&member_refs)
-                        .map(|((op, _), r)| (op, r.as_slice()))
+                        .map(|((op, p), r)| (op, r.as_slice(), self.outputs(*p)))
                         .collect();
                     HybridMatMul::eval_group(&group).map(|outs| {
                         let mut outs = outs.into_iter();
@@ -409,7 +526,7 @@ impl Plan {
             }
         }
 
-        graph
+        let outputs = graph
             .outputs()
             .iter()
             .map(|(id, _)| {
@@ -423,7 +540,11 @@ impl Plan {
                     })
                     .ok_or_else(|| RuntimeError::Undefined(graph.value(*id).name.clone()))
             })
-            .collect()
+            .collect();
+        // Dropping the values returns their buffers to the slots.
+        env.clear();
+        *self.idle_env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+        outputs
     }
 }
 

@@ -12,7 +12,9 @@ pub mod infer;
 pub mod interp;
 pub mod ir;
 pub mod llm;
+pub mod memplan;
 pub mod ops;
+pub mod pool;
 pub mod tensor;
 
 pub use dim::{Dim, Shape};

@@ -134,6 +134,33 @@ pub fn stage_fixture(name: &str, dir: &Path) -> PathBuf {
     dir.join("model.onnx")
 }
 
+/// Compiles fixture `name` (staged by [`stage_fixture`], with a `generation.json` giving
+/// `max_context`) into `dir` with 32×16 tiles and returns the bundle's path.
+pub fn compile_fixture(name: &str, dir: &Path, max_context: usize) -> PathBuf {
+    let model = stage_fixture(name, dir);
+    std::fs::write(
+        dir.join("generation.json"),
+        format!(r#"{{"eos_token_id": 511, "bos_token_id": 1, "max_context": {max_context}}}"#),
+    )
+    .expect("generation.json");
+    let out = dir.join(format!("{name}.patch"));
+    let options = patch_compiler::pipeline::CompileOptions {
+        tile: patch_kernels::TileShape::new(32, 16).expect("tile shape"),
+        ..patch_compiler::pipeline::CompileOptions::new(model, out.clone())
+    };
+    patch_compiler::pipeline::compile(&options, &patch_runtime::ops::OpRegistry::onnx())
+        .expect("compile");
+    out
+}
+
+/// Loads a bundle as a language model.
+pub fn load_model(path: &Path) -> patch_runtime::llm::LanguageModel {
+    let registry = patch_runtime::ops::OpRegistry::onnx();
+    let options = patch_runtime::bundle::LoadOptions::default();
+    let b = patch_runtime::bundle::load_bundle(path, &registry, options).expect("load bundle");
+    patch_runtime::llm::LanguageModel::new(b.contents).expect("language model")
+}
+
 /// The prepared SmolLM2 with-past model, or `None` (saying so) when `prepare.sh` has not run;
 /// with `PATCH_REQUIRE_MODELS=1` a missing model fails instead.
 pub fn smollm2_model() -> Option<PathBuf> {

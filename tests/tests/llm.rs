@@ -2,22 +2,17 @@
 //! ONNX Runtime goldens: rewritten graphs keep the outputs, the KV cache reproduces ORT's
 //! greedy steps, the no-past path and perplexity agree with ORT's logits.
 
-use std::path::{Path, PathBuf};
-
-use patch_compiler::pipeline::{self, CompileOptions};
 use patch_kernels::{TileShape, WeightDtype};
 use patch_passes::dce::DeadCodeElimination;
 use patch_passes::hybrid::HybridMatMulRewrite;
 use patch_passes::PassManager;
-use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::llm::eval::{nll, perplexity};
 use patch_runtime::llm::sampler::argmax;
-use patch_runtime::llm::LanguageModel;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Tensor};
 use patch_tests::{
-    argmax_last, fixture_dir, import_fixture, max_abs_diff, read_case, stage_fixture, CASES,
-    FIXTURES,
+    argmax_last, compile_fixture, fixture_dir, import_fixture, load_model, max_abs_diff, read_case,
+    CASES, FIXTURES,
 };
 
 fn rewritten(name: &str, dtype: WeightDtype) -> patch_runtime::Graph {
@@ -147,28 +142,6 @@ fn bf16_and_f16_weights_stay_close_to_onnx_runtime() {
             assert!(err <= bound * scale, "{name} {dtype:?}: {err} vs {scale}");
         }
     }
-}
-
-/// Compiles a fixture with a word tokenizer and `generation.json` into `dir`.
-fn compile_fixture(name: &str, dir: &Path, max_context: usize) -> PathBuf {
-    let model = stage_fixture(name, dir);
-    std::fs::write(
-        dir.join("generation.json"),
-        format!(r#"{{"eos_token_id": 511, "bos_token_id": 1, "max_context": {max_context}}}"#),
-    )
-    .unwrap();
-    let out = dir.join(format!("{name}.patch"));
-    let options = CompileOptions {
-        tile: TileShape::new(32, 16).unwrap(),
-        ..CompileOptions::new(model, out.clone())
-    };
-    pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
-    out
-}
-
-fn load_model(path: &Path) -> LanguageModel {
-    let b = bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default()).unwrap();
-    LanguageModel::new(b.contents).unwrap()
 }
 
 fn ids_of(t: &Tensor) -> Vec<u32> {

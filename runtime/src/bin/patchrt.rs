@@ -198,6 +198,27 @@ fn print_profile(model: &LanguageModel) {
             share(runs.seconds - total),
         );
     }
+    print_memory(model);
+}
+
+/// The memory plan of the activations and how its slots served the runs (on the CPU).
+fn print_memory(model: &LanguageModel) {
+    if model.backend() != Backend::Cpu {
+        return;
+    }
+    let (plan, stats) = (model.memory_plan(), model.slot_stats());
+    eprintln!(
+        "memory plan: {} activations in {} slots, arena {} bytes (each in its own buffer: {}); \
+         slots now hold {:.1} MB; {} outputs written into a slot, {} allocated (slot in use, \
+         or grown for a larger call)",
+        plan.planned_values(),
+        stats.slots,
+        plan.arena_bytes(),
+        plan.unshared_bytes(),
+        stats.idle_bytes as f64 / 1e6,
+        stats.hits,
+        stats.misses,
+    );
 }
 
 fn kernels_line() -> String {

@@ -398,6 +398,22 @@ impl LanguageModel {
         self.plan.profile_runs()
     }
 
+    /// The activations' memory plan of the CPU graph.
+    pub fn memory_plan(&self) -> &crate::memplan::MemoryPlan {
+        self.plan.memory_plan()
+    }
+
+    /// Turns the memory plan's buffers on (the default) or off (every op allocates its
+    /// outputs), on the CPU.
+    pub fn set_memory_plan(&mut self, on: bool) {
+        self.plan.set_memory_plan(on);
+    }
+
+    /// How the memory plan's slots have served the forward passes so far.
+    pub fn slot_stats(&self) -> crate::interp::SlotStats {
+        self.plan.slot_stats()
+    }
+
     /// Bytes of weights one decoded token reads: every constant operand of the weight products
     /// (`patch.HybridMatMul` values, metadata and bias; `MatMul`/`Gemm` constants), each read
     /// once per token. Row gathers (the embedding) read one row and are left out.

@@ -1025,6 +1025,10 @@ impl Op for Cast {
 struct Identity;
 
 impl Op for Identity {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 1, 1)?;
         let a = req(inputs, 0)?;

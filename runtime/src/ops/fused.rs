@@ -38,7 +38,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 
 use super::{
     arity, for_each_row, for_each_row_split, norm_axis, opt, req, InputFact, Op, OpError,
-    OpRegistry, OutputFact,
+    OpRegistry, OutputFact, Outputs,
 };
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
@@ -70,6 +70,10 @@ pub struct KvAppend {
 }
 
 impl Op for KvAppend {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 2, 2)?;
         super::shape::Concat { axis: self.axis }.infer(inputs)
@@ -214,6 +218,14 @@ impl Op for RmsNorm {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 1, 2)?;
         let xt = req(inputs, 0)?;
         let x = xt.as_slice::<f32>().map_err(tensor_err)?;
@@ -228,7 +240,7 @@ impl Op for RmsNorm {
             )));
         }
         let eps = self.epsilon as f64;
-        let mut out = vec![0f32; x.len()];
+        let mut out = outputs.f32(0, x.len());
         for_each_row(&mut out, width, &|r, o| {
             let src = &x[r * width..(r + 1) * width];
             let ss: f64 = src.iter().map(|&v| (v as f64) * (v as f64)).sum();
@@ -246,9 +258,9 @@ impl Op for RmsNorm {
                 }
             }
         });
-        Ok(vec![
-            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
-        ])
+        Ok(vec![out
+            .into_tensor(xt.shape().to_vec())
+            .map_err(tensor_err)?])
     }
 }
 
@@ -265,18 +277,26 @@ impl Op for Silu {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 1, 1)?;
         let xt = req(inputs, 0)?;
         let x = xt.as_slice::<f32>().map_err(tensor_err)?;
         let width = *xt.shape().last().unwrap_or(&1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = outputs.f32(0, x.len());
         for_each_row(&mut out, width.max(1), &|r, o| {
             let src = &x[r * o.len()..(r + 1) * o.len()];
             silu_mul_row(o, src, None);
         });
-        Ok(vec![
-            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
-        ])
+        Ok(vec![out
+            .into_tensor(xt.shape().to_vec())
+            .map_err(tensor_err)?])
     }
 }
 
@@ -301,6 +321,14 @@ impl Op for SwiGlu {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 2, 2)?;
         let (gt, ut) = (req(inputs, 0)?, req(inputs, 1)?);
         if gt.shape() != ut.shape() {
@@ -313,15 +341,15 @@ impl Op for SwiGlu {
         let g = gt.as_slice::<f32>().map_err(tensor_err)?;
         let u = ut.as_slice::<f32>().map_err(tensor_err)?;
         let width = *gt.shape().last().unwrap_or(&1);
-        let mut out = vec![0f32; g.len()];
+        let mut out = outputs.f32(0, g.len());
         for_each_row(&mut out, width.max(1), &|r, o| {
             let w = o.len();
             let (gs, us) = (&g[r * w..(r + 1) * w], &u[r * w..(r + 1) * w]);
             silu_mul_row(o, gs, Some(us));
         });
-        Ok(vec![
-            Tensor::from_vec(gt.shape().to_vec(), out).map_err(tensor_err)?
-        ])
+        Ok(vec![out
+            .into_tensor(gt.shape().to_vec())
+            .map_err(tensor_err)?])
     }
 }
 
@@ -405,6 +433,14 @@ impl Op for Rotary {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 3, 3)?;
         let (xt, ct, st) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
         let bad = |msg: String| OpError::Invalid(format!("patch.Rotary: {msg}"));
@@ -434,7 +470,7 @@ impl Op for Rotary {
             }
             off
         };
-        let mut out = vec![0f32; x.len()];
+        let mut out = outputs.f32(0, x.len());
         for_each_row(&mut out, d, &|row, o| {
             let xr = &x[row * d..(row + 1) * d];
             let c = &cos[offset(row, &cs)..][..d];
@@ -444,9 +480,9 @@ impl Op for Rotary {
                 o[j + half] = xr[j + half] * c[j + half] + xr[j] * s[j + half];
             }
         });
-        Ok(vec![
-            Tensor::from_vec(xt.shape().to_vec(), out).map_err(tensor_err)?
-        ])
+        Ok(vec![out
+            .into_tensor(xt.shape().to_vec())
+            .map_err(tensor_err)?])
     }
 }
 
@@ -840,6 +876,14 @@ impl Op for Attention {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 3, 4)?;
         let (qt, kt, vt) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
         let bad = |msg: String| OpError::Invalid(format!("patch.Attention: {msg}"));
@@ -883,11 +927,23 @@ impl Op for Attention {
                 (&m[base..], st[3])
             })
         };
-        let mut out = vec![0f32; b * h * s * dv];
+        let mut out = outputs.f32(0, b * h * s * dv);
         if s >= GEMM_MIN_ROWS {
             // Prefill: per (batch, head), two GEMMs through matrixmultiply around a row-wise
-            // softmax, written head-major; heads are spread over the pool.
-            for_each_row(&mut out, s * dv, &|bh, o| {
+            // softmax, written head-major (then transposed for a seq-major output); heads are
+            // spread over the pool.
+            let transpose = self.seq_major && h > 1 && s > 1;
+            let mut head_major_copy = if transpose {
+                vec![0f32; out.len()]
+            } else {
+                Vec::new()
+            };
+            let head_major: &mut [f32] = if transpose {
+                &mut head_major_copy
+            } else {
+                &mut out
+            };
+            for_each_row(head_major, s * dv, &|bh, o| {
                 let (batch, head) = (bh / h, bh % h);
                 let kv = head / group;
                 /// `rows × cols` starting at `at`, rows `stride` apart.
@@ -940,16 +996,14 @@ impl Op for Attention {
                     general_mat_mul(1.0, &scores, &vb, 0.0, &mut oh);
                 }
             });
-            if self.seq_major && h > 1 && s > 1 {
-                let mut seq_major = vec![0f32; out.len()];
-                for (bh, block) in out.chunks_exact(s * dv).enumerate() {
+            if transpose {
+                for (bh, block) in head_major_copy.chunks_exact(s * dv).enumerate() {
                     let (batch, head) = (bh / h, bh % h);
                     for (i, row) in block.chunks_exact(dv).enumerate() {
                         let at = ((batch * s + i) * h + head) * dv;
-                        seq_major[at..at + dv].copy_from_slice(row);
+                        out[at..at + dv].copy_from_slice(row);
                     }
                 }
-                out = seq_major;
             }
         } else if self.seq_major {
             // Decode, seq-major: the query heads that share a KV head are contiguous in the
@@ -1071,7 +1125,7 @@ impl Op for Attention {
         }
         let mut shape = qd.to_vec();
         shape[3] = dv;
-        Ok(vec![Tensor::from_vec(shape, out).map_err(tensor_err)?])
+        Ok(vec![out.into_tensor(shape).map_err(tensor_err)?])
     }
 }
 

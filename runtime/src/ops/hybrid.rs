@@ -22,10 +22,11 @@ use patch_kernels::{
     CpuKernels, GroupProduct, PackedWeight, TileKind, TileMap, TileShape, WeightDtype,
 };
 
-use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact, Outputs};
 use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::ir::{Attr, Attrs, TensorType};
+use crate::pool::OutBuf;
 use crate::tensor::Tensor;
 
 pub const DOMAIN: &str = "patch";
@@ -240,19 +241,28 @@ impl Op for HybridMatMul {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        HybridMatMul::eval_group(&[(self, inputs)])
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        HybridMatMul::eval_group(&[(self, inputs, *outputs)])
     }
 }
 
 impl HybridMatMul {
     /// Evaluates sibling products that read the same X (`inputs[0]` of every member is the
     /// same tensor: Q/K/V, gate/up) in one kernel dispatch, which pads and rounds X once and
-    /// splits all their column panels across the threads together. One output per member.
+    /// splits all their column panels across the threads together. One output per member,
+    /// written into the buffer its [`Outputs`] gives.
     pub fn eval_group(
-        members: &[(&HybridMatMul, &[Option<&Tensor>])],
+        members: &[(&HybridMatMul, &[Option<&Tensor>], Outputs<'_>)],
     ) -> Result<Vec<Tensor>, OpError> {
         let invalid = |e: crate::RuntimeError| OpError::Invalid(e.to_string());
-        let Some(&(_, first)) = members.first() else {
+        let Some(&(_, first, _)) = members.first() else {
             return Ok(Vec::new());
         };
         let x = req(first, 0)?;
@@ -260,7 +270,7 @@ impl HybridMatMul {
         let m: usize = shape[..shape.len().saturating_sub(1)].iter().product();
         let mut weights = Vec::with_capacity(members.len());
         let mut biases = Vec::with_capacity(members.len());
-        for &(op, inputs) in members {
+        for &(op, inputs, _) in members {
             arity(inputs, 3, 5)?;
             if !std::ptr::eq(req(inputs, 0)?, x) {
                 return Err(OpError::Invalid(
@@ -281,7 +291,10 @@ impl HybridMatMul {
                     .map_err(invalid)?,
             );
         }
-        let mut ys: Vec<Vec<f32>> = members.iter().map(|(op, _)| vec![0f32; m * op.n]).collect();
+        let mut ys: Vec<OutBuf> = members
+            .iter()
+            .map(|(op, _, outputs)| outputs.f32(0, m * op.n))
+            .collect();
         let kernels = CpuKernels::global().map_err(|e| OpError::Invalid(e.to_string()))?;
         let mut products: Vec<GroupProduct<'_>> = weights
             .iter()
@@ -294,7 +307,7 @@ impl HybridMatMul {
             .map_err(|e| OpError::Invalid(e.to_string()))?;
         drop(products);
         let mut outs = Vec::with_capacity(members.len());
-        for ((op, inputs), mut y) in members.iter().zip(ys) {
+        for ((op, inputs, _), mut y) in members.iter().zip(ys) {
             let mut out_shape = shape.to_vec();
             *out_shape.last_mut().expect("rank ≥ 1") = op.n;
             if let Some(r) = opt(inputs, 4) {
@@ -308,7 +321,7 @@ impl HybridMatMul {
                     *a += b;
                 }
             }
-            outs.push(Tensor::from_vec(out_shape, y).map_err(invalid)?);
+            outs.push(y.into_tensor(out_shape).map_err(invalid)?);
         }
         Ok(outs)
     }

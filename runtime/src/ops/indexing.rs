@@ -13,7 +13,7 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 
 use super::elementwise::{binary, Binary};
 use super::shape::{as_bits, by_width, check_int, const_ints, ints_of, retype, rt, sym_of, view};
-use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{arity, norm_axis, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact, Outputs};
 use crate::dim::{shape_to_string, Dim, Shape};
 use crate::dtype::DType;
 use crate::ir::TensorType;
@@ -192,6 +192,35 @@ impl Op for Gather {
         let bits = as_bits(data)?;
         let out = by_width!(data.dtype(), T => gather_t::<T>(&bits, &idx, indices.shape(), axis))?;
         Ok(vec![retype(out, data.dtype())?])
+    }
+
+    /// Rows of an `f32` table (an embedding lookup) are copied into the planned buffer;
+    /// everything else is [`eval`](Self::eval).
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        let (Some(data), Some(indices)) = (opt(inputs, 0), opt(inputs, 1)) else {
+            return self.eval(inputs);
+        };
+        let rows_of_f32 = data.dtype() == DType::F32
+            && inputs.len() == 2
+            && matches!(norm_axis(self.axis, data.rank()), Ok(0));
+        let row: usize = data.shape().iter().skip(1).product();
+        let table = data.as_slice::<f32>();
+        let (true, Ok(table), true) = (rows_of_f32, table, row > 0) else {
+            return self.eval(inputs);
+        };
+        let d = data.shape()[0];
+        let idx = int_input(indices, 1)?;
+        let mut out = outputs.f32(0, idx.len() * row);
+        for (o, &i) in out.chunks_exact_mut(row).zip(&idx) {
+            let i = norm_index(i, d, 0)?;
+            o.copy_from_slice(&table[i * row..(i + 1) * row]);
+        }
+        let shape = indices.shape().iter().chain(&data.shape()[1..]).copied();
+        Ok(vec![out.into_tensor(shape.collect()).map_err(rt)?])
     }
 }
 

@@ -10,7 +10,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, IxDyn, LinalgScalar, ShapeBuilder};
 
 use super::elementwise::{broadcast_shapes, cast};
-use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact};
+use super::{arity, opt, req, InputFact, Op, OpError, OpRegistry, OutputFact, Outputs};
 use crate::dim::{shape_to_string, Dim, Shape};
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
@@ -445,35 +445,54 @@ fn batched<T: Element>(
     b: &[T],
     mm: impl Fn(usize, usize, usize, &[T], &[T], &mut [T]) -> Result<(), OpError>,
 ) -> Result<Vec<T>, OpError> {
+    let mut out = vec![T::default(); plan.batches() * plan.m * plan.n];
+    batched_into(plan, a, b, mm, &mut out)?;
+    Ok(out)
+}
+
+/// [`batched`] into `out` (of the plan's output volume).
+fn batched_into<T: Element>(
+    plan: &Plan,
+    a: &[T],
+    b: &[T],
+    mm: impl Fn(usize, usize, usize, &[T], &[T], &mut [T]) -> Result<(), OpError>,
+    out: &mut [T],
+) -> Result<(), OpError> {
     let (m, k, n) = (plan.m, plan.k, plan.n);
-    let mut out = vec![T::default(); plan.batches() * m * n];
     if m * n == 0 {
-        return Ok(out);
+        return Ok(());
     }
     for (bi, y) in out.chunks_exact_mut(m * n).enumerate() {
         let ai = plan.a_index[bi] * m * k;
         let bj = plan.b_index[bi] * k * n;
         mm(m, k, n, &a[ai..ai + m * k], &b[bj..bj + k * n], y)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Evaluates numpy `matmul` on two tensors of the same dtype.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
+    matmul_into(a, b, &Outputs::none())
+}
+
+/// [`matmul`], an `f32` product written into the buffer `outputs` gives.
+pub fn matmul_into(a: &Tensor, b: &Tensor, outputs: &Outputs<'_>) -> Result<Tensor, OpError> {
     check_dtype("MatMul", 0, a.dtype())?;
     check_same_dtype("MatMul", a.dtype(), 1, b.dtype())?;
     let plan = Plan::new(a.shape(), b.shape())?;
     let shape = plan.out_shape.clone();
     let out = match a.dtype() {
-        DType::F32 => Tensor::from_vec(
-            shape,
-            batched(
+        DType::F32 => {
+            let mut out = outputs.f32(0, plan.batches() * plan.m * plan.n);
+            batched_into(
                 &plan,
                 a.as_slice::<f32>().map_err(tensor_err)?,
                 b.as_slice::<f32>().map_err(tensor_err)?,
                 mat_mul_f32,
-            )?,
-        ),
+                &mut out,
+            )?;
+            out.into_tensor(shape)
+        }
         DType::F64 => Tensor::from_vec(
             shape,
             batched(
@@ -513,8 +532,20 @@ impl Op for MatMul {
     }
 
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
         arity(inputs, 2, 2)?;
-        Ok(vec![matmul(req(inputs, 0)?, req(inputs, 1)?)?])
+        Ok(vec![matmul_into(
+            req(inputs, 0)?,
+            req(inputs, 1)?,
+            outputs,
+        )?])
     }
 }
 

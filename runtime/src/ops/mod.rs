@@ -88,6 +88,7 @@ use std::sync::Arc;
 use crate::dim::Dim;
 use crate::error::{OpError, RuntimeError};
 use crate::ir::{Attrs, TensorType};
+pub use crate::pool::Outputs;
 use crate::tensor::Tensor;
 
 /// What inference knows about one input value.
@@ -124,6 +125,23 @@ pub trait Op: fmt::Debug + Send + Sync {
 
     /// Evaluates on concrete tensors. `inputs[i]` is `None` for an omitted optional input.
     fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError>;
+
+    /// [`eval`](Self::eval), writing `f32` outputs into the buffers of the executor's memory
+    /// plan ([`Outputs::f32`]). Ops that allocate their outputs otherwise keep this default.
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        let _ = outputs;
+        self.eval(inputs)
+    }
+
+    /// The input whose bytes the outputs may share instead of owning their own (a reshape,
+    /// an in-place append): the memory plan keeps that input alive as long as the outputs.
+    fn view_of(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Returns input `i`, or an error naming it when it is missing.

@@ -427,6 +427,10 @@ fn reshape_concrete(input: &[usize], target: &[i64], allowzero: bool) -> Option<
 }
 
 impl Op for Reshape {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 2, 2)?;
         let x = req(inputs, 0)?;
@@ -480,6 +484,10 @@ impl Flatten {
 }
 
 impl Op for Flatten {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 1, 1)?;
         let x = req(inputs, 0)?;
@@ -700,12 +708,49 @@ fn unsqueeze_dims(shape: &[Dim], axes: &[i64]) -> Result<Shape, OpError> {
         .collect())
 }
 
+/// [`unsqueeze_dims`] on concrete sizes (without building symbolic dims, as every decode step
+/// runs it); `None` when the axes are invalid.
+fn unsqueeze_sizes(shape: &[usize], axes: &[i64]) -> Option<Vec<usize>> {
+    let rank = shape.len() + axes.len();
+    let axes = norm_axes(axes, rank).ok()?;
+    let mut rest = shape.iter();
+    (0..rank)
+        .map(|i| match axes.binary_search(&i) {
+            Ok(_) => Some(1),
+            Err(_) => rest.next().copied(),
+        })
+        .collect()
+}
+
+/// [`squeeze_dims`] on concrete sizes; `None` when an axis is invalid or not of size 1.
+fn squeeze_sizes(shape: &[usize], axes: Option<&[i64]>) -> Option<Vec<usize>> {
+    let Some(axes) = axes else {
+        return Some(shape.iter().copied().filter(|&d| d != 1).collect());
+    };
+    let axes = norm_axes(axes, shape.len()).ok()?;
+    if axes.iter().any(|&a| shape[a] != 1) {
+        return None;
+    }
+    Some(
+        shape
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| axes.binary_search(i).is_err())
+            .map(|(_, &d)| d)
+            .collect(),
+    )
+}
+
 #[derive(Debug)]
 struct Unsqueeze {
     axes: Option<Vec<i64>>,
 }
 
 impl Op for Unsqueeze {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 1, 2)?;
         let x = req(inputs, 0)?;
@@ -718,7 +763,11 @@ impl Op for Unsqueeze {
         arity(inputs, 1, 2)?;
         let x = req(inputs, 0)?;
         let axes = axes_of_tensors(&self.axes, inputs)?.ok_or(OpError::MissingInput(1))?;
-        let shape = concrete(&unsqueeze_dims(&shape_of(x.shape()), &axes)?)?;
+        let shape = match unsqueeze_sizes(x.shape(), &axes) {
+            Some(shape) => shape,
+            // Not a valid unsqueeze: the symbolic rule says why.
+            None => concrete(&unsqueeze_dims(&shape_of(x.shape()), &axes)?)?,
+        };
         Ok(vec![x.reshaped(shape).map_err(rt)?])
     }
 }
@@ -752,6 +801,10 @@ struct Squeeze {
 }
 
 impl Op for Squeeze {
+    fn view_of(&self) -> Option<usize> {
+        Some(0)
+    }
+
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 1, 2)?;
         let x = req(inputs, 0)?;
@@ -764,7 +817,11 @@ impl Op for Squeeze {
         arity(inputs, 1, 2)?;
         let x = req(inputs, 0)?;
         let axes = axes_of_tensors(&self.axes, inputs)?;
-        let shape = concrete(&squeeze_dims(&shape_of(x.shape()), axes.as_deref())?)?;
+        let shape = match squeeze_sizes(x.shape(), axes.as_deref()) {
+            Some(shape) => shape,
+            // Not a valid squeeze: the symbolic rule says why.
+            None => concrete(&squeeze_dims(&shape_of(x.shape()), axes.as_deref())?)?,
+        };
         Ok(vec![x.reshaped(shape).map_err(rt)?])
     }
 }
