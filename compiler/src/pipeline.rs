@@ -17,8 +17,8 @@ use patch_kernels::{TileShape, WeightDtype};
 use patch_passes::fuse::{Fuse, FuseLimits};
 use patch_passes::hybrid::{weight_matmuls, HybridMatMulRewrite};
 use patch_passes::{
-    cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, layout_pipeline, PassError,
-    PassManager, PassObserver, PassRun, PipelineOutcome,
+    cleanup_pipeline, dce::DeadCodeElimination, fusion_pipeline, layout_pipeline,
+    schedule_pipeline, PassError, PassManager, PassObserver, PassRun, PipelineOutcome,
 };
 use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
@@ -55,7 +55,7 @@ pub struct CompileOptions {
 }
 
 /// Names of the passes `compile` runs, in order (for `--dump-after` / `--stop-after`).
-pub const PASS_NAMES: [&str; 8] = [
+pub const PASS_NAMES: [&str; 9] = [
     "fold-constants",
     "canonicalize",
     "cse",
@@ -64,6 +64,7 @@ pub const PASS_NAMES: [&str; 8] = [
     "fuse",
     "epilogue",
     "kv-layout",
+    "schedule",
 ];
 
 impl std::fmt::Debug for CompileOptions {
@@ -150,6 +151,25 @@ pub struct CompileReport {
     pub stopped_after: Option<String>,
     /// IR files written by `--dump-after`.
     pub dumps: Vec<PathBuf>,
+}
+
+/// The activations' memory plan of the compiled graph (in node order, as the runtime makes
+/// it): values planned, slots, and the arena's size in bytes as an expression of the symbolic
+/// dims, against every activation in its own buffer.
+fn memory_json(graph: &patch_runtime::Graph) -> Value {
+    use patch_runtime::memplan::MemoryPlan;
+    let is_const = |v: usize| {
+        graph
+            .const_value(patch_runtime::ValueId(v as u32))
+            .is_some()
+    };
+    let plan = MemoryPlan::new(graph, is_const, None);
+    json!({
+        "activations": plan.planned_values(),
+        "slots": plan.slot_count(),
+        "arena_bytes": plan.arena_bytes().to_string(),
+        "unshared_bytes": plan.unshared_bytes().to_string(),
+    })
 }
 
 fn runs_json(runs: &[PassRun]) -> Value {
@@ -430,6 +450,12 @@ pub fn compile(
         }
         phases.insert("layout", t.elapsed().as_secs_f64());
     }
+    let t = Instant::now();
+    if let Some(stopped) = stage(schedule_pipeline(registry), &mut graph)? {
+        return Ok(stopped);
+    }
+    phases.insert("schedule", t.elapsed().as_secs_f64());
+    let memory_report = memory_json(&graph);
     let dumps = dumper.borrow().written.clone();
 
     let rewritten: Vec<_> = targets.iter().filter(|t| t.rewritable).collect();
@@ -447,6 +473,7 @@ pub fn compile(
         },
         "passes": runs_json(&runs),
         "fusion": fusion_report,
+        "memory": memory_report,
         "parameters": parameters,
         "weight_matmuls": targets.len(),
         "hybrid_matmuls": rewritten.len(),

@@ -12,6 +12,7 @@ pub mod fuse;
 pub mod hybrid;
 pub mod kv_layout;
 pub mod masks;
+pub mod schedule;
 
 use std::sync::Arc;
 
@@ -104,6 +105,14 @@ pub fn layout_pipeline(registry: &OpRegistry) -> PassManager<'_> {
         .named("layout")
         .with_pass(kv_layout::KvLayout)
         .with_pass(dce::DeadCodeElimination)
+}
+
+/// The last pipeline: the node order that keeps the fewest activation bytes alive
+/// ([`schedule::MemorySchedule`]).
+pub fn schedule_pipeline(registry: &OpRegistry) -> PassManager<'_> {
+    PassManager::new(registry)
+        .named("schedule")
+        .with_pass(schedule::MemorySchedule::default())
 }
 
 /// What one run of one pass did.

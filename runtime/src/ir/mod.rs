@@ -381,6 +381,36 @@ impl Graph {
         Ok(outputs)
     }
 
+    /// Replaces the node order by `order`, which must hold every live node once, each after
+    /// the producers of its inputs (the graph is unchanged otherwise).
+    pub fn set_order(&mut self, order: Vec<NodeId>) -> Result<(), RuntimeError> {
+        let bad = |msg: String| Err(RuntimeError::Verify(format!("new node order: {msg}")));
+        if order.len() != self.order.len() {
+            return bad(format!("{} nodes for {}", order.len(), self.order.len()));
+        }
+        let mut placed = vec![false; self.nodes.len()];
+        for &id in &order {
+            let Some(Some(node)) = self.nodes.get(id.0 as usize) else {
+                return bad(format!("node #{} is not live", id.0));
+            };
+            if std::mem::replace(&mut placed[id.0 as usize], true) {
+                return bad(format!("node `{}` appears twice", node.name));
+            }
+            for input in node.inputs.iter().flatten() {
+                if let Def::Node(p, _) = self.values[input.0 as usize].def {
+                    if !placed[p.0 as usize] {
+                        return bad(format!(
+                            "node `{}` reads `{}` before it is computed",
+                            node.name, self.values[input.0 as usize].name
+                        ));
+                    }
+                }
+            }
+        }
+        self.order = order;
+        Ok(())
+    }
+
     /// Gives value `id` a new name, which no other value may have.
     pub fn rename_value(
         &mut self,
