@@ -40,6 +40,10 @@ pub struct Plan {
     out_slots: Vec<Vec<Option<u32>>>,
     /// Whether outputs go into the slots (else every op allocates its outputs).
     use_slots: bool,
+    /// Position of the node that computes the logits row by row from its first input (the LM
+    /// head), when a run can ask for the last positions' logits only
+    /// ([`Plan::run_last_positions`]).
+    logits_head: Option<usize>,
     /// The value array of the last run, empty, kept for the next (one run at a time gets it;
     /// concurrent runs allocate their own).
     idle_env: Mutex<Vec<Option<Tensor>>>,
@@ -134,6 +138,41 @@ fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
     sched
 }
 
+/// Position of the node that computes `graph`'s logits output row by row from a `[b, s, h]`
+/// first input, and nothing else reads: `patch.HybridMatMul` without a residual, or a `MatMul`
+/// by a constant matrix, scheduled alone. `None` under `PATCH_LOGIT_ROWS=0`.
+fn logits_head(graph: &Graph, consts: &[Option<Tensor>], sched: &[Sched]) -> Option<usize> {
+    if std::env::var("PATCH_LOGIT_ROWS").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let (logits, _) = graph
+        .outputs()
+        .iter()
+        .find(|(_, role)| *role == crate::OutputRole::Logits)?;
+    let Def::Node(id, 0) = graph.value(*logits).def else {
+        return None;
+    };
+    let pos = graph.order().iter().position(|&n| n == id)?;
+    let node = graph.node(id);
+    let rank = |i: usize| {
+        let v = node.inputs.get(i).copied().flatten()?;
+        Some(graph.value(v).ty.rank())
+    };
+    let row_wise = match (node.domain.as_str(), node.op_type.as_str()) {
+        (hybrid::DOMAIN, hybrid::OP_TYPE) => node.inputs.len() <= 4,
+        ("", "MatMul") => {
+            let b = node.inputs.get(1).copied().flatten();
+            rank(1) == Some(2) && b.is_some_and(|b| consts[b.0 as usize].is_some())
+        }
+        _ => false,
+    };
+    let read_inside = graph
+        .nodes()
+        .any(|(_, n)| n.inputs.iter().flatten().any(|v| v == logits));
+    let alone = matches!(sched[pos], Sched::Alone);
+    (row_wise && rank(0) == Some(3) && !read_inside && alone).then_some(pos)
+}
+
 /// The memory plan of `graph` under the schedule `sched`, its slots, and per node position
 /// the slot of each output.
 #[allow(clippy::type_complexity)]
@@ -223,6 +262,7 @@ impl Plan {
             sibling_schedule(graph, &consts)
         };
         let (memory, slots, out_slots) = plan_memory(graph, &consts, &sched);
+        let logits_head = logits_head(graph, &consts, &sched);
         let checks = (0..graph.value_count())
             .map(|v| {
                 let shape = &graph.value(crate::ValueId(v as u32)).ty.shape;
@@ -237,6 +277,7 @@ impl Plan {
             slots,
             out_slots,
             use_slots: !std::env::var("PATCH_ARENA").is_ok_and(|v| v == "0"),
+            logits_head,
             idle_env: Mutex::default(),
             sched,
             checks,
@@ -285,6 +326,7 @@ impl Plan {
         };
         (self.memory, self.slots, self.out_slots) =
             plan_memory(&self.graph, &self.consts, &self.sched);
+        self.logits_head = logits_head(&self.graph, &self.consts, &self.sched);
     }
 
     /// The number of sibling groups scheduled as one dispatch.
@@ -390,8 +432,38 @@ impl Plan {
         inputs: &[Tensor],
         observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
     ) -> Result<Vec<Tensor>, RuntimeError> {
+        self.run_rows(inputs, observe, None)
+    }
+
+    /// [`run_observed`](Self::run_observed), computing the logits output for the last
+    /// `positions` positions only (`[b, positions, vocab]`) when the graph's LM head allows it
+    /// ([`Plan::cuts_logits`]): what generation needs, for the cost of `positions` rows of the
+    /// largest product instead of every prompt row. Other outputs are unchanged.
+    pub fn run_last_positions(
+        &self,
+        inputs: &[Tensor],
+        observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
+        positions: usize,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        self.run_rows(inputs, observe, Some(positions))
+    }
+
+    /// True when [`run_last_positions`](Self::run_last_positions) computes only the asked
+    /// positions' logits (the logits come from a product row by row of a `[b, s, h]` input:
+    /// `patch.HybridMatMul` without a residual, or a `MatMul` by a constant matrix) and
+    /// `PATCH_LOGIT_ROWS=0` did not turn it off.
+    pub fn cuts_logits(&self) -> bool {
+        self.logits_head.is_some()
+    }
+
+    fn run_rows(
+        &self,
+        inputs: &[Tensor],
+        observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
+        last_positions: Option<usize>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
         let run_started = self.profile.as_ref().map(|_| Instant::now());
-        let outputs = self.run_nodes(inputs, observe)?;
+        let outputs = self.run_nodes(inputs, observe, last_positions)?;
         if let (Some(p), Some(t)) = (&self.profile, run_started) {
             let seconds = t.elapsed().as_secs_f64();
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,6 +477,7 @@ impl Plan {
         &self,
         inputs: &[Tensor],
         observe: &mut dyn FnMut(&Node, &[Option<&Tensor>]),
+        last_positions: Option<usize>,
     ) -> Result<Vec<Tensor>, RuntimeError> {
         let graph = &self.graph;
         if inputs.len() != graph.inputs().len() {
@@ -450,7 +523,20 @@ impl Plan {
         // Results of group members computed by their lead, by node position.
         let mut pending: BTreeMap<usize, Tensor> = BTreeMap::new();
         for (pos, ((_, node), frees)) in graph.nodes().zip(&self.frees).enumerate() {
-            let refs = self.input_refs(node, &env)?;
+            let cut_input;
+            let mut refs = self.input_refs(node, &env)?;
+            // The LM head on the last positions only (its output is checked against them).
+            let cut_from = match (last_positions, self.logits_head == Some(pos), refs[0]) {
+                (Some(k), true, Some(x)) if x.rank() == 3 && k < x.shape()[1] => {
+                    cut_input = x.last_positions(k).map_err(|e| {
+                        let e = crate::OpError::Invalid(e.to_string());
+                        RuntimeError::at_node(&node.name, &node.op_type, e)
+                    })?;
+                    refs[0] = Some(&cut_input);
+                    Some(x.shape()[1])
+                }
+                _ => None,
+            };
             observe(node, &refs);
             let started = self.profile.as_ref().map(|_| Instant::now());
             let outputs = self.outputs(pos);
@@ -513,7 +599,16 @@ impl Plan {
                         v.ty.dtype
                     )));
                 }
-                self.bind(&mut bindings, *out, t.shape()).map_err(|msg| {
+                // A cut LM head is checked as the whole one: its positions axis as the input's.
+                let uncut;
+                let shape = match cut_from {
+                    Some(positions) if t.rank() == 3 => {
+                        uncut = [t.shape()[0], positions, t.shape()[2]];
+                        &uncut[..]
+                    }
+                    _ => t.shape(),
+                };
+                self.bind(&mut bindings, *out, shape).map_err(|msg| {
                     RuntimeError::Verify(format!(
                         "node `{}` ({}): output `{}`: {msg}",
                         node.name, node.op_type, v.name

@@ -301,6 +301,39 @@ impl Tensor {
         Ok(self.view::<T>()?.to_owned())
     }
 
+    /// The last `k` positions of a `[b, s, w]` tensor along its axis 1 (`k ≤ s`): a view of
+    /// the same bytes when `b` is 1, else a copy.
+    pub fn last_positions(&self, k: usize) -> Result<Tensor, RuntimeError> {
+        let &[b, s, w] = self.shape.as_slice() else {
+            return Err(RuntimeError::Tensor(format!(
+                "last positions of {:?}: expected rank 3",
+                self.shape
+            )));
+        };
+        if k > s {
+            return Err(RuntimeError::Tensor(format!(
+                "last {k} positions of {:?}: there are only {s}",
+                self.shape
+            )));
+        }
+        let row = w * self.dtype.size_of();
+        let data = if b == 1 {
+            self.data.slice((s - k) * row..s * row)
+        } else {
+            let mut out = Vec::with_capacity(b * k * row);
+            for batch in self.data.chunks_exact(s * row) {
+                out.extend_from_slice(&batch[(s - k) * row..]);
+            }
+            copy_aligned(self.dtype, &out)
+        };
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape: vec![b, k, w],
+            data,
+            spare: None,
+        })
+    }
+
     /// Same data, new shape of equal volume.
     pub fn reshaped(&self, shape: Vec<usize>) -> Result<Tensor, RuntimeError> {
         if shape.iter().product::<usize>() != self.len() {
@@ -412,6 +445,24 @@ impl fmt::Debug for Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_positions_view_one_sequence_and_copy_several() {
+        let t = Tensor::from_vec(vec![1, 3, 2], (0..6).map(|v| v as f32).collect()).unwrap();
+        let tail = t.last_positions(2).unwrap();
+        assert_eq!(tail.shape(), &[1, 2, 2]);
+        assert_eq!(tail.as_slice::<f32>().unwrap(), &[2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(
+            tail.bytes().as_ptr(),
+            t.bytes()[8..].as_ptr(),
+            "one sequence: a view"
+        );
+        let t = Tensor::from_vec(vec![2, 3, 1], (0..6).map(|v| v as f32).collect()).unwrap();
+        let tail = t.last_positions(1).unwrap();
+        assert_eq!(tail.as_slice::<f32>().unwrap(), &[2.0, 5.0]);
+        assert!(t.last_positions(4).is_err());
+        assert!(Tensor::scalar(1f32).last_positions(1).is_err());
+    }
 
     #[test]
     fn misaligned_bytes_are_borrowed_and_aligned_on_demand() {

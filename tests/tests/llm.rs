@@ -257,3 +257,44 @@ fn generation_errors_name_the_problem() {
         "{err}"
     );
 }
+
+/// Generation asks for the last positions' logits only: the LM head then runs on those rows,
+/// and they equal the whole run's last rows (within the GEMV/GEMM rounding difference).
+#[test]
+fn the_lm_head_runs_on_the_kept_positions_only() {
+    for name in FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let path = compile_fixture(name, dir.path(), 256);
+        let registry = OpRegistry::onnx();
+        let options = patch_runtime::bundle::LoadOptions::default();
+        let graph = patch_runtime::bundle::load_bundle(&path, &registry, options)
+            .unwrap()
+            .contents
+            .graph;
+        let plan = interp::Plan::new(&graph).unwrap();
+        println!("{name}: LM head cut {}", plan.cuts_logits());
+        assert!(plan.cuts_logits(), "{name}");
+        for case in ["seq7", "batch2_leftpad"] {
+            let c = read_case(&fixture_dir(name).join("cases").join(case));
+            let inputs = patch_tests::feed(&graph, &c);
+            let whole = plan.run(&inputs).unwrap().remove(0);
+            let [b, s, v] = whole.shape()[..] else {
+                panic!("{name}: logits {:?}", whole.shape());
+            };
+            for keep in [1, 3] {
+                let cut = plan
+                    .run_last_positions(&inputs, &mut |_, _| {}, keep)
+                    .unwrap();
+                let want_rows = if plan.cuts_logits() { keep } else { s };
+                assert_eq!(cut[0].shape(), &[b, want_rows, v], "{name}/{case}");
+                let tail = whole.last_positions(want_rows).unwrap();
+                let err = max_abs_diff(&cut[0], &tail);
+                assert!(err <= 1e-4, "{name}/{case}: last {keep}: {err}");
+                // The other outputs (the presents) are the whole run's.
+                for (a, b) in cut.iter().zip(plan.run(&inputs).unwrap()).skip(1) {
+                    assert_eq!(a.bytes(), b.bytes(), "{name}/{case}");
+                }
+            }
+        }
+    }
+}

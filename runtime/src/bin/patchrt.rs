@@ -486,6 +486,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             print_profile(&model);
+            if model.profile().is_empty() {
+                print_memory(&model);
+            }
         }
         Command::Inspect { bundle: path, ir } => {
             let b = bundle::load_bundle(&path, &registry, LoadOptions::default())

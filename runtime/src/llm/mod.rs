@@ -553,7 +553,8 @@ impl LanguageModel {
         if let Some(plan) = &self.cuda {
             return self.forward_cuda(plan, cache, inputs, tokens, keep, total);
         }
-        let mut outputs = self.plan.run_observed(&inputs, observe)?;
+        // Only the kept positions' logits are computed (the LM head on `keep` rows).
+        let mut outputs = self.plan.run_last_positions(&inputs, observe, keep)?;
         let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
         let data = self.keep_logits(&logits, tokens.len(), keep)?;
         if native {
