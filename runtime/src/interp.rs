@@ -508,8 +508,15 @@ impl Plan {
 
         // The plan's sizes for this call: the slots grow before the first node, if at all.
         if self.use_slots {
-            for (slot, len) in self.slots.iter().zip(self.memory.slot_elements(&bindings)) {
-                if let Some(len) = len {
+            // A cut LM head writes `last_positions` rows, not the planned size: its slot is
+            // left to grow to what it writes.
+            let cut_slot = match (last_positions, self.logits_head) {
+                (Some(_), Some(pos)) => self.out_slots[pos].first().copied().flatten(),
+                _ => None,
+            };
+            let sizes = self.memory.slot_elements(&bindings);
+            for (s, (slot, len)) in self.slots.iter().zip(sizes).enumerate() {
+                if let (Some(len), false) = (len, cut_slot == Some(s as u32)) {
                     slot.reserve(len);
                 }
             }
