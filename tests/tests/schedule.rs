@@ -51,6 +51,19 @@ fn fan_out() -> Graph {
     g
 }
 
+/// Fixture `name` after cleanup, fusion and the layout pipeline (what `patchc compile` runs
+/// before `schedule`, without packing).
+fn fused(name: &str) -> Graph {
+    let registry = OpRegistry::onnx();
+    let mut graph = import_fixture(name);
+    cleanup_pipeline(&registry).run(&mut graph).unwrap();
+    fusion_pipeline(&registry, Fuse::new(FuseLimits::default()))
+        .run(&mut graph)
+        .unwrap();
+    layout_pipeline(&registry).run(&mut graph).unwrap();
+    graph
+}
+
 #[test]
 fn a_fan_out_exported_branch_by_branch_is_interleaved() {
     let registry = OpRegistry::onnx();
@@ -83,12 +96,7 @@ fn every_fixture_keeps_its_outputs_and_never_grows_the_arena() {
     let registry = OpRegistry::onnx();
     let mut table = String::new();
     for name in FIXTURES {
-        let mut graph = import_fixture(name);
-        cleanup_pipeline(&registry).run(&mut graph).unwrap();
-        fusion_pipeline(&registry, Fuse::new(FuseLimits::default()))
-            .run(&mut graph)
-            .unwrap();
-        layout_pipeline(&registry).run(&mut graph).unwrap();
+        let mut graph = fused(name);
         let unscheduled = graph.clone();
         let outcome = schedule_pipeline(&registry).run(&mut graph).unwrap();
         let hint = hint_bindings(&graph, 512);
@@ -138,12 +146,7 @@ fn every_fixture_keeps_its_outputs_and_never_grows_the_arena() {
 fn reused_buffers_give_the_outputs_of_fresh_ones() {
     let registry = OpRegistry::onnx();
     let name = "llama_optimum_with_past";
-    let mut graph = import_fixture(name);
-    cleanup_pipeline(&registry).run(&mut graph).unwrap();
-    fusion_pipeline(&registry, Fuse::new(FuseLimits::default()))
-        .run(&mut graph)
-        .unwrap();
-    layout_pipeline(&registry).run(&mut graph).unwrap();
+    let mut graph = fused(name);
     schedule_pipeline(&registry).run(&mut graph).unwrap();
     let mut fresh = interp::Plan::new(&graph).unwrap();
     fresh.set_memory_plan(false);

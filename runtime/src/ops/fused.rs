@@ -217,10 +217,6 @@ impl Op for RmsNorm {
         Ok(vec![OutputFact::new(x.ty.clone())])
     }
 
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
-    }
-
     fn eval_into(
         &self,
         inputs: &[Option<&Tensor>],
@@ -276,10 +272,6 @@ impl Op for Silu {
         Ok(vec![OutputFact::new(x.ty.clone())])
     }
 
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
-    }
-
     fn eval_into(
         &self,
         inputs: &[Option<&Tensor>],
@@ -318,10 +310,6 @@ impl Op for SwiGlu {
             )));
         }
         Ok(vec![OutputFact::new(g.ty.clone())])
-    }
-
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
     }
 
     fn eval_into(
@@ -430,10 +418,6 @@ impl Op for Rotary {
             }
         }
         Ok(vec![OutputFact::new(x.ty.clone())])
-    }
-
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
     }
 
     fn eval_into(
@@ -873,10 +857,6 @@ impl Op for Attention {
         let mut shape = q.ty.shape.clone();
         shape[3] = vs[3].clone();
         Ok(vec![OutputFact::new(TensorType::new(DType::F32, shape))])
-    }
-
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
     }
 
     fn eval_into(

@@ -240,10 +240,6 @@ impl Op for HybridMatMul {
         Ok(vec![OutputFact::new(TensorType::new(DType::F32, out))])
     }
 
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
-    }
-
     fn eval_into(
         &self,
         inputs: &[Option<&Tensor>],

@@ -531,10 +531,6 @@ impl Op for MatMul {
         Ok(vec![OutputFact::new(TensorType::new(a.ty.dtype, shape))])
     }
 
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
-        self.eval_into(inputs, &Outputs::none())
-    }
-
     fn eval_into(
         &self,
         inputs: &[Option<&Tensor>],

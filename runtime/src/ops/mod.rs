@@ -124,10 +124,15 @@ pub trait Op: fmt::Debug + Send + Sync {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError>;
 
     /// Evaluates on concrete tensors. `inputs[i]` is `None` for an omitted optional input.
-    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError>;
+    ///
+    /// An op implements this or [`eval_into`](Self::eval_into) (each defaults to the other):
+    /// ops that write their outputs into the memory plan's buffers implement `eval_into`.
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        self.eval_into(inputs, &Outputs::none())
+    }
 
     /// [`eval`](Self::eval), writing `f32` outputs into the buffers of the executor's memory
-    /// plan ([`Outputs::f32`]). Ops that allocate their outputs otherwise keep this default.
+    /// plan ([`Outputs::f32`]).
     fn eval_into(
         &self,
         inputs: &[Option<&Tensor>],
