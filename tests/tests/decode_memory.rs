@@ -131,8 +131,9 @@ fn decode_steps_write_their_activations_into_the_plans_slots() {
     assert!(off.large_between_nodes >= 200.0, "{off:?}");
     assert_eq!(on.large_between_nodes, 0.0, "{on:?}");
     // Left around the graph: the driver's lists of input, output and cache tensors (one
-    // `Tensor` per layer's key or value) and the logits row that `forward` returns.
-    assert!(on.large <= 5.0, "{on:?}");
+    // `Tensor` per layer's key or value). The logits `forward` returns are a view of the
+    // graph's output, not a copy.
+    assert!(on.large <= 4.0, "{on:?}");
     assert!(on.allocations < off.allocations && on.bytes < off.bytes / 2.0);
     assert_eq!(on.slot_misses, 0, "{on:?}");
     assert!(on.slot_hits >= 300.0, "{on:?}");

@@ -241,17 +241,26 @@ impl KvCache {
     }
 }
 
-/// Logits of the last `rows` positions of a forward step, row-major `[rows, vocab]`.
+/// Logits of the last `rows` positions of a forward step, row-major `[rows, vocab]`: a view
+/// of the graph's logits output (no copy; on the CPU its buffer returns to the memory plan when
+/// this is dropped).
 #[derive(Clone, Debug)]
 pub struct Logits {
     pub rows: usize,
     pub vocab: usize,
-    pub data: Vec<f32>,
+    /// `[1, rows, vocab]` f32 (checked when made).
+    values: Tensor,
 }
 
 impl Logits {
+    /// Every kept row, row-major.
+    pub fn data(&self) -> &[f32] {
+        self.values
+            .as_slice::<f32>()
+            .expect("checked f32 and aligned when made")
+    }
     pub fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.vocab..(r + 1) * self.vocab]
+        &self.data()[r * self.vocab..(r + 1) * self.vocab]
     }
     pub fn last(&self) -> &[f32] {
         self.row(self.rows - 1)
@@ -556,22 +565,19 @@ impl LanguageModel {
         // Only the kept positions' logits are computed (the LM head on `keep` rows).
         let mut outputs = self.plan.run_last_positions(&inputs, observe, keep)?;
         let logits = std::mem::replace(&mut outputs[l.logits], Tensor::scalar(0f32));
-        let data = self.keep_logits(&logits, tokens.len(), keep)?;
+        let kept = self.keep_logits(&logits, tokens.len(), keep)?;
         if native {
             self.store_present(&mut cache.layers, &outputs, Tensor::shape, total)?;
         }
         cache.tokens.extend_from_slice(tokens);
-        Ok(Logits {
-            rows: keep,
-            vocab: self.vocab,
-            data,
-        })
+        Ok(kept)
     }
 
-    /// The last `keep` rows of a `[1, rows, vocab]` logits tensor.
-    fn keep_logits(&self, logits: &Tensor, n: usize, keep: usize) -> Result<Vec<f32>, LlmError> {
-        let shape = logits.shape().to_vec();
-        let rows = match shape.as_slice() {
+    /// The last `keep` rows of a `[1, rows, vocab]` (or `[rows, vocab]`) logits tensor, as a
+    /// view of it.
+    fn keep_logits(&self, logits: &Tensor, n: usize, keep: usize) -> Result<Logits, LlmError> {
+        let shape = logits.shape();
+        let rows = match shape {
             [1, r, v] if *v == self.vocab => *r,
             [r, v] if *v == self.vocab => *r,
             _ => {
@@ -586,9 +592,16 @@ impl LanguageModel {
                 "the graph returns logits for {rows} positions, {keep} were asked for"
             )));
         }
-        let data = logits.as_slice::<f32>()?;
-        let data = data[(rows - keep) * self.vocab..rows * self.vocab].to_vec();
-        Ok(data)
+        logits.as_slice::<f32>()?;
+        let values = logits
+            .reshaped(vec![1, rows, self.vocab])?
+            .last_positions(keep)?
+            .to_aligned();
+        Ok(Logits {
+            rows: keep,
+            vocab: self.vocab,
+            values,
+        })
     }
 
     /// The past of an empty cache. In the seq-major layout (`[1, 0, heads, head_dim]`) its
@@ -661,15 +674,11 @@ impl LanguageModel {
         let logits = std::mem::replace(&mut outputs[l.logits], Value::Host(Tensor::scalar(0f32)))
             .to_host(plan.device())
             .map_err(backend_err)?;
-        let data = self.keep_logits(&logits, tokens.len(), keep)?;
+        let kept = self.keep_logits(&logits, tokens.len(), keep)?;
         if self.has_kv_cache() {
             self.store_present(&mut cache.device_layers, &outputs, Value::shape, total)?;
         }
         cache.tokens.extend_from_slice(tokens);
-        Ok(Logits {
-            rows: keep,
-            vocab: self.vocab,
-            data,
-        })
+        Ok(kept)
     }
 }
