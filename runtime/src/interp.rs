@@ -229,6 +229,9 @@ pub(crate) fn frees_after_last_use(
     frees
 }
 
+/// A node's inputs as its op reads them.
+type InputRefs<'a> = smallvec::SmallVec<[Option<&'a Tensor>; 8]>;
+
 /// Use of the memory plan's slots since the plan was made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotStats {
@@ -397,13 +400,14 @@ impl Plan {
         }
     }
 
-    /// The inputs of `node`, from the constants or the environment.
+    /// The inputs of `node`, from the constants or the environment (on the stack for the
+    /// usual few).
     fn input_refs<'a>(
         &'a self,
         node: &Node,
         env: &'a [Option<Tensor>],
-    ) -> Result<Vec<Option<&'a Tensor>>, RuntimeError> {
-        let mut refs = Vec::with_capacity(node.inputs.len());
+    ) -> Result<InputRefs<'a>, RuntimeError> {
+        let mut refs = InputRefs::new();
         for slot in &node.inputs {
             match slot {
                 None => refs.push(None),
@@ -554,7 +558,7 @@ impl Plan {
                     .map(|t| vec![t])
                     .ok_or_else(|| crate::OpError::Invalid("its sibling group did not run".into())),
                 Sched::Lead(members) => {
-                    let member_refs: Vec<Vec<Option<&Tensor>>> = members
+                    let member_refs: Vec<InputRefs> = members
                         .iter()
                         .map(|(_, p)| self.input_refs(node_at(*p), &env))
                         .collect::<Result<_, _>>()?;
