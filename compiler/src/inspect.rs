@@ -10,11 +10,7 @@ use patch_runtime::Graph;
 pub fn op_histogram(graph: &Graph) -> BTreeMap<String, usize> {
     let mut h = BTreeMap::new();
     for (_, node) in graph.nodes() {
-        let key = if node.domain.is_empty() {
-            node.op_type.clone()
-        } else {
-            format!("{}.{}", node.domain, node.op_type)
-        };
+        let key = node.qualified_op_type();
         *h.entry(key).or_insert(0) += 1;
     }
     h

@@ -158,12 +158,7 @@ pub struct CompileReport {
 /// dims, against every activation in its own buffer.
 fn memory_json(graph: &patch_runtime::Graph) -> Value {
     use patch_runtime::memplan::MemoryPlan;
-    let is_const = |v: usize| {
-        graph
-            .const_value(patch_runtime::ValueId(v as u32))
-            .is_some()
-    };
-    let plan = MemoryPlan::new(graph, is_const, None);
+    let plan = MemoryPlan::of_graph(graph);
     json!({
         "activations": plan.planned_values(),
         "slots": plan.slot_count(),

@@ -14,7 +14,6 @@
 use std::collections::{BTreeSet, HashMap};
 
 use patch_runtime::dim::{volume, Bindings};
-use patch_runtime::ir::Def;
 use patch_runtime::memplan::{MemoryFigures, MemoryPlan};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{DType, Graph, NodeId, RuntimeError};
@@ -75,15 +74,7 @@ pub fn hint_bindings(graph: &Graph, hint: i64) -> Bindings {
 
 /// The memory plan's figures for `graph` in its current order under `bindings`.
 pub fn figures(graph: &Graph, bindings: &Bindings) -> Option<MemoryFigures> {
-    let plan = MemoryPlan::new(graph, |v| is_const(graph, v), None);
-    plan.figures(graph, bindings)
-}
-
-fn is_const(graph: &Graph, v: usize) -> bool {
-    matches!(
-        graph.value(patch_runtime::ValueId(v as u32)).def,
-        Def::Const(_)
-    )
+    MemoryPlan::of_graph(graph).figures(graph, bindings)
 }
 
 /// The greedy order (see the module docs).
@@ -112,7 +103,7 @@ fn memory_order(graph: &Graph, hint: &Bindings) -> Vec<NodeId> {
                     let value = graph.value(*o);
                     if value.ty.dtype == DType::F32 {
                         let elems = volume(&value.ty.shape).eval(hint).unwrap_or(0);
-                        bytes[v] = usize::try_from(elems).unwrap_or(0) * 4;
+                        bytes[v] = usize::try_from(elems).unwrap_or(0) * DType::F32.size_of();
                     }
                 }
             }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::dim::{shape_to_string, Bindings};
 use crate::error::RuntimeError;
 use crate::ir::{Def, Graph, Node};
-use crate::memplan::{MemoryFigures, MemoryPlan};
+use crate::memplan::MemoryPlan;
 use crate::ops::hybrid::{self, HybridMatMul};
 use crate::pool::{Outputs, Slot};
 use crate::tensor::Tensor;
@@ -71,11 +71,7 @@ impl Profile {
     fn new(graph: &Graph) -> Profile {
         let mut p = Profile::default();
         for (_, node) in graph.nodes() {
-            let key = if node.domain.is_empty() {
-                node.op_type.clone()
-            } else {
-                format!("{}.{}", node.domain, node.op_type)
-            };
+            let key = node.qualified_op_type();
             let slot = match p.keys.iter().position(|k| *k == key) {
                 Some(s) => s,
                 None => {
@@ -297,16 +293,6 @@ impl Plan {
     /// The activations' memory plan.
     pub fn memory_plan(&self) -> &MemoryPlan {
         &self.memory
-    }
-
-    /// The memory plan's figures for a call with these input shapes (in graph input order);
-    /// `None` when a size depends on a symbol the inputs do not bind.
-    pub fn memory_figures(&self, input_shapes: &[&[usize]]) -> Option<MemoryFigures> {
-        let mut bindings = Bindings::new();
-        for ((id, _), shape) in self.graph.inputs().iter().zip(input_shapes) {
-            self.bind(&mut bindings, *id, shape).ok()?;
-        }
-        self.memory.figures(&self.graph, &bindings)
     }
 
     /// How the slots have served the runs so far.

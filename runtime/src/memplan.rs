@@ -103,6 +103,13 @@ impl MemoryPlan {
         plan
     }
 
+    /// [`MemoryPlan::new`] in node order, with the graph's constants as the values that need
+    /// no buffer (how the compiler reports the plan).
+    pub fn of_graph(graph: &Graph) -> MemoryPlan {
+        let is_const = |v: usize| graph.const_value(crate::ValueId(v as u32)).is_some();
+        MemoryPlan::new(graph, is_const, None)
+    }
+
     fn new_slot(&mut self, elements: Dim) -> u32 {
         self.slot_elements.push(elements);
         (self.slot_elements.len() - 1) as u32
@@ -170,11 +177,13 @@ impl MemoryPlan {
 
     /// Every slot's size under `bindings`, in elements; `None` where a symbol is not bound
     /// (a size known only once a node has run).
-    pub fn slot_elements(&self, bindings: &Bindings) -> Vec<Option<usize>> {
+    pub fn slot_elements<'a>(
+        &'a self,
+        bindings: &'a Bindings,
+    ) -> impl Iterator<Item = Option<usize>> + 'a {
         self.slot_elements
             .iter()
             .map(|d| d.eval(bindings).ok().and_then(|n| usize::try_from(n).ok()))
-            .collect()
     }
 
     /// The plan's figures under `bindings` (`None` when a size depends on an unbound symbol).
@@ -351,10 +360,9 @@ mod tests {
             .figures(&g, &bindings(&[("batch", 2), ("seq", 5)]))
             .unwrap();
         assert_eq!((f.arena, f.unshared, f.peak_live), (7680, 10240, 5120));
-        assert_eq!(
-            plan.slot_elements(&bindings(&[("batch", 1)])),
-            vec![None; 3]
-        );
+        let partial = bindings(&[("batch", 1)]);
+        let sizes: Vec<_> = plan.slot_elements(&partial).collect();
+        assert_eq!(sizes, vec![None; 3]);
     }
 
     #[test]

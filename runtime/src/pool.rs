@@ -19,10 +19,10 @@ use crate::error::RuntimeError;
 use crate::tensor::Tensor;
 
 /// One buffer of the memory plan, shared in turn by the values assigned to it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Slot {
-    /// The idle buffer (empty with no capacity while a tensor holds it).
-    idle: Mutex<Vec<f32>>,
+    /// The idle buffer, or `None` while a tensor holds it.
+    idle: Mutex<Option<Vec<f32>>>,
     /// Buffers handed out from the slot.
     hits: AtomicU64,
     /// Requests the slot could not serve (its buffer was in use or too small), and
@@ -30,35 +30,58 @@ pub struct Slot {
     misses: AtomicU64,
 }
 
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            idle: Mutex::new(Some(Vec::new())),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Slot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<f32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<f32>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the idle buffer hold at least `len` elements (when no tensor holds it), so that
-    /// the call about to run finds it large enough. A buffer grows to at least twice its
-    /// size, so a size that creeps up (the positions of a growing context) regrows it
-    /// O(log n) times.
+    /// Makes the idle buffer hold at least `len` elements, so that the call about to run
+    /// finds it large enough; nothing while a tensor holds the buffer. A buffer grows to at
+    /// least twice its size, so a size that creeps up (the positions of a growing context)
+    /// regrows it O(log n) times.
     pub fn reserve(&self, len: usize) {
         let mut idle = self.lock();
-        let had = idle.capacity();
+        let Some(buf) = idle.as_mut() else {
+            return;
+        };
+        let had = buf.capacity();
         if had < len {
             if had > 0 {
                 self.misses.fetch_add(1, Ordering::Relaxed);
             }
-            *idle = Vec::with_capacity(len.max(2 * had));
+            *buf = Vec::with_capacity(len.max(2 * had));
         }
     }
 
     /// `len` zeros in the idle buffer, or in a new one when it is in use or too small.
     fn take(self: &Arc<Slot>, len: usize) -> Vec<f32> {
-        let mut v = std::mem::take(&mut *self.lock());
-        if v.capacity() >= len && len > 0 {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        } else if len > 0 {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            v = Vec::with_capacity(len);
+        if len == 0 {
+            return Vec::new();
         }
+        let mut idle = self.lock();
+        let mut v = match idle.take() {
+            Some(v) if v.capacity() >= len => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                v
+            }
+            small => {
+                // Too small: it stays idle for a smaller value.
+                *idle = small;
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                Vec::with_capacity(len)
+            }
+        };
+        drop(idle);
         v.clear();
         v.resize(len, 0.0);
         v
@@ -66,15 +89,18 @@ impl Slot {
 
     /// Keeps `v` as the idle buffer unless a larger one came back first.
     fn put_back(&self, v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
         let mut idle = self.lock();
-        if v.capacity() > idle.capacity() {
-            *idle = v;
+        if idle.as_ref().is_none_or(|b| v.capacity() > b.capacity()) {
+            *idle = Some(v);
         }
     }
 
     /// Capacity of the idle buffer, in bytes (0 while a tensor holds it).
     pub fn idle_bytes(&self) -> usize {
-        self.lock().capacity() * std::mem::size_of::<f32>()
+        self.lock().as_ref().map_or(0, Vec::capacity) * std::mem::size_of::<f32>()
     }
 
     pub fn hits(&self) -> u64 {
@@ -208,6 +234,9 @@ mod tests {
         // Held by a clone: a second request cannot have it.
         let view = a.reshaped(vec![6]).unwrap();
         drop(a);
+        // Nor does a reservation replace it while it is lent.
+        slots[0].reserve(100);
+        assert_eq!(slots[0].idle_bytes(), 0);
         let b = out.f32(0, 4).into_tensor(vec![4]).unwrap();
         assert_ne!(b.as_slice::<f32>().unwrap().as_ptr(), ptr);
         assert_eq!(slots[0].misses(), 1);

@@ -117,12 +117,7 @@ fn every_fixture_keeps_its_outputs_and_never_grows_the_arena() {
                 assert_eq!(a.bytes(), b.bytes(), "{name}/{case}: outputs differ");
             }
         }
-        let is_const = |v: usize| {
-            graph
-                .const_value(patch_runtime::ValueId(v as u32))
-                .is_some()
-        };
-        let plan = MemoryPlan::new(&graph, is_const, None);
+        let plan = MemoryPlan::of_graph(&graph);
         table += &format!(
             "{name}: reordered {}, {} activations in {} slots\n  arena {} bytes\n  \
              unshared {} bytes\n  at 512: arena {} -> {}, peak live {} -> {}\n",

@@ -216,6 +216,17 @@ pub struct Node {
     pub outputs: Vec<ValueId>,
 }
 
+impl Node {
+    /// The op type, qualified by its domain outside the default one (`patch.Attention`).
+    pub fn qualified_op_type(&self) -> String {
+        if self.domain.is_empty() {
+            self.op_type.clone()
+        } else {
+            format!("{}.{}", self.domain, self.op_type)
+        }
+    }
+}
+
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Node({} {})", self.op_type, self.name)

@@ -592,11 +592,11 @@ impl LanguageModel {
                 "the graph returns logits for {rows} positions, {keep} were asked for"
             )));
         }
+        // f32 and aligned (`Logits::data` relies on it; a view of whole rows stays aligned).
         logits.as_slice::<f32>()?;
         let values = logits
             .reshaped(vec![1, rows, self.vocab])?
-            .last_positions(keep)?
-            .to_aligned();
+            .last_positions(keep)?;
         Ok(Logits {
             rows: keep,
             vocab: self.vocab,
