@@ -9,12 +9,17 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use patch_kernels::{TileKind, TileShape};
+use patch_passes::blocks::{find_blocks, Block};
 use patch_passes::calibration::Calibration;
 use patch_passes::hybrid::{WeightMask, WeightMatMul};
+use patch_passes::masks::blockwise::{self, BlockOutcome, BlockwiseInput, BlockwiseOptions};
 use patch_passes::masks::{self, patch::PatchOptions, LayerMask, MaskOptions, MaskTarget, Method};
+use patch_passes::{fuse, fusion_pipeline};
 use patch_runtime::bundle::{BundleContents, Generation};
 use patch_runtime::llm::LanguageModel;
+use patch_runtime::ops::OpRegistry;
 use patch_runtime::Graph;
+use patch_runtime::{Tensor, ValueId};
 use serde_json::{json, Value};
 
 /// How to calibrate.
@@ -31,6 +36,8 @@ pub struct CalibOptions {
     /// File to reuse the calibration statistics from (when it was made from the same model,
     /// text, samples and length) or to save them to.
     pub cache: Option<PathBuf>,
+    /// Sequential block-wise learning after the global allocation (`None`: matrix by matrix).
+    pub blockwise: Option<BlockwiseOptions>,
 }
 
 impl Default for CalibOptions {
@@ -44,6 +51,7 @@ impl Default for CalibOptions {
             update_weights: false,
             patch: PatchOptions::default(),
             cache: None,
+            blockwise: Some(BlockwiseOptions::default()),
         }
     }
 }
@@ -146,6 +154,8 @@ pub enum CalibError {
     CacheWrite { path: PathBuf, msg: String },
     #[error(transparent)]
     Mask(#[from] masks::MaskError),
+    #[error("block-wise calibration: {0}")]
+    Blockwise(#[from] blockwise::BlockwiseError),
 }
 
 /// The project's calibration split, looked for from the current directory and from the
@@ -177,6 +187,48 @@ pub struct Calibrated {
     pub achieved: f64,
     pub phase_seconds: Vec<(&'static str, f64)>,
     pub calib_tokens: usize,
+    /// Per block, when block-wise learning ran.
+    pub blocks: Vec<BlockOutcome>,
+    /// Why block-wise learning did not run although it was asked for.
+    pub blockwise_fallback: Option<String>,
+}
+
+/// The graph calibration runs: `graph` fused (the interpreter runs fused ops several times
+/// faster, and block-wise learning differentiates the fused block). Its prunable MatMuls keep
+/// their weights' names.
+fn calibration_graph(graph: &Graph, registry: &OpRegistry) -> Result<Graph, CalibError> {
+    let mut fused = graph.clone();
+    fusion_pipeline(registry, fuse::Fuse::new(fuse::FuseLimits::default()))
+        .run(&mut fused)
+        .map_err(|e| CalibError::Run(e.to_string()))?;
+    Ok(fused)
+}
+
+/// What the calibration run captures for block-wise learning: the first block's input for
+/// every window and the side values (rotary tables, mask, empty past) of the first window.
+struct Capture {
+    wanted_x: ValueId,
+    side: Vec<ValueId>,
+    windows: Vec<Tensor>,
+    side_values: HashMap<ValueId, Tensor>,
+}
+
+impl Capture {
+    fn observe(
+        &mut self,
+        node: &patch_runtime::ir::Node,
+        inputs: &[Option<&Tensor>],
+        window: usize,
+    ) {
+        for (v, t) in node.inputs.iter().zip(inputs) {
+            let (Some(v), Some(t)) = (v, t) else { continue };
+            if *v == self.wanted_x && self.windows.len() == window {
+                self.windows.push((*t).clone());
+            } else if window == 0 && self.side.contains(v) && !self.side_values.contains_key(v) {
+                self.side_values.insert(*v, (*t).clone());
+            }
+        }
+    }
 }
 
 /// Runs calibration and mask selection for `graph` at `sparsity`.
@@ -202,9 +254,14 @@ pub fn calibrate(
     if options.patch.joint.steps > 0 && method != Method::Patch {
         return Err(CalibError::JointNeedsPatch(method));
     }
+    let registry = OpRegistry::onnx();
     let mut phase_seconds = Vec::new();
     let mut calib = Calibration::default();
     let mut calib_tokens = 0;
+    let mut blockwise_fallback = None;
+    // Block-wise learning needs the statistics pass to capture the stream.
+    let mut blockwise_plan: Option<(Graph, Vec<WeightMatMul>, Vec<Block>)> = None;
+    let mut blockwise_stream: Option<(Vec<Tensor>, HashMap<ValueId, Tensor>)> = None;
     if method.needs_calibration() || options.update_weights {
         // Everything that can fail cheaply is checked before the long run.
         let tok_json = tokenizer_json.ok_or(CalibError::NoTokenizer(method))?;
@@ -218,9 +275,23 @@ pub fn calibrate(
             msg: e.to_string(),
         })?;
         let t0 = std::time::Instant::now();
+        let fused = calibration_graph(graph, &registry)?;
+        let fused_targets = prunable(&fused);
+        // Block-wise learning refines --method patch; the other methods stay matrix-wise.
+        if options.blockwise.is_some() && method == Method::Patch {
+            match find_blocks(&fused, &fused_targets) {
+                Ok(blocks) => blockwise_plan = Some((fused.clone(), fused_targets.clone(), blocks)),
+                Err(why) => blockwise_fallback = Some(why),
+            }
+        }
+        // The fused graph's activation entering each weight, by weight name.
+        let fused_input: HashMap<&str, ValueId> = fused_targets
+            .iter()
+            .filter_map(|t| Some((t.weight.as_str(), fused.node(t.node_id).inputs[0]?)))
+            .collect();
         let meta = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let key = format!(
-            "v1 model={} ({} bytes) text={} ({} bytes) samples={} seq={} targets={}",
+            "v2 fused model={} ({} bytes) text={} ({} bytes) samples={} seq={} targets={}",
             model_path.display(),
             meta(model_path),
             path.display(),
@@ -232,9 +303,9 @@ pub fn calibrate(
         let cached = options
             .cache
             .as_deref()
-            .and_then(|c| load_cache(c, Some(&key), graph));
+            .and_then(|c| load_cache(c, Some(&key), &fused));
         let model = LanguageModel::new(BundleContents {
-            graph: graph.clone(),
+            graph: fused.clone(),
             tokenizer_json: Some(tok_json.clone()),
             generation: generation.clone(),
             ..Default::default()
@@ -254,13 +325,22 @@ pub fn calibrate(
                 seq: options.seq,
             });
         }
-        let widths: HashMap<String, usize> =
-            targets.iter().map(|t| (t.node.clone(), t.k)).collect();
+        let widths: HashMap<String, usize> = fused_targets
+            .iter()
+            .map(|t| (t.node.clone(), t.k))
+            .collect();
         let span = ids.len() - options.seq;
         if let Some(c) = cached {
             calib = c;
         }
-        let todo = if calib.grams.is_empty() {
+        let mut capture = blockwise_plan.as_ref().map(|(_, _, blocks)| Capture {
+            wanted_x: blocks[0].input,
+            side: blocks.iter().flat_map(|b| b.side.iter().copied()).collect(),
+            windows: Vec::new(),
+            side_values: HashMap::new(),
+        });
+        let need_grams = calib.grams.is_empty();
+        let todo = if need_grams || capture.is_some() {
             options.samples
         } else {
             0
@@ -271,17 +351,49 @@ pub fn calibrate(
             let start = span * i / options.samples.max(1);
             let sample = &ids[start..start + options.seq];
             let mut cache = model.new_cache();
-            let mut observe = calib.observe(&widths);
+            let mut grams = need_grams.then(|| calib.observe(&widths));
+            let mut observe = |node: &patch_runtime::ir::Node, inputs: &[Option<&Tensor>]| {
+                if let Some(g) = grams.as_mut() {
+                    g(node, inputs);
+                }
+                if let Some(c) = capture.as_mut() {
+                    c.observe(node, inputs, i);
+                }
+            };
             model
                 .forward_observed(&mut cache, sample, 1, &mut observe)
                 .map_err(|e| CalibError::Run(e.to_string()))?;
         }
         progress("calibrate", options.samples, options.samples);
-        if let (Some(c), true) = (&options.cache, todo > 0) {
-            save_cache(c, &key, graph, &calib).map_err(|e| CalibError::CacheWrite {
+        if let (Some(c), true) = (&options.cache, need_grams) {
+            save_cache(c, &key, &fused, &calib).map_err(|e| CalibError::CacheWrite {
                 path: c.clone(),
                 msg: e.to_string(),
             })?;
+        }
+        // Key the statistics by the activations of `graph`, which the masks are computed on.
+        let mut remapped = Calibration::default();
+        for t in &targets {
+            let (Some(&fx), Some(x)) = (
+                fused_input.get(t.weight.as_str()),
+                graph.node(t.node_id).inputs[0],
+            ) else {
+                continue;
+            };
+            if let Some(g) = calib.grams.get(&fx) {
+                remapped.grams.entry(x).or_insert_with(|| g.clone());
+            }
+        }
+        calib = remapped;
+        if let Some(c) = capture {
+            if c.windows.len() != options.samples {
+                return Err(CalibError::Run(format!(
+                    "captured {} of {} windows of the first block's input",
+                    c.windows.len(),
+                    options.samples
+                )));
+            }
+            blockwise_stream = Some((c.windows, c.side_values));
         }
         calib_tokens = options.samples * options.seq;
         phase_seconds.push(("calibrate", t0.elapsed().as_secs_f64()));
@@ -311,11 +423,63 @@ pub fn calibrate(
         sparsity,
         tile,
         seed: options.seed,
-        update_weights: options.update_weights,
+        // Block-wise learning takes only the tile maps of the global allocation and makes its
+        // own weight update.
+        update_weights: options.update_weights && blockwise_stream.is_none(),
         patch: options.patch.clone(),
     };
-    let result: Vec<LayerMask> = masks::compute_masks(&mask_targets, &mask_options, progress)?;
+    let mut result: Vec<LayerMask> = masks::compute_masks(&mask_targets, &mask_options, progress)?;
     phase_seconds.push(("masks", t0.elapsed().as_secs_f64()));
+
+    let mut block_outcomes = Vec::new();
+    if let (Some((fused, fused_targets, blocks)), Some((windows, side)), Some(bw)) =
+        (&blockwise_plan, blockwise_stream, &options.blockwise)
+    {
+        let t0 = std::time::Instant::now();
+        // The global allocation's tile maps, in the fused graph's target order.
+        let by_weight: HashMap<&str, usize> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.weight.as_str(), i))
+            .collect();
+        let mut order = Vec::with_capacity(fused_targets.len());
+        for t in fused_targets {
+            order.push(*by_weight.get(t.weight.as_str()).ok_or_else(|| {
+                CalibError::Run(format!("`{}` is prunable only after fusion", t.weight))
+            })?);
+        }
+        let weights: Vec<Vec<f32>> = order.iter().map(|&i| mask_targets[i].w.clone()).collect();
+        let maps: Vec<patch_kernels::TileMap> =
+            order.iter().map(|&i| result[i].map.clone()).collect();
+        let total = blocks.len();
+        let (learned, outcomes) = blockwise::learn(
+            BlockwiseInput {
+                graph: fused,
+                registry: &registry,
+                blocks,
+                targets: fused_targets,
+                weights: &weights,
+                maps: &maps,
+                tile,
+                windows,
+                side: &side,
+                update_weights: options.update_weights,
+            },
+            bw,
+            &|done, _, _| progress("learn blocks", done, total),
+        )?;
+        for (l, &i) in learned.into_iter().zip(&order) {
+            let m = &mut result[i];
+            m.pruned = l.keep.iter().filter(|k| !**k).count();
+            m.keep = l.keep;
+            m.error = mask_targets[i].gram.map(|g| {
+                masks::reconstruction_error(&mask_targets[i].w, &l.weights, g, targets[i].n)
+            });
+            m.weights = options.update_weights.then_some(l.weights);
+        }
+        block_outcomes = outcomes;
+        phase_seconds.push(("blockwise", t0.elapsed().as_secs_f64()));
+    }
 
     let total: usize = targets.iter().map(|t| t.k * t.n).sum();
     let pruned: usize = result.iter().map(|m| m.pruned).sum();
@@ -358,6 +522,8 @@ pub fn calibrate(
         achieved: pruned as f64 / total as f64,
         phase_seconds,
         calib_tokens,
+        blocks: block_outcomes,
+        blockwise_fallback,
     })
 }
 

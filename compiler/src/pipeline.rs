@@ -397,6 +397,15 @@ pub fn compile(
             "patch_steps": options.calib.patch.steps,
             "joint_steps": options.calib.patch.joint.steps,
             "tile_map_svg": svg_path.display().to_string(),
+            "blockwise": c.blocks.iter().map(|b| json!({
+                "block": b.number,
+                "prior_error": b.prior_error,
+                "error": b.error,
+                "learned": b.learned,
+                "seconds": b.seconds,
+                "curve": b.curve,
+            })).collect::<Vec<_>>(),
+            "blockwise_fallback": c.blockwise_fallback,
             "layers": c.layers,
         });
         masks = c.masks;

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use patch_runtime::ir::Node;
 use patch_runtime::{DType, Tensor, ValueId};
 
@@ -32,16 +32,15 @@ impl Gram {
     }
 
     /// Adds the rows of `x` (`rows × k`, row-major f32): one f32 product per call, summed
-    /// into the f64 total.
+    /// into the f64 total. Large products split their output columns over the kernels'
+    /// thread pool.
     pub fn add_rows(&mut self, x: &[f32]) {
         let k = self.k;
         let rows = x.len() / k;
         if rows == 0 {
             return;
         }
-        let xv = ArrayView2::from_shape((rows, k), &x[..rows * k]).expect("rows × k");
-        let mut g = Array2::<f32>::zeros((k, k));
-        general_mat_mul(1.0, &xv.t(), &xv, 0.0, &mut g);
+        let g = gram_f32(&x[..rows * k], rows, k);
         for (acc, &v) in self.h.iter_mut().zip(g.iter()) {
             *acc += v as f64;
         }
@@ -56,6 +55,53 @@ impl Gram {
     }
 }
 
+/// `XᵀX` (`k × k`, row-major) of `rows × k` row-major `x`, in f32 (matrixmultiply), the
+/// output's column ranges on the kernels' pool when the product is large.
+pub fn gram_f32(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let xv = ArrayView2::from_shape((rows, k), x).expect("rows × k");
+    let mut g = vec![0f32; k * k];
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && rows * k * k >= 1 << 22 && k >= 64);
+    let Some(pool) = pool else {
+        let mut gv = ArrayViewMut2::from_shape((k, k), &mut g).expect("k × k");
+        general_mat_mul(1.0, &xv.t(), &xv, 0.0, &mut gv);
+        return g;
+    };
+    let parts = pool.threads();
+    let edge = |t: usize| ((k.div_ceil(16) * t / parts) * 16).min(k);
+    // Each thread computes the columns c0..c1 of G into its own buffer.
+    let pieces: Vec<std::sync::Mutex<Vec<f32>>> = (0..parts)
+        .map(|_| std::sync::Mutex::new(Vec::new()))
+        .collect();
+    pool.run_on_threads(&|t| {
+        let (c0, c1) = (edge(t), edge(t + 1));
+        if c0 >= c1 {
+            return;
+        }
+        let mut part = Array2::<f32>::zeros((k, c1 - c0));
+        general_mat_mul(
+            1.0,
+            &xv.t(),
+            &xv.slice(ndarray::s![.., c0..c1]),
+            0.0,
+            &mut part,
+        );
+        *pieces[t].lock().unwrap_or_else(|e| e.into_inner()) = part.into_raw_vec_and_offset().0;
+    });
+    for (t, piece) in pieces.into_iter().enumerate() {
+        let (c0, c1) = (edge(t), edge(t + 1));
+        let piece = piece.into_inner().unwrap_or_else(|e| e.into_inner());
+        let w = c1 - c0;
+        for r in 0..k {
+            if w > 0 {
+                g[r * k + c0..r * k + c1].copy_from_slice(&piece[r * w..(r + 1) * w]);
+            }
+        }
+    }
+    g
+}
+
 /// Gram matrices keyed by the activation value they were taken from.
 #[derive(Debug, Default)]
 pub struct Calibration {
@@ -64,11 +110,14 @@ pub struct Calibration {
 
 impl Calibration {
     /// An observer for [`patch_runtime::interp::Plan::run_observed`] that accumulates the
-    /// first input of every node named in `targets` (node name → activation width).
+    /// first input of every node named in `targets` (node name → activation width), once per
+    /// activation: make one observer per run.
     pub fn observe<'a>(
         &'a mut self,
         targets: &'a HashMap<String, usize>,
     ) -> impl FnMut(&Node, &[Option<&Tensor>]) + 'a {
+        // An activation read by several MatMuls (Q/K/V) is added once per run.
+        let mut seen = std::collections::HashSet::new();
         move |node, inputs| {
             let Some(&k) = targets.get(&node.name) else {
                 return;
@@ -78,6 +127,9 @@ impl Calibration {
             else {
                 return;
             };
+            if !seen.insert(id) {
+                return;
+            }
             if x.dtype() != DType::F32 || x.shape().last() != Some(&k) {
                 return;
             }

@@ -2,6 +2,8 @@
 //! runs a named pipeline of them once or to a fixpoint, calls the verifier after every pass
 //! (the pass name in any error) and lets a caller observe the IR after any pass or stop there.
 
+pub mod autodiff;
+pub mod blocks;
 pub mod calibration;
 pub mod canonicalize;
 pub mod cse;

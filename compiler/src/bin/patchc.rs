@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use patch_compiler::calibrate::{layer_table, CalibOptions};
 use patch_compiler::{inspect, onnx, pipeline};
 use patch_kernels::{TileShape, WeightDtype};
+use patch_passes::masks::blockwise::BlockwiseOptions;
 use patch_passes::masks::{joint::JointOptions, patch::PatchOptions, Method};
 use patch_runtime::ops::OpRegistry;
 
@@ -82,6 +83,13 @@ enum Command {
         /// (0: PATCH-Tile, patterns frozen from the one-shot method).
         #[arg(long, default_value_t = 0)]
         joint_steps: usize,
+        /// Learn masks block by block instead of matrix by matrix: Adam steps per transformer
+        /// block (0: only the sequential prior, SparseGPT on the pruned model's statistics).
+        #[arg(long, default_value_t = 64)]
+        blockwise_steps: usize,
+        /// Keep the matrix-wise masks of --method patch (no sequential block-wise stage).
+        #[arg(long)]
+        matrix_wise: bool,
         /// Skip the fusion pipeline (to compare fused and unfused bundles).
         #[arg(long)]
         no_fuse: bool,
@@ -143,6 +151,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             update_weights,
             patch_steps,
             joint_steps,
+            blockwise_steps,
+            matrix_wise,
             calib_cache,
             no_fuse,
             dump_after,
@@ -179,6 +189,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         ..PatchOptions::default()
                     },
+                    blockwise: (!matrix_wise).then(|| BlockwiseOptions {
+                        steps: blockwise_steps,
+                        seed,
+                        ..BlockwiseOptions::default()
+                    }),
                 },
                 fuse: !no_fuse,
                 dump_after,

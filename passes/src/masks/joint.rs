@@ -353,7 +353,7 @@ fn as_groups(v: &mut [f32]) -> &mut [[f32; 6]] {
 }
 
 /// `q = softmax((φ + g) / τ)` over the six patterns of a group.
-fn softmax(phi: &[f32], noise: &[f32], tau: f64) -> [f32; 6] {
+pub(crate) fn softmax(phi: &[f32], noise: &[f32], tau: f64) -> [f32; 6] {
     let inv = (1.0 / tau) as f32;
     let mut z = [0f32; 6];
     for p in 0..6 {
@@ -370,7 +370,7 @@ fn softmax(phi: &[f32], noise: &[f32], tau: f64) -> [f32; 6] {
 
 /// Standard Gumbel noise for draw `index` of stream `stream`: a counter-based generator
 /// (splitmix64 of the pair), so the draws do not depend on how groups are split over threads.
-fn gumbel(stream: u64, index: u64) -> f32 {
+pub(crate) fn gumbel(stream: u64, index: u64) -> f32 {
     let mut x = stream ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -393,7 +393,7 @@ fn fast_ln(x: f32) -> f32 {
     p + e as f32 * std::f32::consts::LN_2
 }
 
-fn argmax(phi: &[f32]) -> Vec<u8> {
+pub(crate) fn argmax(phi: &[f32]) -> Vec<u8> {
     phi.chunks(6)
         .map(|l| {
             (0..6)

@@ -19,6 +19,7 @@
 //! for PATCH-Tile the frozen one-shot pattern is then SparseGPT's own (its OBS selection inside
 //! the learned tile map), for the other methods the mask stays as chosen.
 
+pub mod blockwise;
 pub mod joint;
 pub mod linalg;
 pub mod patch;

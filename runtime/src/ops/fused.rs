@@ -100,11 +100,11 @@ const PREFILL_ROW_BLOCK: usize = 64;
 /// Multiply-adds from which decode attention spreads over the pool (≈ 10 µs on one core).
 const DECODE_PARALLEL_WORK: usize = 1 << 17;
 
-fn tensor_err(e: crate::RuntimeError) -> OpError {
+pub(crate) fn tensor_err(e: crate::RuntimeError) -> OpError {
     OpError::Invalid(e.to_string())
 }
 
-fn require_f32(op: &str, what: &str, ty: &TensorType) -> Result<(), OpError> {
+pub(crate) fn require_f32(op: &str, what: &str, ty: &TensorType) -> Result<(), OpError> {
     if ty.dtype == DType::F32 {
         Ok(())
     } else {
@@ -537,7 +537,7 @@ impl Attention {
 /// `+inf` (so the last 0.35 of the f32 range saturates early: the softmax calls it on
 /// `score - max ≤ 0`).
 #[inline(always)]
-fn exp_in_place(xs: &mut [f32]) {
+pub(crate) fn exp_in_place(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -572,7 +572,7 @@ type SoftmaxStats = Option<(f32, f32)>;
 /// Adds the mask row (`stride` apart) to the scores in `row`, then replaces them by their
 /// softmax and returns its max and sum; `None` (row contents unspecified) when every score is
 /// `-inf` or one is NaN. Max and sum run in 16 independent lanes so they vectorize.
-fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
+pub(crate) fn softmax_row(row: &mut [f32], mask: Option<(&[f32], usize)>) -> SoftmaxStats {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -74,9 +74,11 @@ macro_rules! numeric_or_half_dispatch {
 
 pub mod elementwise;
 pub mod fused;
+pub mod grad;
 pub mod hybrid;
 pub mod indexing;
 pub mod linalg;
+pub mod loss;
 pub mod norm;
 pub mod reduce;
 pub mod shape;
@@ -269,8 +271,10 @@ impl OpRegistry {
         let mut r = OpRegistry::empty();
         elementwise::register(&mut r);
         fused::register(&mut r);
+        grad::register(&mut r);
         hybrid::register(&mut r);
         linalg::register(&mut r);
+        loss::register(&mut r);
         norm::register(&mut r);
         reduce::register(&mut r);
         shape::register(&mut r);
