@@ -3,11 +3,14 @@
 #
 #   bash benches/sparsity_sweep.sh [OUT_DIR] [EVAL_TOKENS] [CALIB_SAMPLES]
 #
-# Environment: SPARSITIES (default "0.25 0.35 0.45 0.5"), METHODS (default "patch patch-update
-# wanda sparsegpt magnitude"; patch-update is `--method patch --update-weights`, patch-joint is
-# `--method patch --joint-steps $JOINT_STEPS` (default 100), patch-joint-update adds
-# `--update-weights`), DENSE=0 skips the dense row, KEEP=0 deletes each bundle once evaluated,
-# THREADS (default 2).
+# Environment: SPARSITIES (default "0.25 0.35 0.45 0.5"), METHODS (default "patch patch-masks
+# patch-matrix-update wanda sparsegpt"; patch is the default `--method patch`: block-wise
+# learning with the weight update; patch-masks adds `--keep-weights`; patch-prior is
+# `--blockwise-steps 0` (the sequential OBS prior alone); patch-matrix-update is the matrix-wise
+# PATCH-Tile with SparseGPT's update (`--matrix-wise`), patch-matrix the same without the update;
+# patch-joint-update is `--matrix-wise --joint-steps $JOINT_STEPS` (default 100)), DENSE=0 skips
+# the dense row, KEEP=0 deletes each bundle once evaluated, THREADS (default 2). CALIB_SAMPLES
+# defaults to 64.
 #
 # Needs `cargo build --release` and both prepare.sh scripts. Calibration statistics are
 # computed once (OUT_DIR/calib.bin) and reused by every compile. Prints one markdown row per
@@ -18,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-sweep}"
 TOKENS="${2:-100000}"
-SAMPLES="${3:-128}"
+SAMPLES="${3:-64}"
 MODEL=models/smollm2-135m/model_with_past.onnx
 TEXT=models/brown/build/eval.txt
 mkdir -p "$OUT"
@@ -40,13 +43,15 @@ if [ "${DENSE:-1}" != 0 ]; then
   row dense 0 "$OUT/dense.patch" -
 fi
 for s in ${SPARSITIES:-0.25 0.35 0.45 0.5}; do
-  for m in ${METHODS:-patch patch-update wanda sparsegpt magnitude}; do
+  for m in ${METHODS:-patch patch-masks patch-matrix-update wanda sparsegpt}; do
     b="$OUT/$m-$s.patch"
     args=(--method "$m")
     case "$m" in
-      patch-update) args=(--method patch --update-weights) ;;
-      patch-joint) args=(--method patch --joint-steps "${JOINT_STEPS:-100}") ;;
-      patch-joint-update) args=(--method patch --joint-steps "${JOINT_STEPS:-100}" --update-weights) ;;
+      patch-masks) args=(--method patch --keep-weights) ;;
+      patch-prior) args=(--method patch --blockwise-steps 0) ;;
+      patch-matrix) args=(--method patch --matrix-wise --keep-weights) ;;
+      patch-matrix-update) args=(--method patch --matrix-wise) ;;
+      patch-joint-update) args=(--method patch --matrix-wise --joint-steps "${JOINT_STEPS:-100}") ;;
     esac
     start=$(date +%s.%N)
     "$BIN/patchc" compile "$MODEL" -o "$b" --sparsity "$s" "${args[@]}" \

@@ -45,7 +45,7 @@ impl Default for CalibOptions {
         CalibOptions {
             method: Method::Patch,
             text: None,
-            samples: 128,
+            samples: 64,
             seq: 512,
             seed: 0,
             update_weights: false,
@@ -466,7 +466,7 @@ pub fn calibrate(
                 update_weights: options.update_weights,
             },
             bw,
-            &|done, _, _| progress("learn blocks", done, total),
+            &|done, _, message| progress(&format!("learn blocks ({message})"), done, total),
         )?;
         for (l, &i) in learned.into_iter().zip(&order) {
             let m = &mut result[i];
@@ -560,6 +560,127 @@ pub fn layer_table(layers: &[Value]) -> String {
     s
 }
 
+/// `text` escaped for SVG.
+fn svg_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The opening of an SVG picture: white background, a title and a one-line legend.
+fn svg_header(width: f64, height: f64, font: u32, title: &str, legend: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="{font}">"##
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="4" y="14" font-size="11">{}</text>"##,
+        svg_escape(title)
+    );
+    let _ = writeln!(s, r##"<text x="4" y="28">{}</text>"##, svg_escape(legend));
+    s
+}
+
+/// An SVG of block-wise learning: per block, the held-out objective of the prior and of the
+/// result (bars, log scale), and each block's training curve relative to its first step.
+pub fn blockwise_svg(blocks: &[BlockOutcome], title: &str) -> String {
+    let (w, h, pad) = (760.0f64, 260.0f64, 40.0f64);
+    let total_h = 2.0 * h + 3.0 * pad;
+    let mut s = svg_header(
+        w,
+        total_h,
+        10,
+        title,
+        "held-out block error mean((y-T)^2)/mean(T^2), log scale: grey prior (OBS), blue learned",
+    );
+    let errors: Vec<f64> = blocks
+        .iter()
+        .flat_map(|b| [b.prior_error, b.error])
+        .filter(|e| *e > 0.0 && e.is_finite())
+        .collect();
+    let lo = errors
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .log10()
+        .floor();
+    let hi = errors.iter().copied().fold(0.0, f64::max).log10().ceil();
+    let span = (hi - lo).max(1.0);
+    let y_of = |e: f64| pad + h - (e.max(1e-300).log10() - lo) / span * h;
+    let bw = (w - 2.0 * pad) / blocks.len().max(1) as f64;
+    for (i, b) in blocks.iter().enumerate() {
+        let x = pad + i as f64 * bw;
+        for (j, (e, fill)) in [(b.prior_error, "#aaaaaa"), (b.error, "#1f4e79")]
+            .iter()
+            .enumerate()
+        {
+            let y = y_of(*e);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{fill}"/>"##,
+                x + j as f64 * bw * 0.4,
+                bw * 0.4,
+                (pad + h - y).max(0.0)
+            );
+        }
+        if i % 5 == 0 {
+            let _ = writeln!(
+                s,
+                r##"<text x="{x:.1}" y="{}">{}</text>"##,
+                pad + h + 12.0,
+                b.number
+            );
+        }
+    }
+    let _ = writeln!(s, r##"<text x="4" y="{}">1e{lo}</text>"##, pad + h);
+    let _ = writeln!(s, r##"<text x="4" y="{}">1e{hi}</text>"##, pad + 8.0);
+    // Training curves, each relative to its first step.
+    let top = 2.0 * pad + h;
+    let _ = writeln!(
+        s,
+        r##"<text x="4" y="{}">training loss per step / first step (one line per block, darker = later block)</text>"##,
+        top + 6.0
+    );
+    let ratios: Vec<Vec<f64>> = blocks
+        .iter()
+        .map(|b| {
+            let first = b.curve.first().copied().unwrap_or(1.0).max(1e-300);
+            b.curve.iter().map(|c| c / first).collect()
+        })
+        .collect();
+    let ymax = ratios
+        .iter()
+        .flatten()
+        .copied()
+        .fold(1.0, f64::max)
+        .min(4.0);
+    for (i, r) in ratios.iter().enumerate() {
+        if r.len() < 2 {
+            continue;
+        }
+        let shade = 200 - (160 * i / blocks.len().max(1)) as i64;
+        let points: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(k, v)| {
+                let x = pad + k as f64 / (r.len() - 1) as f64 * (w - 2.0 * pad);
+                let y = top + pad * 0.5 + h - v.min(ymax) / ymax * h;
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            r##"<polyline fill="none" stroke="rgb({shade},{shade},255)" stroke-width="1" points="{}"/>"##,
+            points.join(" ")
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 /// A layer name with its tile map.
 type NamedMap = (String, patch_kernels::TileMap);
 
@@ -612,25 +733,12 @@ pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
     let width = label_w + rows.iter().map(|(_, v)| row_w(v)).fold(0.0, f64::max) + 10.0;
     let header = 44.0;
     let height = header + rows.iter().map(|(_, v)| row_h(v)).sum::<f64>() + 10.0;
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="9">"##
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="4" y="14" font-size="11">{}</text>"##,
-        esc(title)
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="4" y="28">dark: dense tile, light: 2:4 tile; one row per block, K down, N across</text>"##
+    let mut s = svg_header(
+        width,
+        height,
+        9,
+        title,
+        "dark: dense tile, light: 2:4 tile; one row per block, K down, N across",
     );
     if let Some((_, first)) = rows.first() {
         let mut x = label_w;
@@ -639,7 +747,7 @@ pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
                 s,
                 r##"<text x="{x}" y="{}">{}</text>"##,
                 header - 4.0,
-                esc(short_name(name))
+                svg_escape(short_name(name))
             );
             x += m.n_tiles() as f64 * cell + gap;
         }
@@ -648,7 +756,7 @@ pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
     for (b, v) in &rows {
         let label = match b {
             Some(b) => format!("block {b}"),
-            None => esc(short_name(&v[0].0)),
+            None => svg_escape(short_name(&v[0].0)),
         };
         let _ = writeln!(s, r##"<text x="4" y="{}">{label}</text>"##, y + 8.0);
         let mut x = label_w;

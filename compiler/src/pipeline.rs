@@ -385,7 +385,25 @@ pub fn compile(
                 source,
             }
         })?;
+        let blocks_svg =
+            (!c.blocks.is_empty()).then(|| options.output.with_extension("blocks.svg"));
+        if let Some(path) = &blocks_svg {
+            let svg = calibrate::blockwise_svg(
+                &c.blocks,
+                &format!(
+                    "{}: block-wise learning at sparsity {s}",
+                    options.model.display()
+                ),
+            );
+            onnx::export::write_atomically(path, &[svg.as_bytes()]).map_err(|source| {
+                CompileError::Write {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
         sparse_report = json!({
+            "blockwise_svg": blocks_svg.map(|p| p.display().to_string()),
             "method": options.calib.method.name(),
             "target_sparsity": s,
             "achieved_sparsity": c.achieved,
@@ -403,6 +421,12 @@ pub fn compile(
                 "error": b.error,
                 "learned": b.learned,
                 "seconds": b.seconds,
+                "phase_seconds": {
+                    "statistics": b.phases[0],
+                    "prior": b.phases[1],
+                    "learn": b.phases[2],
+                    "advance": b.phases[3],
+                },
                 "curve": b.curve,
             })).collect::<Vec<_>>(),
             "blockwise_fallback": c.blockwise_fallback,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2};
 use patch_runtime::ir::Node;
 use patch_runtime::{DType, Tensor, ValueId};
 
@@ -55,51 +55,36 @@ impl Gram {
     }
 }
 
-/// `XᵀX` (`k × k`, row-major) of `rows × k` row-major `x`, in f32 (matrixmultiply), the
-/// output's column ranges on the kernels' pool when the product is large.
+/// `XᵀX` (`k × k`, row-major) of `rows × k` row-major `x`, in f32: on the kernels' GEMM and
+/// thread pool (X packed as the product's weight, Xᵀ copied row-major), matrixmultiply when the
+/// kernels are unavailable or the product is small.
 pub fn gram_f32(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    let xv = ArrayView2::from_shape((rows, k), x).expect("rows × k");
     let mut g = vec![0f32; k * k];
-    let pool = patch_kernels::CpuKernels::global()
-        .ok()
-        .filter(|p| p.threads() > 1 && rows * k * k >= 1 << 22 && k >= 64);
-    let Some(pool) = pool else {
-        let mut gv = ArrayViewMut2::from_shape((k, k), &mut g).expect("k × k");
-        general_mat_mul(1.0, &xv.t(), &xv, 0.0, &mut gv);
-        return g;
-    };
-    let parts = pool.threads();
-    let edge = |t: usize| ((k.div_ceil(16) * t / parts) * 16).min(k);
-    // Each thread computes the columns c0..c1 of G into its own buffer.
-    let pieces: Vec<std::sync::Mutex<Vec<f32>>> = (0..parts)
-        .map(|_| std::sync::Mutex::new(Vec::new()))
-        .collect();
-    pool.run_on_threads(&|t| {
-        let (c0, c1) = (edge(t), edge(t + 1));
-        if c0 >= c1 {
-            return;
-        }
-        let mut part = Array2::<f32>::zeros((k, c1 - c0));
-        general_mat_mul(
-            1.0,
-            &xv.t(),
-            &xv.slice(ndarray::s![.., c0..c1]),
-            0.0,
-            &mut part,
-        );
-        *pieces[t].lock().unwrap_or_else(|e| e.into_inner()) = part.into_raw_vec_and_offset().0;
-    });
-    for (t, piece) in pieces.into_iter().enumerate() {
-        let (c0, c1) = (edge(t), edge(t + 1));
-        let piece = piece.into_inner().unwrap_or_else(|e| e.into_inner());
-        let w = c1 - c0;
-        for r in 0..k {
-            if w > 0 {
-                g[r * k + c0..r * k + c1].copy_from_slice(&piece[r * w..(r + 1) * w]);
-            }
+    if rows >= 16 && k >= 64 {
+        if let Some(()) = gram_packed(x, rows, k, &mut g) {
+            return g;
         }
     }
+    let xv = ArrayView2::from_shape((rows, k), x).expect("rows × k");
+    let mut gv = ArrayViewMut2::from_shape((k, k), &mut g).expect("k × k");
+    general_mat_mul(1.0, &xv.t(), &xv, 0.0, &mut gv);
     g
+}
+
+fn gram_packed(x: &[f32], rows: usize, k: usize, g: &mut [f32]) -> Option<()> {
+    use patch_kernels::{pack, CpuKernels, TileKind, TileMap, TileShape};
+    let kernels = CpuKernels::global().ok()?;
+    let tile = TileShape::new(128, 128).ok()?;
+    let (kt, nt) = tile.grid(rows, k);
+    let map = TileMap::uniform(kt, nt, TileKind::Dense);
+    let packed = pack(x, rows, k, tile, &map, None).ok()?;
+    let mut xt = vec![0f32; rows * k];
+    for r in 0..rows {
+        for c in 0..k {
+            xt[c * rows + r] = x[r * k + c];
+        }
+    }
+    kernels.matmul(k, &xt, &packed, None, g).ok()
 }
 
 /// Gram matrices keyed by the activation value they were taken from.

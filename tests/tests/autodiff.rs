@@ -618,40 +618,14 @@ fn block_gradient_matches_torch() {
     let golden = Golden::load();
     let case = &golden.json["cases"]["block0"];
     let reg = OpRegistry::onnx();
-    let g = fused_fixture();
-    let targets: Vec<_> = weight_matmuls(&g)
-        .into_iter()
-        .filter(|t| t.rewritable && t.prunable)
-        .collect();
-    let blocks = find_blocks(&g, &targets).unwrap();
+    let ids = ids_of(case);
+    // Side values (rotary tables, mask, past) and the block input from a run of the whole
+    // model on the same ids.
+    let (g, targets, blocks, side, x_seen) = fixture_blocks(&ids);
     assert_eq!(blocks.len(), 2, "the fixture has two decoder layers");
     let block = &blocks[0];
-    // Side values (rotary tables, mask, past) from a run of the whole model on the same ids.
-    let ids = ids_of(case);
-    let mut side: HashMap<ValueId, Tensor> = HashMap::new();
-    let mut x_seen = None;
-    Plan::new(&g)
-        .unwrap()
-        .run_observed(&model_feed(&g, &ids), &mut |node, inputs| {
-            for (v, t) in node.inputs.iter().zip(inputs) {
-                if let (Some(v), Some(t)) = (v, t) {
-                    if block.side.contains(v) {
-                        side.entry(*v).or_insert_with(|| (*t).clone());
-                    }
-                    if *v == block.input && x_seen.is_none() {
-                        x_seen = Some((*t).clone());
-                    }
-                }
-            }
-        })
-        .unwrap();
     let x = golden.tensor(&case["tensors"]["x"]);
-    assert_close(
-        "block input (embedding)",
-        x_seen.as_ref().unwrap(),
-        &x,
-        1e-6,
-    );
+    assert_close("block input (embedding)", &x_seen, &x, 1e-6);
     let spec = BlockGraphSpec {
         shape: x.shape(),
         side: &side,
@@ -723,4 +697,177 @@ fn block_gradient_matches_torch() {
             1e-4,
         );
     }
+}
+
+// ---- block-wise learning on the fixture ----
+
+/// The fused fixture, its prunable targets, blocks, and the side values and first-block input
+/// of a run on some ids.
+type FixtureBlocks = (
+    Graph,
+    Vec<patch_passes::hybrid::WeightMatMul>,
+    Vec<patch_passes::blocks::Block>,
+    HashMap<ValueId, Tensor>,
+    Tensor,
+);
+
+/// [`FixtureBlocks`] of a run on `ids`.
+fn fixture_blocks(ids: &[i64]) -> FixtureBlocks {
+    let g = fused_fixture();
+    let targets: Vec<_> = weight_matmuls(&g)
+        .into_iter()
+        .filter(|t| t.rewritable && t.prunable)
+        .collect();
+    let blocks = find_blocks(&g, &targets).unwrap();
+    let mut side: HashMap<ValueId, Tensor> = HashMap::new();
+    let mut x = None;
+    Plan::new(&g)
+        .unwrap()
+        .run_observed(&model_feed(&g, ids), &mut |node, inputs| {
+            for (v, t) in node.inputs.iter().zip(inputs) {
+                if let (Some(v), Some(t)) = (v, t) {
+                    if blocks.iter().any(|b| b.side.contains(v)) {
+                        side.entry(*v).or_insert_with(|| (*t).clone());
+                    }
+                    if *v == blocks[0].input && x.is_none() {
+                        x = Some((*t).clone());
+                    }
+                }
+            }
+        })
+        .unwrap();
+    (g, targets, blocks, side, x.unwrap())
+}
+
+/// What [`learn_on_fixture`] returns: the learned weights, the outcomes, the tile maps used.
+type Learned = (
+    Vec<patch_passes::masks::blockwise::LearnedWeight>,
+    Vec<patch_passes::masks::blockwise::BlockOutcome>,
+    Vec<TileMap>,
+    TileShape,
+);
+
+fn learn_on_fixture(
+    windows: Vec<Tensor>,
+    steps: usize,
+) -> Result<Learned, patch_passes::masks::blockwise::BlockwiseError> {
+    use patch_passes::masks::blockwise::{learn, BlockwiseInput, BlockwiseOptions};
+    let ids: Vec<i64> = (0..16).map(|i| (i * 37 + 5) % 500 + 3).collect();
+    let (g, targets, blocks, side, _) = fixture_blocks(&ids);
+    let reg = OpRegistry::onnx();
+    let tile = TileShape::new(16, 16).unwrap();
+    let weights: Vec<Vec<f32>> = targets
+        .iter()
+        .map(|t| t.oriented_weight(&g).unwrap())
+        .collect();
+    // Half the tiles 2:4.
+    let maps: Vec<TileMap> = targets
+        .iter()
+        .map(|t| {
+            let (kt, nt) = tile.grid(t.k, t.n);
+            TileMap::spread(kt, nt, 0.5)
+        })
+        .collect();
+    let out = learn(
+        BlockwiseInput {
+            graph: &g,
+            registry: &reg,
+            blocks: &blocks,
+            targets: &targets,
+            weights: &weights,
+            maps: &maps,
+            tile,
+            windows,
+            side: &side,
+            update_weights: true,
+        },
+        &BlockwiseOptions {
+            steps,
+            eval_windows: 2,
+            check_every: 4,
+            ..BlockwiseOptions::default()
+        },
+        &|_, _, _| {},
+    )?;
+    Ok((out.0, out.1, maps, tile))
+}
+
+fn fixture_windows(n: usize) -> Vec<Tensor> {
+    (0..n)
+        .map(|w| {
+            let ids: Vec<i64> = (0..16)
+                .map(|i| (i * 37 + 11 * w as i64 + 5) % 500 + 3)
+                .collect();
+            fixture_blocks(&ids).4
+        })
+        .collect()
+}
+
+#[test]
+fn blockwise_learning_is_never_worse_than_its_prior_and_keeps_2_of_4() {
+    let (learned, outcomes, maps, tile) = learn_on_fixture(fixture_windows(6), 12).unwrap();
+    assert_eq!(outcomes.len(), 2);
+    for o in &outcomes {
+        assert!(o.prior_error.is_finite() && o.prior_error > 0.0, "{o:?}");
+        assert!(
+            o.error <= o.prior_error,
+            "block {}: {} > prior {}",
+            o.number,
+            o.error,
+            o.prior_error
+        );
+        assert_eq!(o.curve.len(), 12);
+    }
+    let g = fused_fixture();
+    let targets: Vec<_> = weight_matmuls(&g)
+        .into_iter()
+        .filter(|t| t.rewritable && t.prunable)
+        .collect();
+    for ((l, t), map) in learned.iter().zip(&targets).zip(&maps) {
+        for r in (0..t.k).step_by(4) {
+            for c in 0..t.n {
+                let kept = (0..4.min(t.k - r))
+                    .filter(|q| l.keep[(r + q) * t.n + c])
+                    .count();
+                if map.get(r / tile.k, c / tile.n) == TileKind::Sparse24 && r + 4 <= t.k {
+                    assert_eq!(kept, 2, "{} group ({r}, {c})", t.weight);
+                } else if map.get(r / tile.k, c / tile.n) == TileKind::Dense {
+                    assert_eq!(kept, 4.min(t.k - r));
+                }
+            }
+        }
+        for (w, k) in l.weights.iter().zip(&l.keep) {
+            assert!(*k || *w == 0.0, "pruned weights are zero");
+        }
+    }
+}
+
+#[test]
+fn blockwise_stops_on_a_non_finite_loss_naming_the_block() {
+    let mut windows = fixture_windows(4);
+    let mut bad = windows[3].as_slice::<f32>().unwrap().to_vec();
+    bad[5] = f32::NAN;
+    windows[3] = Tensor::from_vec(windows[3].shape().to_vec(), bad).unwrap();
+    let err = learn_on_fixture(windows, 4).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("block 0") && msg.contains("not finite"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn blocks_that_cannot_be_identified_are_named() {
+    let reg = OpRegistry::onnx();
+    let mut g = import_fixture("gpt2");
+    cleanup_pipeline(&reg).run(&mut g).unwrap();
+    fusion_pipeline(&reg, fuse::Fuse::new(fuse::FuseLimits::default()))
+        .run(&mut g)
+        .unwrap();
+    let targets: Vec<_> = weight_matmuls(&g)
+        .into_iter()
+        .filter(|t| t.rewritable && t.prunable)
+        .collect();
+    let err = find_blocks(&g, &targets).unwrap_err();
+    assert!(err.contains("block") || err.contains("Gemm"), "{err}");
 }

@@ -61,7 +61,7 @@ enum Command {
         #[arg(long)]
         calib: Option<PathBuf>,
         /// Calibration samples (windows spread evenly over the text).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 64)]
         calib_samples: usize,
         /// Tokens per calibration sample.
         #[arg(long, default_value_t = 512)]
@@ -69,9 +69,14 @@ enum Command {
         /// Seed of the learned method's noise (a seed always gives the same bundle).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// After the masks are fixed, update the kept weights SparseGPT-style.
+        /// Update the kept weights once the mask is chosen (SparseGPT-style, and learned
+        /// through the blocks): the default of --method patch and sparsegpt; this flag turns
+        /// it on for wanda and magnitude.
         #[arg(long)]
         update_weights: bool,
+        /// Keep the original values of the kept weights (masks only) with --method patch.
+        #[arg(long, conflicts_with = "update_weights")]
+        keep_weights: bool,
         /// Reuse calibration statistics from this file when it matches the model, text,
         /// samples and length; otherwise compute and save them there.
         #[arg(long)]
@@ -149,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             calib_seq,
             seed,
             update_weights,
+            keep_weights,
             patch_steps,
             joint_steps,
             blockwise_steps,
@@ -168,6 +174,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .progress_chars("=> "),
             );
             let shown = bar.clone();
+            // Without a terminal, progress goes to stderr as plain lines.
+            let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let last_line = std::sync::Mutex::new((String::new(), std::time::Instant::now()));
             let options = pipeline::CompileOptions {
                 tokenizer,
                 sparsity,
@@ -179,7 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     samples: calib_samples,
                     seq: calib_seq,
                     seed,
-                    update_weights,
+                    update_weights: update_weights || (method == Method::Patch && !keep_weights),
                     cache: calib_cache,
                     patch: PatchOptions {
                         steps: patch_steps,
@@ -202,6 +211,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     shown.set_message(phase.to_string());
                     shown.set_length(total as u64);
                     shown.set_position(done as u64);
+                    if plain {
+                        plain_progress(&last_line, phase, done, total);
+                    }
                 })),
                 ..pipeline::CompileOptions::new(model, output.clone())
             };
@@ -235,6 +247,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     sp["target_sparsity"],
                     sp["tile_map_svg"].as_str().unwrap_or("?")
                 );
+                if let Some(blocks) = sp.get("blockwise").and_then(|b| b.as_array()) {
+                    let (prior, learned): (f64, f64) = blocks.iter().fold((0.0, 0.0), |a, b| {
+                        (
+                            a.0 + b["prior_error"].as_f64().unwrap_or(0.0),
+                            a.1 + b["error"].as_f64().unwrap_or(0.0),
+                        )
+                    });
+                    if !blocks.is_empty() {
+                        eprintln!(
+                            "block-wise learning: {} blocks, mean held-out block error {:.4} (prior) -> {:.4}; picture: {}",
+                            blocks.len(),
+                            prior / blocks.len() as f64,
+                            learned / blocks.len() as f64,
+                            sp["blockwise_svg"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+                if let Some(why) = sp.get("blockwise_fallback").and_then(|w| w.as_str()) {
+                    eprintln!("block-wise learning not run, matrix-wise masks kept: {why}");
+                }
             }
             if let Some(f) = r["fusion"].as_object() {
                 eprintln!(
@@ -272,5 +304,20 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints `phase: done/total` when the phase changes, when it completes, and at most every
+/// 10 seconds otherwise.
+fn plain_progress(
+    last: &std::sync::Mutex<(String, std::time::Instant)>,
+    phase: &str,
+    done: usize,
+    total: usize,
+) {
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    if last.0 != phase || done == total || last.1.elapsed().as_secs() >= 10 {
+        eprintln!("{phase}: {done}/{total}");
+        *last = (phase.to_string(), std::time::Instant::now());
     }
 }

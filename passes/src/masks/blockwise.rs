@@ -84,6 +84,9 @@ pub struct BlockOutcome {
     /// Training loss (relative, as above) per step.
     pub curve: Vec<f64>,
     pub seconds: f64,
+    /// Seconds per phase: statistics (both streams through the block), prior (OBS), learning
+    /// (steps and scoring), advancing the pruned stream.
+    pub phases: [f64; 4],
 }
 
 /// The mask and weights chosen for one target.
@@ -105,7 +108,6 @@ pub enum BlockwiseError {
 /// One target's learnable state inside its block.
 struct Weight {
     target: usize,
-    k: usize,
     n: usize,
     /// Master weights `[K, N]`.
     w: Vec<f32>,
@@ -187,7 +189,6 @@ impl Weight {
             (w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / w.len().max(1) as f64).sqrt();
         Weight {
             target,
-            k,
             n,
             adam_w: Adam::new(if learn_weights { w.len() } else { 0 }),
             adam_phi: Adam::new(phi.len()),
@@ -333,12 +334,15 @@ pub fn learn(
     let train_windows = total_windows - eval;
     let mut result: Vec<Option<LearnedWeight>> = vec![None; targets.len()];
     let mut outcomes = Vec::with_capacity(blocks.len());
+    let started = std::time::Instant::now();
     for (bi, block) in blocks.iter().enumerate() {
         let t0 = std::time::Instant::now();
         let bad = |msg: String| BlockwiseError::Block {
             block: block.number,
             msg,
         };
+        let mut phases = [0f64; 4];
+        let mut mark = std::time::Instant::now();
         progress(bi, blocks.len(), "statistics");
         let shape = dense[0].shape().to_vec();
         let spec = |with_loss| BlockGraphSpec {
@@ -404,6 +408,8 @@ pub fn learn(
         }
         let targets_t = &dense;
         // Prior: OBS inside the global tile map, on the sequential statistics.
+        phases[0] += mark.elapsed().as_secs_f64();
+        mark = std::time::Instant::now();
         progress(bi, blocks.len(), "prior");
         let mut state = Vec::with_capacity(block.targets.len());
         for (i, &t) in block.targets.iter().enumerate() {
@@ -411,6 +417,12 @@ pub fn learn(
             let gram = grams
                 .get(&gram_of[i])
                 .ok_or_else(|| bad(format!("no statistics for `{}`", tg.node)))?;
+            if gram.h.iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "the statistics of `{}` are not finite (a NaN or Inf activation entered the block)",
+                    tg.weight
+                )));
+            }
             let (w1, keep) = sparsegpt::prune(&weights[t], tg.k, tg.n, gram, &maps[t], tile, None)
                 .map_err(|m| bad(format!("`{}`: {m}", tg.weight)))?;
             // Master weights: the OBS update on kept elements, the original elsewhere (an
@@ -457,8 +469,17 @@ pub fn learn(
         let prior_keeps: Vec<Vec<bool>> = state.iter().map(|s| s.keep.clone()).collect();
         let prior_eff = effective(&state, &prior_keeps);
         let prior_error = score(&prior_eff).map_err(bad)?;
+        if !prior_error.is_finite() {
+            return Err(BlockwiseError::NotFinite {
+                block: block.number,
+                step: 0,
+                loss: prior_error,
+            });
+        }
         let mut best = (prior_eff, prior_keeps, prior_error, false);
         let mut curve = Vec::new();
+        phases[1] += mark.elapsed().as_secs_f64();
+        mark = std::time::Instant::now();
         if options.steps > 0 && train_windows > 0 {
             progress(bi, blocks.len(), "learn");
             let train = block_graph(graph, registry, block, targets, &spec(true))
@@ -529,6 +550,8 @@ pub fn learn(
         }
         let (eff, keeps, error, learned) = best;
         // Advance the pruned stream through the block as it will be packed.
+        phases[2] += mark.elapsed().as_secs_f64();
+        mark = std::time::Instant::now();
         progress(bi, blocks.len(), "advance");
         for x in pruned.iter_mut() {
             let out = fwd
@@ -536,10 +559,10 @@ pub fn learn(
                 .map_err(|e| bad(e.to_string()))?;
             *x = out[0].clone();
         }
+        phases[3] += mark.elapsed().as_secs_f64();
         for ((s, keep), w) in state.iter().zip(keeps).zip(eff) {
             result[s.target] = Some(LearnedWeight { keep, weights: w });
         }
-        let _ = (state.first().map(|s| (s.k, s.n)),);
         outcomes.push(BlockOutcome {
             number: block.number,
             prior_error,
@@ -547,8 +570,19 @@ pub fn learn(
             learned,
             curve,
             seconds: t0.elapsed().as_secs_f64(),
+            phases,
         });
-        progress(bi + 1, blocks.len(), "done");
+        let o = outcomes.last().expect("just pushed");
+        let elapsed = started.elapsed().as_secs_f64();
+        let eta = elapsed / (bi + 1) as f64 * (blocks.len() - bi - 1) as f64;
+        progress(
+            bi + 1,
+            blocks.len(),
+            &format!(
+                "block {}: error {:.4} -> {:.4}, ETA {:.0} s",
+                o.number, o.prior_error, o.error, eta
+            ),
+        );
     }
     let result = result
         .into_iter()

@@ -94,16 +94,12 @@ pub fn prune(
         if !any {
             continue;
         }
-        for r2 in r + 1..k {
-            let f = u[r * k + r2];
-            if f == 0.0 {
-                continue;
-            }
-            let dst = &mut wk[r2 * n..(r2 + 1) * n];
-            for (v, e) in dst.iter_mut().zip(&err) {
-                *v -= e * f;
-            }
-        }
+        propagate(
+            &mut wk[(r + 1) * n..],
+            &u[r * k + r + 1..(r + 1) * k],
+            &err,
+            n,
+        );
     }
     let out = wk
         .iter()
@@ -111,6 +107,40 @@ pub fn prune(
         .map(|(&v, &kp)| if kp { v as f32 } else { 0.0 })
         .collect();
     Ok((out, keep))
+}
+
+/// `rows[r2] −= f[r2] · err` for every row of `rows` (`n` wide), split over the kernels'
+/// thread pool when large.
+fn propagate(rows: &mut [f64], f: &[f64], err: &[f64], n: usize) {
+    let count = f.len();
+    let update = |rows: &mut [f64], f: &[f64]| {
+        for (dst, &fr) in rows.chunks_exact_mut(n).zip(f) {
+            if fr != 0.0 {
+                super::linalg::axpy(dst, -fr, err);
+            }
+        }
+    };
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && count * n >= 1 << 16);
+    let Some(pool) = pool else {
+        update(rows, f);
+        return;
+    };
+    let parts = pool.threads();
+    let mut chunks = Vec::with_capacity(parts);
+    let mut rest: &mut [f64] = rows;
+    for t in 0..parts {
+        let (r0, r1) = (count * t / parts, count * (t + 1) / parts);
+        let (head, tail) = rest.split_at_mut((r1 - r0) * n);
+        chunks.push(std::sync::Mutex::new((head, &f[r0..r1])));
+        rest = tail;
+    }
+    pool.run_on_threads(&|t| {
+        let mut c = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
+        let (rows, f) = &mut *c;
+        update(rows, f);
+    });
 }
 
 #[cfg(test)]

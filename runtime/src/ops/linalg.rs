@@ -360,6 +360,11 @@ fn mat_mul_f32(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), OpError> {
+    if m >= PACKED_MIN_ROWS && k >= 16 && n >= 16 {
+        if let Some(()) = mat_mul_packed(m, k, n, x, w, y) {
+            return Ok(());
+        }
+    }
     let pool = patch_kernels::CpuKernels::global()
         .ok()
         .filter(|p| p.threads() > 1);
@@ -402,6 +407,38 @@ fn mat_mul_f32(
     pool.expect("parts > 1 needs the pool")
         .run_on_threads(&work);
     Ok(())
+}
+
+/// Gemm's `C` broadcast to `[m, n]`.
+fn broadcast_c<'a, T>(
+    cv: &'a ndarray::ArrayViewD<'a, T>,
+    shape: &[usize],
+    m: usize,
+    n: usize,
+) -> Result<ndarray::ArrayView2<'a, T>, OpError> {
+    cv.broadcast(IxDyn(&[m, n]))
+        .ok_or_else(|| {
+            OpError::Shape(format!(
+                "Gemm: C of shape {shape:?} does not broadcast to [{m}, {n}]"
+            ))
+        })?
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| OpError::Invalid(format!("Gemm: {e}")))
+}
+
+/// Rows of X from which an f32 product packs W into dense tiles and runs the kernels' GEMM
+/// (run-time SIMD, the thread pool): packing costs `K·N` copies against `M·K·N` multiply-adds.
+const PACKED_MIN_ROWS: usize = 64;
+
+/// `y = x · w` on the kernels' dense GEMM; `None` when the kernels are unavailable (the caller
+/// falls back to matrixmultiply).
+fn mat_mul_packed(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) -> Option<()> {
+    let kernels = patch_kernels::CpuKernels::global().ok()?;
+    let tile = patch_kernels::TileShape::new(128, 128).ok()?;
+    let (kt, nt) = tile.grid(k, n);
+    let map = patch_kernels::TileMap::uniform(kt, nt, patch_kernels::TileKind::Dense);
+    let packed = patch_kernels::pack(w, k, n, tile, &map, None).ok()?;
+    kernels.matmul(m, x, &packed, None, y).ok()
 }
 
 /// The output pointer shared by the column-split workers (each writes its own columns).
@@ -630,20 +667,50 @@ impl Gemm {
         let mut beta_used = T::zero();
         if let Some(c) = c.filter(|_| self.beta != 0.0) {
             let cv = c.view::<T>().map_err(tensor_err)?;
-            let cb = cv.broadcast(IxDyn(&[m, n])).ok_or_else(|| {
-                OpError::Shape(format!(
-                    "Gemm: C of shape {:?} does not broadcast to [{m}, {n}]",
-                    c.shape()
-                ))
-            })?;
-            y.assign(
-                &cb.into_dimensionality::<ndarray::Ix2>()
-                    .map_err(|e| OpError::Invalid(format!("Gemm: {e}")))?,
-            );
+            y.assign(&broadcast_c(&cv, c.shape(), m, n)?);
             beta_used = beta;
         }
         general_mat_mul(alpha, &av, &bv, beta_used, &mut y);
         Ok(Tensor::from_array(y.into_dyn()))
+    }
+
+    /// `Y` in f32: transposed operands copied row-major, then the threaded product of
+    /// [`mat_mul_f32`], scaled by alpha, plus beta·C.
+    fn eval_f32(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: Option<&Tensor>,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Tensor, OpError> {
+        let row_major = |t: &Tensor, trans: bool| -> Result<Vec<f32>, OpError> {
+            let v = t.as_slice::<f32>().map_err(tensor_err)?;
+            if !trans {
+                return Ok(v.to_vec());
+            }
+            let (r, cols) = (t.shape()[0], t.shape()[1]);
+            let mut out = vec![0f32; v.len()];
+            for i in 0..r {
+                for j in 0..cols {
+                    out[j * r + i] = v[i * cols + j];
+                }
+            }
+            Ok(out)
+        };
+        let (av, bv) = (row_major(a, self.trans_a)?, row_major(b, self.trans_b)?);
+        let mut y = vec![0f32; m * n];
+        mat_mul_f32(m, k, n, &av, &bv, &mut y)?;
+        if self.alpha != 1.0 {
+            y.iter_mut().for_each(|v| *v *= self.alpha);
+        }
+        if let Some(c) = c.filter(|_| self.beta != 0.0) {
+            let cv = c.view::<f32>().map_err(tensor_err)?;
+            let cb = broadcast_c(&cv, c.shape(), m, n)?;
+            for (o, &cc) in y.iter_mut().zip(cb.iter()) {
+                *o += self.beta * cc;
+            }
+        }
+        Tensor::from_vec(vec![m, n], y).map_err(tensor_err)
     }
 
     /// `Y` for integer types, with wrapping arithmetic; alpha and beta must be integers.
@@ -744,7 +811,7 @@ impl Gemm {
             check_unidirectional(&from, &to, "Gemm C")?;
         }
         match a.dtype() {
-            DType::F32 => self.eval_blas::<f32>(a, b, c, self.alpha, self.beta, (m, n)),
+            DType::F32 => self.eval_f32(a, b, c, (m, k, n)),
             DType::F64 => {
                 self.eval_blas::<f64>(a, b, c, self.alpha as f64, self.beta as f64, (m, n))
             }
