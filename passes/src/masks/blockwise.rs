@@ -276,6 +276,42 @@ impl Weight {
     }
 }
 
+/// One matrix's relaxed step: soft keep weights, the pattern probabilities per learnable
+/// group, and the effective weight `W ⊙ K`.
+type Relaxed = (Vec<f32>, Vec<[f32; 6]>, Vec<f32>);
+
+/// `f(i, item)` for every item, on as many scoped threads as the machine has (items taken
+/// from a shared counter, so large and small matrices balance); results in item order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: &(dyn Fn(usize, &T) -> R + Sync)) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().enumerate().map(|(i, t)| f(i, t)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(i, item);
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item ran")
+        })
+        .collect()
+}
+
 /// Everything the learner needs from the caller for one model.
 pub struct BlockwiseInput<'a> {
     pub graph: &'a Graph,
@@ -492,16 +528,13 @@ pub fn learn(
                 let stream = options.seed
                     ^ (block.number + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
                     ^ (step as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03);
-                let relaxed: Vec<(Vec<f32>, Vec<[f32; 6]>)> = state
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| s.relaxed(Some((stream ^ i as u64, tau))))
-                    .collect();
-                let eff: Vec<Vec<f32>> = state
-                    .iter()
-                    .zip(&relaxed)
-                    .map(|(s, (soft, _))| s.w.iter().zip(soft).map(|(&a, &b)| a * b).collect())
-                    .collect();
+                // Relaxed masks and effective weights, one matrix per worker.
+                let relaxed: Vec<Relaxed> = par_map(&state, &|i, s: &Weight| {
+                    let (soft, qs) = s.relaxed(Some((stream ^ i as u64, tau)));
+                    let eff = s.w.iter().zip(&soft).map(|(&a, &b)| a * b).collect();
+                    (soft, qs, eff)
+                });
+                let eff: Vec<Vec<f32>> = relaxed.iter().map(|r| r.2.clone()).collect();
                 let mut inputs = dense_inputs(&pruned[w], &eff).map_err(bad)?;
                 inputs.push(targets_t[w].clone());
                 let out = train.run(&inputs).map_err(|e| bad(e.to_string()))?;
@@ -510,12 +543,13 @@ pub fn learn(
                     .ok()
                     .and_then(|v| v.first().copied())
                     .unwrap_or(f64::NAN);
-                let energy = relative_mse(
-                    &targets_t[w],
-                    &Tensor::zeros(patch_runtime::DType::F32, shape.clone()),
-                )
-                .map_err(bad)?
-                .0 / targets_t[w].len().max(1) as f64;
+                let energy = targets_t[w]
+                    .as_slice::<f32>()
+                    .map_err(|e| bad(e.to_string()))?
+                    .iter()
+                    .map(|&v| (v as f64).powi(2))
+                    .sum::<f64>()
+                    / targets_t[w].len().max(1) as f64;
                 if !loss.is_finite() {
                     return Err(BlockwiseError::NotFinite {
                         block: block.number,
@@ -524,13 +558,16 @@ pub fn learn(
                     });
                 }
                 curve.push(loss / energy.max(1e-300));
-                for (i, s) in state.iter_mut().enumerate() {
-                    let g = out[2 + i]
-                        .as_slice::<f32>()
-                        .map_err(|e| bad(e.to_string()))?;
-                    let (soft, qs) = &relaxed[i];
-                    s.step(g, soft, qs, tau, step + 1, options.pattern_lr);
-                }
+                let grads: Vec<&[f32]> = (0..state.len())
+                    .map(|i| out[2 + i].as_slice::<f32>().map_err(|e| bad(e.to_string())))
+                    .collect::<Result<_, _>>()?;
+                let slots: Vec<std::sync::Mutex<&mut Weight>> =
+                    state.iter_mut().map(std::sync::Mutex::new).collect();
+                par_map(&slots, &|i, slot: &std::sync::Mutex<&mut Weight>| {
+                    let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    let (soft, qs, _) = &relaxed[i];
+                    s.step(grads[i], soft, qs, tau, step + 1, options.pattern_lr);
+                });
                 if (step + 1) % options.check_every.max(1) == 0 || step + 1 == options.steps {
                     let keeps: Vec<Vec<bool>> = state.iter().map(Weight::hard_keep).collect();
                     let eff = effective(&state, &keeps);
