@@ -17,7 +17,7 @@ pub mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use patch_runtime::ir::{Attrs, Def, Node, OutputRole};
+use patch_runtime::ir::{Attrs, Node, OutputRole};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{DType, Graph, NodeId, OpError, RuntimeError, Tensor, ValueId};
 
@@ -349,9 +349,4 @@ pub fn differentiate(
     }
     graph.set_outputs(outputs);
     Ok(result)
-}
-
-/// Whether `v` is a graph input or a node output (not a constant).
-pub fn is_variable(graph: &Graph, v: ValueId) -> bool {
-    matches!(graph.value(v).def, Def::Input(_) | Def::Node(..))
 }

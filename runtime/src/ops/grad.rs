@@ -142,20 +142,12 @@ pub struct RmsNormGrad {
 }
 
 impl RmsNormGrad {
+    /// The forward op's attributes, parsed (and checked) as `patch.RMSNorm` parses them.
     pub fn from_attrs(attrs: &Attrs) -> Result<RmsNormGrad, OpError> {
-        let axis = attrs.int_or("axis", -1)?;
-        if axis != -1 {
-            return Err(OpError::Invalid(format!(
-                "patch.RMSNormGrad normalizes the last axis only (axis -1), got axis {axis}"
-            )));
-        }
-        let epsilon = attrs.float_or("epsilon", 1e-5)?;
-        if epsilon.is_nan() || epsilon < 0.0 {
-            return Err(OpError::Invalid(format!(
-                "patch.RMSNormGrad: epsilon must be a non-negative number, got {epsilon}"
-            )));
-        }
-        Ok(RmsNormGrad { epsilon })
+        let forward = super::fused::RmsNorm::from_attrs(attrs)?;
+        Ok(RmsNormGrad {
+            epsilon: forward.epsilon,
+        })
     }
 }
 
@@ -395,17 +387,12 @@ pub struct RotaryGrad {
 }
 
 impl RotaryGrad {
+    /// The forward op's attributes, parsed (and checked) as `patch.Rotary` parses them.
     pub fn from_attrs(attrs: &Attrs) -> Result<RotaryGrad, OpError> {
-        let half = attrs.req_int("half")?;
-        if half <= 0 {
-            return Err(OpError::Invalid(format!(
-                "patch.RotaryGrad: half must be positive, got {half}"
-            )));
-        }
-        let axis = attrs.int_or("axis", -1)?;
+        let forward = super::fused::Rotary::from_attrs(attrs)?;
         Ok(RotaryGrad {
-            half: half as usize,
-            axis,
+            half: forward.half,
+            axis: forward.axis,
         })
     }
 }
@@ -507,27 +494,13 @@ pub struct AttentionGrad {
 }
 
 impl AttentionGrad {
+    /// The forward op's attributes, parsed (and checked) as `patch.Attention` parses them.
     pub fn from_attrs(attrs: &Attrs) -> Result<AttentionGrad, OpError> {
-        let scale = attrs.float("scale")?.ok_or_else(|| OpError::BadAttr {
-            name: "scale".into(),
-            msg: "patch.AttentionGrad needs a scale".into(),
-        })?;
-        if !scale.is_finite() {
-            return Err(OpError::Invalid(format!(
-                "patch.AttentionGrad: scale must be finite, got {scale}"
-            )));
-        }
-        let seq_major = match attrs.string("layout")? {
-            None | Some("bhsd") => false,
-            Some("bshd") => true,
-            Some(other) => {
-                return Err(OpError::BadAttr {
-                    name: "layout".into(),
-                    msg: format!("patch.AttentionGrad layout must be bhsd or bshd, got `{other}`"),
-                })
-            }
-        };
-        Ok(AttentionGrad { scale, seq_major })
+        let forward = super::fused::Attention::from_attrs(attrs)?;
+        Ok(AttentionGrad {
+            scale: forward.scale,
+            seq_major: forward.seq_major,
+        })
     }
 
     /// `[b, heads, seq, d]` of a rank-4 shape in this op's layout.
