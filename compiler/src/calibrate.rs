@@ -13,7 +13,10 @@ use patch_passes::blocks::{find_blocks, Block};
 use patch_passes::calibration::Calibration;
 use patch_passes::hybrid::{WeightMask, WeightMatMul};
 use patch_passes::masks::blockwise::{self, BlockOutcome, BlockwiseInput, BlockwiseOptions};
-use patch_passes::masks::{self, patch::PatchOptions, LayerMask, MaskOptions, MaskTarget, Method};
+use patch_passes::masks::{
+    self, patch::PatchOptions, Allocation, LayerMask, MaskOptions, MaskTarget, Method,
+};
+use patch_passes::sensitivity::{LossGradients, Sensitivity};
 use patch_passes::{fuse, fusion_pipeline};
 use patch_runtime::bundle::{BundleContents, Generation};
 use patch_runtime::llm::LanguageModel;
@@ -38,6 +41,11 @@ pub struct CalibOptions {
     pub cache: Option<PathBuf>,
     /// Sequential block-wise learning after the global allocation (`None`: matrix by matrix).
     pub blockwise: Option<BlockwiseOptions>,
+    /// How `--method patch` shares the budget between matrices.
+    pub allocation: Allocation,
+    /// Calibration windows whose loss gradients give the sensitivities of the `loss` and
+    /// `uniform-blocks` allocations.
+    pub sensitivity_windows: usize,
 }
 
 impl Default for CalibOptions {
@@ -52,14 +60,30 @@ impl Default for CalibOptions {
             patch: PatchOptions::default(),
             cache: None,
             blockwise: Some(BlockwiseOptions::default()),
+            allocation: Allocation::Loss,
+            sensitivity_windows: 16,
         }
     }
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"PATCHCAL";
 
-/// Writes the Gram matrices (by activation name) under `key`.
-fn save_cache(path: &Path, key: &str, graph: &Graph, calib: &Calibration) -> std::io::Result<()> {
+/// The loss sensitivities of a calibration cache: per weight name, per output channel.
+#[derive(Clone, Debug, Default)]
+struct CachedSensitivity {
+    windows: usize,
+    loss: f64,
+    by_weight: HashMap<String, Vec<f64>>,
+}
+
+/// Writes the Gram matrices (by activation name) and the sensitivities under `key`.
+fn save_cache(
+    path: &Path,
+    key: &str,
+    graph: &Graph,
+    calib: &Calibration,
+    sensitivity: Option<&CachedSensitivity>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     buf.extend_from_slice(CACHE_MAGIC);
     buf.extend_from_slice(&(key.len() as u64).to_le_bytes());
@@ -77,6 +101,21 @@ fn save_cache(path: &Path, key: &str, graph: &Graph, calib: &Calibration) -> std
             buf.extend_from_slice(&v.to_le_bytes());
         }
     }
+    let empty = CachedSensitivity::default();
+    let sens = sensitivity.unwrap_or(&empty);
+    buf.extend_from_slice(&(sens.windows as u64).to_le_bytes());
+    buf.extend_from_slice(&sens.loss.to_le_bytes());
+    let mut entries: Vec<_> = sens.by_weight.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (name, f) in entries {
+        buf.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(&(f.len() as u64).to_le_bytes());
+        for v in f {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
     crate::onnx::export::write_atomically(path, &[&buf])
 }
 
@@ -84,12 +123,16 @@ fn save_cache(path: &Path, key: &str, graph: &Graph, calib: &Calibration) -> std
 /// cross-check them; compiles use the key-checked read). `None` if it is unreadable or names
 /// values `graph` does not have.
 pub fn read_cache(path: &Path, graph: &Graph) -> Option<Calibration> {
-    load_cache(path, None, graph)
+    load_cache(path, None, graph).map(|c| c.0)
 }
 
 /// Reads a cache written by [`save_cache`] if its key is `key` (any key for `None`); `None`
 /// otherwise (a stale or unreadable cache is recomputed, never trusted).
-fn load_cache(path: &Path, key: Option<&str>, graph: &Graph) -> Option<Calibration> {
+fn load_cache(
+    path: &Path,
+    key: Option<&str>,
+    graph: &Graph,
+) -> Option<(Calibration, CachedSensitivity)> {
     let b = std::fs::read(path).ok()?;
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -123,7 +166,24 @@ fn load_cache(path: &Path, key: Option<&str>, graph: &Graph) -> Option<Calibrati
             .grams
             .insert(id, patch_passes::calibration::Gram { k, h, rows });
     }
-    Some(calib)
+    let f64_of = |s: &[u8]| f64::from_le_bytes(s.try_into().expect("8 bytes"));
+    let mut sens = CachedSensitivity {
+        windows: u64_of(take(8)?),
+        loss: f64_of(take(8)?),
+        by_weight: HashMap::new(),
+    };
+    for _ in 0..u64_of(take(8)?) {
+        let nlen = u64_of(take(8)?);
+        let name = std::str::from_utf8(take(nlen)?).ok()?.to_string();
+        let n = u64_of(take(8)?);
+        let raw = take(n.checked_mul(8)?)?;
+        let f: Vec<f64> = raw.chunks_exact(8).map(f64_of).collect();
+        if f.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return None;
+        }
+        sens.by_weight.insert(name, f);
+    }
+    Some((calib, sens))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +210,10 @@ pub enum CalibError {
     JointNeedsPatch(Method),
     #[error("calibration run: {0}")]
     Run(String),
+    #[error("--allocation {0} needs the loss sensitivity, and the model's loss cannot be differentiated: {1} (use --allocation relative)")]
+    Sensitivity(Allocation, String),
+    #[error("--allocation {0} needs at least one --sensitivity-windows window")]
+    NoSensitivityWindows(Allocation),
     #[error("cannot write the calibration cache `{path}`: {msg}")]
     CacheWrite { path: PathBuf, msg: String },
     #[error(transparent)]
@@ -191,6 +255,17 @@ pub struct Calibrated {
     pub blocks: Vec<BlockOutcome>,
     /// Why block-wise learning did not run although it was asked for.
     pub blockwise_fallback: Option<String>,
+    /// The allocation `patch` used (None when no tiles were chosen: another method, or 50%).
+    pub allocation: Option<Allocation>,
+    /// Why the asked-for allocation was replaced by `relative`.
+    pub allocation_fallback: Option<String>,
+    /// Windows and mean cross-entropy (nats/token) of the dense model where the loss
+    /// sensitivities came from.
+    pub sensitivity: Option<(usize, f64)>,
+    /// Per transformer block (as found by dataflow): its weights' sparsity.
+    pub block_sparsity: Vec<(u64, f64)>,
+    /// Per entry of `tile_maps`: pruned weights and all weights.
+    pub tile_sizes: Vec<(usize, usize)>,
 }
 
 /// The graph calibration runs: `graph` fused (the interpreter runs fused ops several times
@@ -259,6 +334,13 @@ pub fn calibrate(
     let mut calib = Calibration::default();
     let mut calib_tokens = 0;
     let mut blockwise_fallback = None;
+    let mut allocation_fallback = None;
+    let mut sensitivity: Option<CachedSensitivity> = None;
+    let mut block_by_weight: HashMap<String, u64> = HashMap::new();
+    let chooses_tiles = method == Method::Patch && sparsity < 0.5;
+    if chooses_tiles && options.allocation.needs_sensitivity() && options.sensitivity_windows == 0 {
+        return Err(CalibError::NoSensitivityWindows(options.allocation));
+    }
     // Block-wise learning needs the statistics pass to capture the stream.
     let mut blockwise_plan: Option<(Graph, Vec<WeightMatMul>, Vec<Block>)> = None;
     let mut blockwise_stream: Option<(Vec<Tensor>, HashMap<ValueId, Tensor>)> = None;
@@ -278,10 +360,20 @@ pub fn calibrate(
         let fused = calibration_graph(graph, &registry)?;
         let fused_targets = prunable(&fused);
         // Block-wise learning refines --method patch; the other methods stay matrix-wise.
-        if options.blockwise.is_some() && method == Method::Patch {
+        if method == Method::Patch {
             match find_blocks(&fused, &fused_targets) {
-                Ok(blocks) => blockwise_plan = Some((fused.clone(), fused_targets.clone(), blocks)),
-                Err(why) => blockwise_fallback = Some(why),
+                Ok(blocks) => {
+                    for b in &blocks {
+                        for &i in &b.targets {
+                            block_by_weight.insert(fused_targets[i].weight.clone(), b.number);
+                        }
+                    }
+                    if options.blockwise.is_some() {
+                        blockwise_plan = Some((fused.clone(), fused_targets.clone(), blocks));
+                    }
+                }
+                Err(why) if options.blockwise.is_some() => blockwise_fallback = Some(why),
+                Err(_) => {}
             }
         }
         // The fused graph's activation entering each weight, by weight name.
@@ -291,7 +383,7 @@ pub fn calibrate(
             .collect();
         let meta = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let key = format!(
-            "v2 fused model={} ({} bytes) text={} ({} bytes) samples={} seq={} targets={}",
+            "v3 fused model={} ({} bytes) text={} ({} bytes) samples={} seq={} targets={}",
             model_path.display(),
             meta(model_path),
             path.display(),
@@ -330,8 +422,10 @@ pub fn calibrate(
             .map(|t| (t.node.clone(), t.k))
             .collect();
         let span = ids.len() - options.seq;
-        if let Some(c) = cached {
+        let mut cached_sensitivity = None;
+        if let Some((c, sens)) = cached {
             calib = c;
+            cached_sensitivity = Some(sens);
         }
         let mut capture = blockwise_plan.as_ref().map(|(_, _, blocks)| Capture {
             wanted_x: blocks[0].input,
@@ -365,10 +459,65 @@ pub fn calibrate(
                 .map_err(|e| CalibError::Run(e.to_string()))?;
         }
         progress("calibrate", options.samples, options.samples);
-        if let (Some(c), true) = (&options.cache, need_grams) {
-            save_cache(c, &key, &fused, &calib).map_err(|e| CalibError::CacheWrite {
-                path: c.clone(),
-                msg: e.to_string(),
+        let mut sensitivity_seconds = 0.0;
+        let mut new_sensitivity = false;
+        if chooses_tiles && options.allocation.needs_sensitivity() {
+            let windows = options.sensitivity_windows.min(options.samples);
+            let complete = |c: &CachedSensitivity| {
+                c.windows == windows
+                    && fused_targets
+                        .iter()
+                        .all(|t| c.by_weight.get(&t.weight).is_some_and(|f| f.len() == t.n))
+            };
+            match cached_sensitivity.filter(complete) {
+                Some(c) => sensitivity = Some(c),
+                None => {
+                    let t1 = std::time::Instant::now();
+                    match LossGradients::new(&fused, &registry, &fused_targets) {
+                        Err(e) if options.allocation == Allocation::Loss => {
+                            allocation_fallback =
+                                Some(format!("the model's loss cannot be differentiated: {e}"));
+                        }
+                        Err(e) => {
+                            return Err(CalibError::Sensitivity(options.allocation, e.to_string()))
+                        }
+                        Ok(gradients) => {
+                            let mut acc = Sensitivity::default();
+                            for w in 0..windows {
+                                progress("loss sensitivity", w, windows);
+                                let start = span * w / windows;
+                                let window: Vec<i64> = ids[start..start + options.seq]
+                                    .iter()
+                                    .map(|&v| v as i64)
+                                    .collect();
+                                gradients.observe(&window, &mut acc).map_err(|e| {
+                                    CalibError::Run(format!("loss sensitivity, window {w}: {e}"))
+                                })?;
+                            }
+                            progress("loss sensitivity", windows, windows);
+                            let acc = acc.finish().map_err(CalibError::Run)?;
+                            sensitivity = Some(CachedSensitivity {
+                                windows,
+                                loss: acc.loss,
+                                by_weight: fused_targets
+                                    .iter()
+                                    .zip(acc.fisher)
+                                    .map(|(t, f)| (t.weight.clone(), f))
+                                    .collect(),
+                            });
+                            new_sensitivity = true;
+                            sensitivity_seconds = t1.elapsed().as_secs_f64();
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(c), true) = (&options.cache, need_grams || new_sensitivity) {
+            save_cache(c, &key, &fused, &calib, sensitivity.as_ref()).map_err(|e| {
+                CalibError::CacheWrite {
+                    path: c.clone(),
+                    msg: e.to_string(),
+                }
             })?;
         }
         // Key the statistics by the activations of `graph`, which the masks are computed on.
@@ -396,8 +545,21 @@ pub fn calibrate(
             blockwise_stream = Some((c.windows, c.side_values));
         }
         calib_tokens = options.samples * options.seq;
-        phase_seconds.push(("calibrate", t0.elapsed().as_secs_f64()));
+        phase_seconds.push((
+            "calibrate",
+            t0.elapsed().as_secs_f64() - sensitivity_seconds,
+        ));
+        if new_sensitivity {
+            phase_seconds.push(("sensitivity", sensitivity_seconds));
+        }
     }
+    let allocation = chooses_tiles.then(|| {
+        if !options.allocation.needs_sensitivity() || sensitivity.is_some() {
+            options.allocation
+        } else {
+            Allocation::Relative
+        }
+    });
 
     let t0 = std::time::Instant::now();
     let inputs: Vec<_> = targets
@@ -414,6 +576,11 @@ pub fn calibrate(
                 n: t.n,
                 w: t.oriented_weight(graph)?,
                 gram: calib.grams.get(x),
+                fisher: sensitivity
+                    .as_ref()
+                    .and_then(|s| s.by_weight.get(&t.weight))
+                    .map(Vec::as_slice),
+                block: block_by_weight.get(&t.weight).copied(),
             })
         })
         .collect::<Result<_, patch_runtime::RuntimeError>>()
@@ -427,6 +594,7 @@ pub fn calibrate(
         // own weight update.
         update_weights: options.update_weights && blockwise_stream.is_none(),
         patch: options.patch.clone(),
+        allocation: allocation.unwrap_or(Allocation::Relative),
     };
     let mut result: Vec<LayerMask> = masks::compute_masks(&mask_targets, &mask_options, progress)?;
     phase_seconds.push(("masks", t0.elapsed().as_secs_f64()));
@@ -486,7 +654,15 @@ pub fn calibrate(
     let mut layers = Vec::new();
     let mut masks_by_weight = HashMap::new();
     let mut tile_maps = Vec::new();
+    let mut tile_sizes = Vec::new();
+    let mut per_block: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
     for (t, m) in targets.iter().zip(result) {
+        if let Some(&b) = block_by_weight.get(&t.weight) {
+            let e = per_block.entry(b).or_default();
+            e.0 += m.pruned;
+            e.1 += t.k * t.n;
+        }
+        tile_sizes.push((m.pruned, t.k * t.n));
         let sparse = m
             .map
             .kinds()
@@ -524,6 +700,14 @@ pub fn calibrate(
         calib_tokens,
         blocks: block_outcomes,
         blockwise_fallback,
+        allocation,
+        allocation_fallback,
+        sensitivity: sensitivity.map(|s| (s.windows, s.loss)),
+        block_sparsity: per_block
+            .into_iter()
+            .map(|(b, (p, all))| (b, p as f64 / all.max(1) as f64))
+            .collect(),
+        tile_sizes,
     })
 }
 
@@ -709,17 +893,25 @@ fn short_name(name: &str) -> &str {
 
 /// An SVG of every layer's tile map: one row per transformer block (consecutive layers whose
 /// names carry the same first number), its weights side by side, each drawn with K down and
-/// N across; dark cells stayed dense, light cells are 2:4.
-pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
+/// N across; dark cells stayed dense, light cells are 2:4. `sizes[i]` (pruned, all weights of
+/// `maps[i]`) gives each row's sparsity, printed under its label.
+pub fn tile_map_svg(maps: &[NamedMap], sizes: &[(usize, usize)], title: &str) -> String {
     let cell = 6.0;
     let gap = 14.0;
     let label_w = 70.0;
-    let mut rows: Vec<(Option<u64>, Vec<&NamedMap>)> = Vec::new();
-    for m in maps {
+    // (block, its maps, (pruned, all weights)).
+    type Row<'a> = (Option<u64>, Vec<&'a NamedMap>, (usize, usize));
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
         let b = block_of(&m.0);
+        let size = sizes.get(i).copied().unwrap_or((0, 0));
         match rows.last_mut() {
-            Some((rb, v)) if *rb == b && b.is_some() => v.push(m),
-            _ => rows.push((b, vec![m])),
+            Some((rb, v, total)) if *rb == b && b.is_some() => {
+                v.push(m);
+                total.0 += size.0;
+                total.1 += size.1;
+            }
+            _ => rows.push((b, vec![m], size)),
         }
     }
     let row_w =
@@ -730,17 +922,17 @@ pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
             .fold(0.0, f64::max)
             + 8.0
     };
-    let width = label_w + rows.iter().map(|(_, v)| row_w(v)).fold(0.0, f64::max) + 10.0;
+    let width = label_w + rows.iter().map(|(_, v, _)| row_w(v)).fold(0.0, f64::max) + 10.0;
     let header = 44.0;
-    let height = header + rows.iter().map(|(_, v)| row_h(v)).sum::<f64>() + 10.0;
+    let height = header + rows.iter().map(|(_, v, _)| row_h(v)).sum::<f64>() + 10.0;
     let mut s = svg_header(
         width,
         height,
         9,
         title,
-        "dark: dense tile, light: 2:4 tile; one row per block, K down, N across",
+        "dark: dense tile, light: 2:4 tile; one row per block (its sparsity under the label), K down, N across",
     );
-    if let Some((_, first)) = rows.first() {
+    if let Some((_, first, _)) = rows.first() {
         let mut x = label_w;
         for (name, m) in first {
             let _ = writeln!(
@@ -753,12 +945,20 @@ pub fn tile_map_svg(maps: &[NamedMap], title: &str) -> String {
         }
     }
     let mut y = header;
-    for (b, v) in &rows {
+    for (b, v, (pruned, all)) in &rows {
         let label = match b {
             Some(b) => format!("block {b}"),
             None => svg_escape(short_name(&v[0].0)),
         };
         let _ = writeln!(s, r##"<text x="4" y="{}">{label}</text>"##, y + 8.0);
+        if *all > 0 {
+            let _ = writeln!(
+                s,
+                r##"<text x="4" y="{}">{:.1}% sparse</text>"##,
+                y + 19.0,
+                100.0 * *pruned as f64 / *all as f64
+            );
+        }
         let mut x = label_w;
         for (_, m) in v {
             for i in 0..m.k_tiles() {
@@ -804,8 +1004,9 @@ mod tests {
             ),
             ("/model/layers.1/self_attn/q_proj/MatMul".to_string(), m),
         ];
-        let svg = tile_map_svg(&maps, "t");
+        let svg = tile_map_svg(&maps, &[(10, 40), (30, 40), (0, 40)], "t");
         assert!(svg.contains("block 0") && svg.contains("block 1") && svg.contains(">q_proj<"));
+        assert!(svg.contains(">50.0% sparse<") && svg.contains(">0.0% sparse<"));
         assert_eq!(svg.matches("<rect").count(), 1 + 3 * 6);
         assert_eq!(block_of("/model/layers.12/mlp"), Some(12));
     }

@@ -378,7 +378,7 @@ pub fn compile(
             options.tile.k,
             options.tile.n
         );
-        let svg = calibrate::tile_map_svg(&c.tile_maps, &title);
+        let svg = calibrate::tile_map_svg(&c.tile_maps, &c.tile_sizes, &title);
         onnx::export::write_atomically(&svg_path, &[svg.as_bytes()]).map_err(|source| {
             CompileError::Write {
                 path: svg_path.clone(),
@@ -430,6 +430,17 @@ pub fn compile(
                 "curve": b.curve,
             })).collect::<Vec<_>>(),
             "blockwise_fallback": c.blockwise_fallback,
+            "allocation": c.allocation.map(|a| a.name()),
+            "allocation_fallback": c.allocation_fallback,
+            "sensitivity": c.sensitivity.map(|(windows, loss)| json!({
+                "windows": windows,
+                "dense_loss": loss,
+                "dense_perplexity": loss.exp(),
+            })),
+            "block_sparsity": c.block_sparsity.iter().map(|(b, s)| json!({
+                "block": b,
+                "sparsity": s,
+            })).collect::<Vec<_>>(),
             "layers": c.layers,
         });
         masks = c.masks;

@@ -15,6 +15,7 @@ pub mod hybrid;
 pub mod kv_layout;
 pub mod masks;
 pub mod schedule;
+pub mod sensitivity;
 
 use std::sync::Arc;
 

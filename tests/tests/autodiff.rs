@@ -871,3 +871,43 @@ fn blocks_that_cannot_be_identified_are_named() {
     let err = find_blocks(&g, &targets).unwrap_err();
     assert!(err.contains("block") || err.contains("Gemm"), "{err}");
 }
+
+#[test]
+fn loss_sensitivities_come_from_the_models_own_loss() {
+    use patch_passes::sensitivity::{LossGradients, Sensitivity};
+    let golden = Golden::load();
+    let case = &golden.json["cases"]["model"];
+    let reg = OpRegistry::onnx();
+    let g = fused_fixture();
+    let targets: Vec<_> = weight_matmuls(&g)
+        .into_iter()
+        .filter(|t| t.rewritable && t.prunable)
+        .collect();
+    assert!(!targets.is_empty());
+    let gradients = LossGradients::new(&g, &reg, &targets).unwrap();
+    let ids = ids_of(case);
+    let mut acc = Sensitivity::default();
+    gradients.observe(&ids, &mut acc).unwrap();
+    gradients.observe(&ids, &mut acc).unwrap();
+    let acc = acc.finish().unwrap();
+    // The loss is torch's cross-entropy of the same tokens; two equal windows average to it.
+    let want_loss = golden
+        .tensor(&case["tensors"]["loss"])
+        .to_f64_vec()
+        .unwrap()[0];
+    assert!(
+        (acc.loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+        "loss {} vs torch {want_loss}",
+        acc.loss
+    );
+    assert_eq!(acc.windows, 2);
+    assert_eq!(acc.fisher.len(), targets.len());
+    for (t, f) in targets.iter().zip(&acc.fisher) {
+        assert_eq!(f.len(), t.n, "{}", t.weight);
+        assert!(f.iter().all(|v| v.is_finite() && *v >= 0.0), "{}", t.weight);
+        assert!(f.iter().any(|v| *v > 0.0), "{}: no sensitivity", t.weight);
+    }
+    // One token predicts nothing: refused, not divided by zero.
+    let mut one = Sensitivity::default();
+    assert!(gradients.observe(&ids[..1], &mut one).is_err());
+}

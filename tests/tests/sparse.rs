@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use patch_compiler::calibrate::CalibOptions;
 use patch_compiler::pipeline::{self, CompileError, CompileOptions};
 use patch_kernels::{TileKind, TileShape};
-use patch_passes::masks::Method;
+use patch_passes::masks::{Allocation, Method};
 use patch_runtime::bundle::{self, LoadOptions};
 use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
@@ -328,4 +328,44 @@ fn bad_calibration_input_fails_before_the_long_work() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("tokenizer"), "{err}");
+}
+
+#[test]
+fn the_loss_allocation_differentiates_the_model_and_caches_its_sensitivities() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_optimum_with_past", dir.path(), 400);
+    let cache = dir.path().join("calib.cache");
+    let run = |name: &str, allocation: Allocation| {
+        let out = dir.path().join(name);
+        let mut o = options(&model, &out, &calib, 0.35, Method::Patch);
+        o.calib.cache = Some(cache.clone());
+        o.calib.allocation = allocation;
+        o.calib.blockwise = None;
+        let report = pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
+        (load(&out).to_text(), sparse_report(&out), report.json)
+    };
+    let (a, ra, ja) = run("a.patch", Allocation::Loss);
+    assert_eq!(ra["allocation"], "loss");
+    assert!(ra["allocation_fallback"].is_null());
+    // 16 windows asked, 4 calibration windows: the sensitivities come from those 4.
+    assert_eq!(ra["sensitivity"]["windows"], 4);
+    let ppl = ra["sensitivity"]["dense_perplexity"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
+    assert!(ja["phase_seconds"]["sensitivity"].as_f64().is_some());
+    let blocks = ra["block_sparsity"].as_array().unwrap();
+    assert!(!blocks.is_empty());
+    // The second compile reads the sensitivities back from the cache: the same bundle.
+    let (b, rb, jb) = run("b.patch", Allocation::Loss);
+    assert_eq!(a, b);
+    assert_eq!(rb["sensitivity"], ra["sensitivity"]);
+    assert!(jb["phase_seconds"]["sensitivity"].is_null(), "recomputed");
+    // Uniform block budgets hold every block at the global sparsity.
+    let (_, ru, _) = run("u.patch", Allocation::UniformBlocks);
+    for blk in ru["block_sparsity"].as_array().unwrap() {
+        let s = blk["sparsity"].as_f64().unwrap();
+        assert!((s - 0.35).abs() < 0.06, "block {} at {s}", blk["block"]);
+    }
+    let (_, rr, _) = run("r.patch", Allocation::Relative);
+    assert_eq!(rr["allocation"], "relative");
+    assert!(rr["sensitivity"].is_null());
 }

@@ -9,7 +9,7 @@ use patch_compiler::calibrate::{layer_table, CalibOptions};
 use patch_compiler::{inspect, onnx, pipeline};
 use patch_kernels::{TileShape, WeightDtype};
 use patch_passes::masks::blockwise::BlockwiseOptions;
-use patch_passes::masks::{joint::JointOptions, patch::PatchOptions, Method};
+use patch_passes::masks::{joint::JointOptions, patch::PatchOptions, Allocation, Method};
 use patch_runtime::ops::OpRegistry;
 
 #[derive(Parser)]
@@ -95,6 +95,15 @@ enum Command {
         /// Keep the matrix-wise masks of --method patch (no sequential block-wise stage).
         #[arg(long)]
         matrix_wise: bool,
+        /// How --method patch shares the global budget between matrices: `loss` (by the
+        /// estimated change of the model's loss, from gradients through the whole network),
+        /// `relative` (by each matrix's own relative output error), `uniform-blocks` (as
+        /// `loss`, every block at the global sparsity).
+        #[arg(long, default_value = "loss")]
+        allocation: Allocation,
+        /// Calibration windows whose loss gradients give the `loss` allocation's sensitivities.
+        #[arg(long, default_value_t = 16)]
+        sensitivity_windows: usize,
         /// Skip the fusion pipeline (to compare fused and unfused bundles).
         #[arg(long)]
         no_fuse: bool,
@@ -159,6 +168,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             joint_steps,
             blockwise_steps,
             matrix_wise,
+            allocation,
+            sensitivity_windows,
             calib_cache,
             no_fuse,
             dump_after,
@@ -203,6 +214,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         seed,
                         ..BlockwiseOptions::default()
                     }),
+                    allocation,
+                    sensitivity_windows,
                 },
                 fuse: !no_fuse,
                 dump_after,
@@ -266,6 +279,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(why) = sp.get("blockwise_fallback").and_then(|w| w.as_str()) {
                     eprintln!("block-wise learning not run, matrix-wise masks kept: {why}");
+                }
+                if let Some(a) = sp.get("allocation").and_then(|a| a.as_str()) {
+                    let per_block: Vec<String> = sp["block_sparsity"]
+                        .as_array()
+                        .map(|b| {
+                            b.iter()
+                                .map(|e| {
+                                    format!(
+                                        "{}:{:.0}%",
+                                        e["block"],
+                                        100.0 * e["sparsity"].as_f64().unwrap_or(0.0)
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    eprintln!("allocation {a}; sparsity per block {}", per_block.join(" "));
+                }
+                if let Some(why) = sp.get("allocation_fallback").and_then(|w| w.as_str()) {
+                    eprintln!("the loss allocation was not used, relative errors instead: {why}");
                 }
             }
             if let Some(f) = r["fusion"].as_object() {

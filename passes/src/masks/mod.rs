@@ -88,6 +88,61 @@ pub struct MaskTarget<'a> {
     pub w: Vec<f32>,
     /// Statistics of the activation entering it (required by every method but magnitude).
     pub gram: Option<&'a Gram>,
+    /// Per output channel: the LM loss's sensitivity to the product's output
+    /// ([`crate::sensitivity`]); required by [`Allocation::Loss`] and
+    /// [`Allocation::UniformBlocks`].
+    pub fisher: Option<&'a [f64]>,
+    /// The transformer block the weight belongs to (for [`Allocation::UniformBlocks`]).
+    pub block: Option<u64>,
+}
+
+/// How `patch` shares the global budget between matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Tiles of every matrix compete by their estimated effect on the LM loss: each matrix's
+    /// reconstruction error weighted per output channel by the loss's sensitivity.
+    Loss,
+    /// By each matrix's output error relative to its own output energy (no gradients).
+    Relative,
+    /// As `Loss` inside each block, every block held to the global sparsity.
+    UniformBlocks,
+}
+
+impl Allocation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocation::Loss => "loss",
+            Allocation::Relative => "relative",
+            Allocation::UniformBlocks => "uniform-blocks",
+        }
+    }
+
+    /// Whether the allocation needs the targets' `fisher`.
+    pub fn needs_sensitivity(self) -> bool {
+        self != Allocation::Relative
+    }
+}
+
+impl fmt::Display for Allocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Allocation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "loss" => Allocation::Loss,
+            "relative" => Allocation::Relative,
+            "uniform-blocks" => Allocation::UniformBlocks,
+            _ => {
+                return Err(format!(
+                    "unknown allocation `{s}` (expected loss, relative or uniform-blocks)"
+                ))
+            }
+        })
+    }
 }
 
 /// The mask chosen for one weight.
@@ -118,6 +173,8 @@ pub struct MaskOptions {
     /// Apply the SparseGPT weight update once the mask is fixed (implied by `sparsegpt`).
     pub update_weights: bool,
     pub patch: patch::PatchOptions,
+    /// How `patch` shares the budget between matrices (the other methods: per matrix).
+    pub allocation: Allocation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +183,11 @@ pub enum MaskError {
     NoStatistics { method: Method, weight: String },
     #[error("`{weight}`: {msg}")]
     Numeric { weight: String, msg: String },
+    #[error("the `{allocation}` allocation needs the loss sensitivity of `{weight}`{}", if *.allocation == Allocation::UniformBlocks { " and its block" } else { "" })]
+    NoSensitivity {
+        allocation: Allocation,
+        weight: String,
+    },
 }
 
 /// Element scores of a method that has them (magnitude, wanda).

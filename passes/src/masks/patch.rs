@@ -10,6 +10,14 @@
 //!
 //! `L_l = rᵀ A_l r / E_l`,  `r = 1 − m`,  `A_l[t, t'] = tr(P_tᵀ H P_t')`,  `E_l = tr(Wᵀ H W)`.
 //!
+//! That is [`Allocation::Relative`]: every layer's error relative to its own output. With
+//! [`Allocation::Loss`] (the default) the error is the second-order estimate of the LM loss
+//! change instead ([`crate::sensitivity`]): output column `c` is weighted by the loss's
+//! sensitivity `F_c` to it, `A_l[t, t'] = Σ_c F_c P_t[:, c]ᵀ H P_t'[:, c]`, and `E_l` is one
+//! scale shared by all layers, so a tile of an early attention projection and one of a late
+//! MLP are compared by what they cost the model's output. [`Allocation::UniformBlocks`] is the
+//! same objective with the budget repaired block by block (an ablation).
+//!
 //! `A_l` is block diagonal over tile columns (tiles in different output columns never
 //! interact), so it is computed once (`K·K·N` per layer) and every optimizer step costs only
 //! the tiles squared per column. The objective adds a **global** density regularizer
@@ -27,7 +35,7 @@ use patch_kernels::{TileKind, TileMap, TileShape};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{h_times, repair_budget, MaskError, MaskOptions, MaskTarget, Method};
+use super::{h_times, repair_budget, Allocation, MaskError, MaskOptions, MaskTarget, Method};
 
 /// Optimizer settings (defaults documented in docs/CALIBRATION.md; not tuned by a search).
 #[derive(Clone, Debug)]
@@ -68,16 +76,22 @@ pub struct LayerQuad {
     pub nt: usize,
     /// Per tile column `j`: `A[(i, j), (i', j)]` as a row-major `kt × kt` matrix.
     pub blocks: Vec<Vec<f64>>,
-    /// `tr(Wᵀ H W)`.
+    /// The divisor of `rᵀ A r`: `tr(Wᵀ H W)` for a relative error, one global scale for all
+    /// layers when `A` is weighted by the loss sensitivity.
     pub energy: f64,
+    /// The layer's relative error `1ᵀ A₀ 1 / tr(Wᵀ H W)` with every tile 2:4, `A₀` unweighted.
+    pub full_relative: f64,
 }
 
 impl LayerQuad {
-    /// Builds the model of `t` with 2:4 keep-pattern `pattern`.
+    /// Builds the model of `t` with 2:4 keep-pattern `pattern`. With `sensitivity` (one value
+    /// per output channel), column `c`'s error counts `sensitivity[c]` times: `A` is then in
+    /// units of the loss and `energy` is left at 1 for the caller to set.
     pub fn new(
         t: &MaskTarget<'_>,
         pattern: &[bool],
         tile: TileShape,
+        sensitivity: Option<&[f64]>,
     ) -> Result<LayerQuad, MaskError> {
         let gram = t.gram.ok_or_else(|| MaskError::NoStatistics {
             method: Method::Patch,
@@ -90,7 +104,17 @@ impl LayerQuad {
                 .zip(pattern)
                 .map(|(&v, &kp)| if kp { 0.0 } else { v })
                 .collect();
+        if sensitivity.is_some_and(|f| f.len() != n) {
+            return Err(MaskError::Numeric {
+                weight: t.name.clone(),
+                msg: format!(
+                    "{} sensitivities for {n} output channels",
+                    sensitivity.map_or(0, <[f64]>::len)
+                ),
+            });
+        }
         let mut blocks = vec![vec![0f64; kt * kt]; nt];
+        let mut full_unweighted = 0f64;
         for i in 0..kt {
             // G_i = H · P_i, where P_i is P restricted to the rows of tile row i.
             let (r0, r1) = (i * tile.k, ((i + 1) * tile.k).min(k));
@@ -102,6 +126,8 @@ impl LayerQuad {
                 for c in 0..n {
                     let v = p[kk * n + c] as f64 * g[(kk, c)] as f64;
                     if v != 0.0 {
+                        full_unweighted += v;
+                        let v = sensitivity.map_or(v, |f| v * f[c]);
                         blocks[c / tile.n][i * kt + i2] += v;
                     }
                 }
@@ -113,12 +139,19 @@ impl LayerQuad {
                 .zip(hw.iter())
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
+        let energy = energy.max(1e-30);
         Ok(LayerQuad {
             kt,
             nt,
             blocks,
-            energy: energy.max(1e-30),
+            energy: if sensitivity.is_some() { 1.0 } else { energy },
+            full_relative: full_unweighted / energy,
         })
+    }
+
+    /// `1ᵀ A 1`: the (weighted) error with every tile 2:4, before the division by `energy`.
+    pub fn full(&self) -> f64 {
+        self.blocks.iter().map(|b| b.iter().sum::<f64>()).sum()
     }
 
     /// `rᵀ A r / E` and its gradient in `r` (tiles row-major over the grid).
@@ -214,10 +247,33 @@ pub fn learn_tile_maps(
     let tile = options.tile;
     let po = &options.patch;
     let s = options.sparsity;
+    let weighted = options.allocation.needs_sensitivity();
     let mut layers = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
         progress("error model", i, targets.len());
-        layers.push(LayerQuad::new(t, &patterns[i], tile)?);
+        let sensitivity = if weighted {
+            let missing = || MaskError::NoSensitivity {
+                allocation: options.allocation,
+                weight: t.name.clone(),
+            };
+            if options.allocation == Allocation::UniformBlocks && t.block.is_none() {
+                return Err(missing());
+            }
+            Some(t.fisher.ok_or_else(missing)?)
+        } else {
+            None
+        };
+        layers.push(LayerQuad::new(t, &patterns[i], tile, sensitivity)?);
+    }
+    if weighted {
+        // One scale for every layer, chosen so that the all-2:4 objective equals the relative
+        // one's: the optimizer's step and the budget weight λ keep their meaning.
+        let weighted_full: f64 = layers.iter().map(LayerQuad::full).sum();
+        let relative_full: f64 = layers.iter().map(|q| q.full_relative).sum();
+        let scale = (weighted_full / relative_full.max(1e-300)).max(1e-300);
+        for q in &mut layers {
+            q.energy = scale;
+        }
     }
     let counts: Vec<Vec<f64>> = costs
         .iter()
@@ -322,7 +378,29 @@ pub fn learn_tile_maps(
             TileMap::from_kinds(kt, nt, kinds).expect("one logit per tile")
         })
         .collect();
-    repair_budget(&mut maps, costs, s * total, &|l, t| theta[l][t]);
+    if options.allocation == Allocation::UniformBlocks {
+        // Each block to the global sparsity, by the learned logits inside it.
+        let mut blocks: Vec<u64> = targets.iter().filter_map(|t| t.block).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        for b in blocks {
+            let members: Vec<usize> = (0..targets.len())
+                .filter(|&l| targets[l].block == Some(b))
+                .collect();
+            let mut sub: Vec<TileMap> = members.iter().map(|&l| maps[l].clone()).collect();
+            let sub_costs: Vec<Vec<(usize, f64)>> =
+                members.iter().map(|&l| costs[l].clone()).collect();
+            let size: usize = members.iter().map(|&l| targets[l].k * targets[l].n).sum();
+            repair_budget(&mut sub, &sub_costs, s * size as f64, &|i, t| {
+                theta[members[i]][t]
+            });
+            for (m, &l) in sub.into_iter().zip(&members) {
+                maps[l] = m;
+            }
+        }
+    } else {
+        repair_budget(&mut maps, costs, s * total, &|l, t| theta[l][t]);
+    }
     Ok(maps)
 }
 
@@ -357,6 +435,8 @@ mod tests {
             n: 8,
             w: ws[0].clone(),
             gram: Some(&grams[0]),
+            fisher: None,
+            block: None,
         };
         let norms = grams[0].column_norms();
         let sc: Vec<f64> =
@@ -365,7 +445,7 @@ mod tests {
                 .map(|(i, v)| v.abs() as f64 * norms[i / 8])
                 .collect();
         let pat = pattern_24(&sc, 16, 8);
-        let q = LayerQuad::new(&t, &pat, tile).unwrap();
+        let q = LayerQuad::new(&t, &pat, tile, None).unwrap();
         // Binary r: tiles 0 and 3 sparse.
         let map = TileMap::from_kinds(
             2,
@@ -403,6 +483,8 @@ mod tests {
                 n: 8,
                 w: ws[l].clone(),
                 gram: Some(&grams[l]),
+                fisher: None,
+                block: None,
             };
             let sc: Vec<f64> = t.w.iter().map(|v| v.abs() as f64).collect();
             let pat = pattern_24(&sc, 16, 8);
@@ -412,7 +494,7 @@ mod tests {
                     .map(|c| c.0 as f64)
                     .collect(),
             );
-            layers.push(LayerQuad::new(&t, &pat, tile).unwrap());
+            layers.push(LayerQuad::new(&t, &pat, tile, None).unwrap());
         }
         let obj = Objective {
             layers,
@@ -445,5 +527,146 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn layer(rng: &mut StdRng, k: usize, n: usize) -> (Gram, Vec<f32>) {
+        let x: Vec<f32> = (0..4 * k * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut g = Gram::new(k);
+        g.add_rows(&x);
+        (g, (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect())
+    }
+
+    #[test]
+    fn weighted_model_is_the_sensitivity_weighted_error() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (k, n) = (16, 8);
+        let (gram, w) = layer(&mut rng, k, n);
+        let fisher: Vec<f64> = (0..n).map(|c| 0.5 + c as f64).collect();
+        let tile = TileShape::new(8, 4).unwrap();
+        let t = MaskTarget {
+            name: "w".into(),
+            k,
+            n,
+            w: w.clone(),
+            gram: Some(&gram),
+            fisher: Some(&fisher),
+            block: Some(0),
+        };
+        let sc: Vec<f64> = w.iter().map(|v| v.abs() as f64).collect();
+        let pat = pattern_24(&sc, k, n);
+        let q = LayerQuad::new(&t, &pat, tile, Some(&fisher)).unwrap();
+        assert_eq!(q.energy, 1.0);
+        let map = TileMap::from_kinds(
+            2,
+            2,
+            vec![
+                TileKind::Dense,
+                TileKind::Sparse24,
+                TileKind::Sparse24,
+                TileKind::Sparse24,
+            ],
+        )
+        .unwrap();
+        let mut g = [0.0; 4];
+        let model = q.loss_grad(&[0.0, 1.0, 1.0, 1.0], &mut g);
+        let keep = crate::masks::keep_for(&map, &pat, k, n, tile);
+        let delta: Vec<f32> = w
+            .iter()
+            .zip(&keep)
+            .map(|(&v, &kp)| if kp { 0.0 } else { v })
+            .collect();
+        // Σ_c F_c Δ[:, c]ᵀ H Δ[:, c], by hand.
+        let hd = crate::masks::h_times(&gram, &delta, n);
+        let mut exact = 0.0;
+        for c in 0..n {
+            let col: f64 = (0..k)
+                .map(|r| delta[r * n + c] as f64 * hd[(r, c)] as f64)
+                .sum();
+            exact += fisher[c] * col;
+        }
+        assert!((model - exact).abs() <= 1e-6 * exact, "{model} vs {exact}");
+        let unweighted = LayerQuad::new(&t, &pat, tile, None).unwrap();
+        assert!((q.full_relative - unweighted.full() / unweighted.energy).abs() < 1e-9);
+    }
+
+    fn options(allocation: Allocation, sparsity: f64) -> MaskOptions {
+        MaskOptions {
+            method: Method::Patch,
+            sparsity,
+            tile: TileShape::new(8, 4).unwrap(),
+            seed: 3,
+            update_weights: false,
+            // Two small layers have ~100× less error than a model's sum of layers; a weaker
+            // budget weight keeps the error term's share of the gradient what it is there.
+            patch: PatchOptions {
+                lambda: 1.0,
+                ..PatchOptions::default()
+            },
+            allocation,
+        }
+    }
+
+    fn sparsity_of(m: &crate::masks::LayerMask, size: usize) -> f64 {
+        m.pruned as f64 / size as f64
+    }
+
+    #[test]
+    fn the_loss_allocation_keeps_the_sensitive_layer_dense() {
+        // Two copies of one layer; the model's loss is ten times as sensitive to the second.
+        let mut rng = StdRng::seed_from_u64(8);
+        let (k, n) = (32, 16);
+        let (gram, w) = layer(&mut rng, k, n);
+        let low = vec![1.0; n];
+        let high = vec![10.0; n];
+        let targets: Vec<MaskTarget<'_>> = [&low, &high]
+            .iter()
+            .enumerate()
+            .map(|(i, f)| MaskTarget {
+                name: format!("w{i}"),
+                k,
+                n,
+                w: w.clone(),
+                gram: Some(&gram),
+                fisher: Some(f),
+                block: Some(i as u64),
+            })
+            .collect();
+        let quiet = |_: &str, _: usize, _: usize| {};
+        let loss = crate::masks::compute_masks(&targets, &options(Allocation::Loss, 0.25), &quiet)
+            .unwrap();
+        let (s0, s1) = (sparsity_of(&loss[0], k * n), sparsity_of(&loss[1], k * n));
+        assert!(s0 > s1 + 0.2, "insensitive {s0} vs sensitive {s1}");
+        // The relative allocation sees two equal layers; the uniform one holds both at 25%.
+        let relative =
+            crate::masks::compute_masks(&targets, &options(Allocation::Relative, 0.25), &quiet)
+                .unwrap();
+        let r = (
+            sparsity_of(&relative[0], k * n),
+            sparsity_of(&relative[1], k * n),
+        );
+        assert!((r.0 - r.1).abs() < 0.2, "relative: {r:?}");
+        let uniform = crate::masks::compute_masks(
+            &targets,
+            &options(Allocation::UniformBlocks, 0.25),
+            &quiet,
+        )
+        .unwrap();
+        for m in &uniform {
+            let s = sparsity_of(m, k * n);
+            assert!((s - 0.25).abs() < 0.02, "uniform block at {s}");
+        }
+        // Without sensitivities the loss allocation refuses, naming the weight.
+        let bare: Vec<MaskTarget<'_>> = targets
+            .iter()
+            .cloned()
+            .map(|mut t| {
+                t.fisher = None;
+                t
+            })
+            .collect();
+        let err = crate::masks::compute_masks(&bare, &options(Allocation::Loss, 0.25), &quiet)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`w0`") && err.contains("loss"), "{err}");
     }
 }
