@@ -172,6 +172,9 @@ fn load_cache(
         loss: f64_of(take(8)?),
         by_weight: HashMap::new(),
     };
+    if !sens.loss.is_finite() {
+        return None;
+    }
     for _ in 0..u64_of(take(8)?) {
         let nlen = u64_of(take(8)?);
         let name = std::str::from_utf8(take(nlen)?).ok()?.to_string();

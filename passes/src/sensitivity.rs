@@ -28,8 +28,8 @@ pub const LABELS: &str = "sensitivity/labels";
 /// Output sensitivities accumulated over windows.
 #[derive(Clone, Debug, Default)]
 pub struct Sensitivity {
-    /// Per target (in the order given to [`LossGradients::new`]), per output channel: the
-    /// mean over windows of `Σ_positions (∂L/∂y_c)²`.
+    /// Per target (in the order given to [`LossGradients::new`]), per output channel:
+    /// `Σ_positions (∂L/∂y_c)²` summed over the windows, their mean after [`Sensitivity::finish`].
     pub fisher: Vec<Vec<f64>>,
     /// Mean cross-entropy over the windows, nats per token.
     pub loss: f64,
@@ -108,41 +108,19 @@ impl LossGradients {
         })
     }
 
-    /// Graph inputs for one window of `ids` (batch 1, no past): the labels are the next
-    /// tokens, the last position ignored.
+    /// Graph inputs for one window of `ids`: the model's ([`window_feeds`]) and the labels,
+    /// the next tokens with the last position ignored.
     fn feeds(&self, ids: &[i64]) -> Result<Vec<Tensor>, RuntimeError> {
-        let n = ids.len();
-        self.inputs
+        let mut feeds = window_feeds(&self.graph, ids)?;
+        let mut labels = ids[1..].to_vec();
+        labels.push(-100);
+        let at = self
+            .inputs
             .iter()
-            .map(|&(id, role)| {
-                Ok(match role {
-                    _ if id == self.labels => {
-                        let mut labels = ids[1..].to_vec();
-                        labels.push(-100);
-                        Tensor::from_vec(vec![1, n], labels)?
-                    }
-                    InputRole::TokenIds => Tensor::from_vec(vec![1, n], ids.to_vec())?,
-                    InputRole::AttentionMask => Tensor::from_vec(vec![1, n], vec![1i64; n])?,
-                    InputRole::PositionIds => {
-                        Tensor::from_vec(vec![1, n], (0..n as i64).collect())?
-                    }
-                    _ => {
-                        // Past keys and values: empty along the sequence, batch 1.
-                        let ty = &self.graph.value(id).ty;
-                        let shape = ty
-                            .shape
-                            .iter()
-                            .enumerate()
-                            .map(|(i, d)| {
-                                d.as_const()
-                                    .map_or(if i == 0 { 1 } else { 0 }, |c| c as usize)
-                            })
-                            .collect();
-                        Tensor::zeros(ty.dtype, shape)
-                    }
-                })
-            })
-            .collect()
+            .position(|&(id, _)| id == self.labels)
+            .expect("the loss graph has its labels input");
+        feeds[at] = Tensor::from_vec(vec![1, ids.len()], labels)?;
+        Ok(feeds)
     }
 
     /// Runs one window and adds its squared output gradients to `acc`.
@@ -187,6 +165,37 @@ impl LossGradients {
         acc.windows += 1;
         Ok(())
     }
+}
+
+/// Inputs of a language-model graph for one window of `ids`, batch 1 and no past: token ids,
+/// an all-ones attention mask, positions from 0, and every other input (past keys and values)
+/// empty along its unknown dimensions.
+pub fn window_feeds(graph: &Graph, ids: &[i64]) -> Result<Vec<Tensor>, RuntimeError> {
+    let n = ids.len();
+    graph
+        .inputs()
+        .iter()
+        .map(|&(id, role)| {
+            Ok(match role {
+                InputRole::TokenIds => Tensor::from_vec(vec![1, n], ids.to_vec())?,
+                InputRole::AttentionMask => Tensor::from_vec(vec![1, n], vec![1i64; n])?,
+                InputRole::PositionIds => Tensor::from_vec(vec![1, n], (0..n as i64).collect())?,
+                _ => {
+                    let ty = &graph.value(id).ty;
+                    let shape = ty
+                        .shape
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            d.as_const()
+                                .map_or(if i == 0 { 1 } else { 0 }, |c| c as usize)
+                        })
+                        .collect();
+                    Tensor::zeros(ty.dtype, shape)
+                }
+            })
+        })
+        .collect()
 }
 
 impl Sensitivity {

@@ -500,30 +500,7 @@ fn fused_fixture() -> Graph {
 
 /// Graph inputs for `ids` (batch 1, no past).
 fn model_feed(g: &Graph, ids: &[i64]) -> Vec<Tensor> {
-    let n = ids.len();
-    g.inputs()
-        .iter()
-        .map(|(id, role)| match role {
-            InputRole::TokenIds => Tensor::from_vec(vec![1, n], ids.to_vec()).unwrap(),
-            InputRole::AttentionMask => Tensor::from_vec(vec![1, n], vec![1i64; n]).unwrap(),
-            InputRole::PositionIds => {
-                Tensor::from_vec(vec![1, n], (0..n as i64).collect()).unwrap()
-            }
-            _ => {
-                let ty = &g.value(*id).ty;
-                let shape: Vec<usize> = ty
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| {
-                        d.as_const()
-                            .map_or(if i == 0 { 1 } else { 0 }, |c| c as usize)
-                    })
-                    .collect();
-                Tensor::zeros(ty.dtype, shape)
-            }
-        })
-        .collect()
+    patch_passes::sensitivity::window_feeds(g, ids).unwrap()
 }
 
 fn ids_of(case: &serde_json::Value) -> Vec<i64> {
