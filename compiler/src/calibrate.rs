@@ -12,7 +12,9 @@ use patch_kernels::{TileKind, TileShape};
 use patch_passes::blocks::{find_blocks, Block};
 use patch_passes::calibration::Calibration;
 use patch_passes::hybrid::{WeightMask, WeightMatMul};
-use patch_passes::masks::blockwise::{self, BlockOutcome, BlockwiseInput, BlockwiseOptions};
+use patch_passes::masks::blockwise::{
+    self, BlockOutcome, BlockwiseInput, BlockwiseOptions, DenseOutputs,
+};
 use patch_passes::masks::{
     self, patch::PatchOptions, Allocation, LayerMask, MaskOptions, MaskTarget, Method,
 };
@@ -116,7 +118,7 @@ fn save_cache(
             buf.extend_from_slice(&v.to_le_bytes());
         }
     }
-    crate::onnx::export::write_atomically(path, &[&buf])
+    patch_runtime::atomic::write_atomically(path, &[&buf])
 }
 
 /// Reads the statistics of a calibration cache whatever its key (for tools that inspect or
@@ -282,13 +284,22 @@ fn calibration_graph(graph: &Graph, registry: &OpRegistry) -> Result<Graph, Cali
     Ok(fused)
 }
 
+/// The most memory the calibration run may keep for the dense model's block outputs (in
+/// bf16); past it, block-wise learning runs the dense stream again instead.
+const DENSE_OUTPUTS_BUDGET: usize = 4 << 30;
+
 /// What the calibration run captures for block-wise learning: the first block's input for
-/// every window and the side values (rotary tables, mask, empty past) of the first window.
+/// every window, the side values (rotary tables, mask, empty past) of the first window and,
+/// within [`DENSE_OUTPUTS_BUDGET`], every block's dense output for every window.
 struct Capture {
     wanted_x: ValueId,
     side: Vec<ValueId>,
     windows: Vec<Tensor>,
     side_values: HashMap<ValueId, Tensor>,
+    /// Block `i`'s output value at `i`; empty when the outputs are not kept.
+    outputs: Vec<ValueId>,
+    dense_outputs: DenseOutputs,
+    error: Option<String>,
 }
 
 impl Capture {
@@ -300,6 +311,14 @@ impl Capture {
     ) {
         for (v, t) in node.inputs.iter().zip(inputs) {
             let (Some(v), Some(t)) = (v, t) else { continue };
+            if let Some(b) = self.outputs.iter().position(|o| o == v) {
+                let have = self.dense_outputs.blocks.get(b).map_or(0, Vec::len);
+                if have == window {
+                    if let Err(e) = self.dense_outputs.push(b, t) {
+                        self.error.get_or_insert(e);
+                    }
+                }
+            }
             if *v == self.wanted_x && self.windows.len() == window {
                 self.windows.push((*t).clone());
             } else if window == 0 && self.side.contains(v) && !self.side_values.contains_key(v) {
@@ -308,6 +327,10 @@ impl Capture {
         }
     }
 }
+
+/// What block-wise learning starts from: the first block's input per window, the side
+/// values, and the dense block outputs when they were kept.
+type CapturedStream = (Vec<Tensor>, HashMap<ValueId, Tensor>, Option<DenseOutputs>);
 
 /// Runs calibration and mask selection for `graph` at `sparsity`.
 #[allow(clippy::too_many_arguments)]
@@ -346,7 +369,7 @@ pub fn calibrate(
     }
     // Block-wise learning needs the statistics pass to capture the stream.
     let mut blockwise_plan: Option<(Graph, Vec<WeightMatMul>, Vec<Block>)> = None;
-    let mut blockwise_stream: Option<(Vec<Tensor>, HashMap<ValueId, Tensor>)> = None;
+    let mut blockwise_stream: Option<CapturedStream> = None;
     if method.needs_calibration() || options.update_weights {
         // Everything that can fail cheaply is checked before the long run.
         let tok_json = tokenizer_json.ok_or(CalibError::NoTokenizer(method))?;
@@ -430,11 +453,32 @@ pub fn calibrate(
             calib = c;
             cached_sensitivity = Some(sens);
         }
-        let mut capture = blockwise_plan.as_ref().map(|(_, _, blocks)| Capture {
-            wanted_x: blocks[0].input,
-            side: blocks.iter().flat_map(|b| b.side.iter().copied()).collect(),
-            windows: Vec::new(),
-            side_values: HashMap::new(),
+        let mut capture = blockwise_plan.as_ref().map(|(g, _, blocks)| {
+            let elements: usize = g
+                .value(blocks[0].input)
+                .ty
+                .shape
+                .iter()
+                .skip(2)
+                .map(|d| d.as_const().map_or(0, |v| v.max(0) as usize))
+                .product::<usize>()
+                * options.seq;
+            let keep = elements > 0
+                && DenseOutputs::bytes(blocks.len(), options.samples, elements)
+                    <= DENSE_OUTPUTS_BUDGET;
+            Capture {
+                wanted_x: blocks[0].input,
+                side: blocks.iter().flat_map(|b| b.side.iter().copied()).collect(),
+                windows: Vec::new(),
+                side_values: HashMap::new(),
+                outputs: if keep {
+                    blocks.iter().map(|b| b.output).collect()
+                } else {
+                    Vec::new()
+                },
+                dense_outputs: DenseOutputs::default(),
+                error: None,
+            }
         });
         let need_grams = calib.grams.is_empty();
         let todo = if need_grams || capture.is_some() {
@@ -545,7 +589,13 @@ pub fn calibrate(
                     options.samples
                 )));
             }
-            blockwise_stream = Some((c.windows, c.side_values));
+            if let Some(e) = c.error {
+                return Err(CalibError::Run(format!(
+                    "capturing the dense block outputs: {e}"
+                )));
+            }
+            let dense = (!c.outputs.is_empty()).then_some(c.dense_outputs);
+            blockwise_stream = Some((c.windows, c.side_values, dense));
         }
         calib_tokens = options.samples * options.seq;
         phase_seconds.push((
@@ -603,7 +653,7 @@ pub fn calibrate(
     phase_seconds.push(("masks", t0.elapsed().as_secs_f64()));
 
     let mut block_outcomes = Vec::new();
-    if let (Some((fused, fused_targets, blocks)), Some((windows, side)), Some(bw)) =
+    if let (Some((fused, fused_targets, blocks)), Some((windows, side, dense_outputs)), Some(bw)) =
         (&blockwise_plan, blockwise_stream, &options.blockwise)
     {
         let t0 = std::time::Instant::now();
@@ -634,6 +684,7 @@ pub fn calibrate(
                 tile,
                 windows,
                 side: &side,
+                dense_outputs,
                 update_weights: options.update_weights,
             },
             bw,

@@ -204,7 +204,7 @@ impl Dumper<'_> {
         ));
         let path = PathBuf::from(name);
         let text = graph.to_text();
-        match onnx::export::write_atomically(&path, &[text.as_bytes()]) {
+        match patch_runtime::atomic::write_atomically(&path, &[text.as_bytes()]) {
             Ok(()) => self.written.push(path),
             Err(source) => self.error = Some(CompileError::Write { path, source }),
         }
@@ -279,6 +279,15 @@ pub fn compile(
         if !PASS_NAMES.contains(&name.as_str()) && !dump_all {
             return Err(CompileError::UnknownPass(name.clone()));
         }
+    }
+    // The output location is checked before the long work (the bundle is written last).
+    if options.stop_after.is_none() {
+        patch_runtime::atomic::check_target(&options.output).map_err(|source| {
+            CompileError::Write {
+                path: options.output.clone(),
+                source,
+            }
+        })?;
     }
     let report_phase = |phase: &str, done: usize, total: usize| {
         if let Some(p) = &options.progress {
@@ -379,12 +388,12 @@ pub fn compile(
             options.tile.n
         );
         let svg = calibrate::tile_map_svg(&c.tile_maps, &c.tile_sizes, &title);
-        onnx::export::write_atomically(&svg_path, &[svg.as_bytes()]).map_err(|source| {
-            CompileError::Write {
+        patch_runtime::atomic::write_atomically(&svg_path, &[svg.as_bytes()]).map_err(
+            |source| CompileError::Write {
                 path: svg_path.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let blocks_svg =
             (!c.blocks.is_empty()).then(|| options.output.with_extension("blocks.svg"));
         if let Some(path) = &blocks_svg {
@@ -395,7 +404,7 @@ pub fn compile(
                     options.model.display()
                 ),
             );
-            onnx::export::write_atomically(path, &[svg.as_bytes()]).map_err(|source| {
+            patch_runtime::atomic::write_atomically(path, &[svg.as_bytes()]).map_err(|source| {
                 CompileError::Write {
                     path: path.clone(),
                     source,

@@ -376,3 +376,108 @@ fn a_sparse_compile_prints_its_layers_and_draws_the_tile_maps() {
     let (ok, _, err) = run(args("wanda", "16x16", "100"));
     assert!(!ok && err.contains("need 3200"), "{err}");
 }
+
+/// An interrupted compile (SIGINT, SIGTERM) exits 130 and leaves no partial output: the
+/// previous bundle at the output path is unchanged and no temporary file remains. The output
+/// location is checked before any work.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_compile_leaves_no_partial_output() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("llama_optimum_with_past"), d.join("model.onnx")).unwrap();
+    write_word_tokenizer(&d.join("tokenizer.json"));
+    let words: Vec<String> = (0..400).map(|i| format!("w{}", (i * 13) % 500)).collect();
+    std::fs::write(d.join("calib.txt"), words.join(" ")).unwrap();
+    let model = d.join("model.onnx").to_string_lossy().into_owned();
+    let out = d.join("s.patch");
+    std::fs::write(&out, b"the previous bundle").unwrap();
+    let listing = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    for signal in ["INT", "TERM"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_patchc"))
+            .args(["compile", &model, "-o"])
+            .arg(&out)
+            .args(["--sparsity", "0.4", "--calib"])
+            .arg(d.join("calib.txt"))
+            .args([
+                "--calib-seq",
+                "32",
+                "--calib-samples",
+                "8",
+                "--tile",
+                "16x16",
+            ])
+            // Enough block-wise steps that the compile is still learning when interrupted.
+            .args(["--blockwise-steps", "100000000"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("patchc starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap_or_default();
+                if line.contains("learn blocks") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let learning = rx.recv_timeout(std::time::Duration::from_secs(300));
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        let err = reader.join().unwrap();
+        assert!(
+            learning.is_ok(),
+            "the compile never reached learning:\n{err}"
+        );
+        assert!(killed.success());
+        assert_eq!(status.code(), Some(130), "SIG{signal}:\n{err}");
+        assert!(err.contains("interrupted: no partial output left"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"the previous bundle");
+        assert_eq!(listing(), before, "SIG{signal} left files behind");
+    }
+
+    // Output locations that cannot be written fail at once, before calibration.
+    let missing = d.join("no/such/dir/s.patch").to_string_lossy().into_owned();
+    let here = d.to_string_lossy().into_owned();
+    for (target, says) in [(&missing, "does not exist"), (&here, "is a directory")] {
+        let started = std::time::Instant::now();
+        let (ok, _, err) = patchc(&[
+            "compile",
+            &model,
+            "-o",
+            target,
+            "--sparsity",
+            "0.4",
+            "--calib",
+            &d.join("calib.txt").to_string_lossy(),
+            "--calib-seq",
+            "32",
+            "--calib-samples",
+            "8",
+        ]);
+        assert!(!ok && err.contains(says), "{err}");
+        assert!(
+            !err.contains("calibrate"),
+            "checked only after calibration: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(started.elapsed().as_secs() < 60);
+    }
+}

@@ -73,3 +73,51 @@ impl RuntimeError {
         }
     }
 }
+
+/// `error: cause: cause…` for a CLI: every link of the `source()` chain, each printed once (a
+/// link whose text the message already holds, as `"cannot write `x`: {source}"` does, is
+/// skipped).
+pub fn chain_message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !text.is_empty() && !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        next = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::chain_message;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write `out.patch`: {source}")]
+    struct Embeds {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("compiling `m.onnx`")]
+    struct Context {
+        #[source]
+        source: Embeds,
+    }
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory");
+        let e = Context {
+            source: Embeds { source: io },
+        };
+        assert_eq!(
+            chain_message(&e),
+            "compiling `m.onnx`: cannot write `out.patch`: no such directory"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! shape inference, an op registry and the reference CPU interpreter.
 
 pub mod append;
+pub mod atomic;
 pub mod bundle;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -598,7 +598,7 @@ fn block_gradient_matches_torch() {
     let ids = ids_of(case);
     // Side values (rotary tables, mask, past) and the block input from a run of the whole
     // model on the same ids.
-    let (g, targets, blocks, side, x_seen) = fixture_blocks(&ids);
+    let (g, targets, blocks, side, x_seen, _) = fixture_blocks(&ids);
     assert_eq!(blocks.len(), 2, "the fixture has two decoder layers");
     let block = &blocks[0];
     let x = golden.tensor(&case["tensors"]["x"]);
@@ -678,14 +678,15 @@ fn block_gradient_matches_torch() {
 
 // ---- block-wise learning on the fixture ----
 
-/// The fused fixture, its prunable targets, blocks, and the side values and first-block input
-/// of a run on some ids.
+/// The fused fixture, its prunable targets, blocks, and the side values, first-block input
+/// and every block's output of a run on some ids.
 type FixtureBlocks = (
     Graph,
     Vec<patch_passes::hybrid::WeightMatMul>,
     Vec<patch_passes::blocks::Block>,
     HashMap<ValueId, Tensor>,
     Tensor,
+    Vec<Tensor>,
 );
 
 /// [`FixtureBlocks`] of a run on `ids`.
@@ -698,6 +699,7 @@ fn fixture_blocks(ids: &[i64]) -> FixtureBlocks {
     let blocks = find_blocks(&g, &targets).unwrap();
     let mut side: HashMap<ValueId, Tensor> = HashMap::new();
     let mut x = None;
+    let mut outputs: Vec<Option<Tensor>> = vec![None; blocks.len()];
     Plan::new(&g)
         .unwrap()
         .run_observed(&model_feed(&g, ids), &mut |node, inputs| {
@@ -709,11 +711,17 @@ fn fixture_blocks(ids: &[i64]) -> FixtureBlocks {
                     if *v == blocks[0].input && x.is_none() {
                         x = Some((*t).clone());
                     }
+                    for (b, block) in blocks.iter().enumerate() {
+                        if *v == block.output && outputs[b].is_none() {
+                            outputs[b] = Some((*t).clone());
+                        }
+                    }
                 }
             }
         })
         .unwrap();
-    (g, targets, blocks, side, x.unwrap())
+    let outputs = outputs.into_iter().map(|o| o.unwrap()).collect();
+    (g, targets, blocks, side, x.unwrap(), outputs)
 }
 
 /// What [`learn_on_fixture`] returns: the learned weights, the outcomes, the tile maps used.
@@ -726,11 +734,12 @@ type Learned = (
 
 fn learn_on_fixture(
     windows: Vec<Tensor>,
+    dense_outputs: Option<patch_passes::masks::blockwise::DenseOutputs>,
     steps: usize,
 ) -> Result<Learned, patch_passes::masks::blockwise::BlockwiseError> {
     use patch_passes::masks::blockwise::{learn, BlockwiseInput, BlockwiseOptions};
     let ids: Vec<i64> = (0..16).map(|i| (i * 37 + 5) % 500 + 3).collect();
-    let (g, targets, blocks, side, _) = fixture_blocks(&ids);
+    let (g, targets, blocks, side, _, _) = fixture_blocks(&ids);
     let reg = OpRegistry::onnx();
     let tile = TileShape::new(16, 16).unwrap();
     let weights: Vec<Vec<f32>> = targets
@@ -756,6 +765,7 @@ fn learn_on_fixture(
             tile,
             windows,
             side: &side,
+            dense_outputs,
             update_weights: true,
         },
         &BlockwiseOptions {
@@ -770,19 +780,30 @@ fn learn_on_fixture(
 }
 
 fn fixture_windows(n: usize) -> Vec<Tensor> {
-    (0..n)
-        .map(|w| {
-            let ids: Vec<i64> = (0..16)
-                .map(|i| (i * 37 + 11 * w as i64 + 5) % 500 + 3)
-                .collect();
-            fixture_blocks(&ids).4
-        })
-        .collect()
+    fixture_stream(n).0
+}
+
+/// `n` windows' first-block inputs, and every block's output on them taken from the whole
+/// model's run (as the calibration run captures them).
+fn fixture_stream(n: usize) -> (Vec<Tensor>, patch_passes::masks::blockwise::DenseOutputs) {
+    let mut windows = Vec::new();
+    let mut dense = patch_passes::masks::blockwise::DenseOutputs::default();
+    for w in 0..n {
+        let ids: Vec<i64> = (0..16)
+            .map(|i| (i * 37 + 11 * w as i64 + 5) % 500 + 3)
+            .collect();
+        let (_, _, _, _, x, outputs) = fixture_blocks(&ids);
+        windows.push(x);
+        for (b, y) in outputs.iter().enumerate() {
+            dense.push(b, y).unwrap();
+        }
+    }
+    (windows, dense)
 }
 
 #[test]
 fn blockwise_learning_is_never_worse_than_its_prior_and_keeps_2_of_4() {
-    let (learned, outcomes, maps, tile) = learn_on_fixture(fixture_windows(6), 12).unwrap();
+    let (learned, outcomes, maps, tile) = learn_on_fixture(fixture_windows(6), None, 12).unwrap();
     assert_eq!(outcomes.len(), 2);
     for o in &outcomes {
         assert!(o.prior_error.is_finite() && o.prior_error > 0.0, "{o:?}");
@@ -819,13 +840,41 @@ fn blockwise_learning_is_never_worse_than_its_prior_and_keeps_2_of_4() {
     }
 }
 
+/// The dense block outputs captured from the whole model's run (kept in bf16) stand in for
+/// the dense stream the learner would run itself: the same priors, objectives within the
+/// bf16 rounding, the same masks but for a few near-ties.
+#[test]
+fn captured_dense_outputs_stand_in_for_the_dense_stream() {
+    let (windows, dense) = fixture_stream(6);
+    let (a, ao, _, _) = learn_on_fixture(windows.clone(), None, 12).unwrap();
+    let (b, bo, _, _) = learn_on_fixture(windows.clone(), Some(dense.clone()), 12).unwrap();
+    for (x, y) in ao.iter().zip(&bo) {
+        let close = |p: f64, q: f64| (p - q).abs() <= 1e-2 * p.abs().max(1e-12);
+        assert!(close(x.prior_error, y.prior_error), "{x:?} vs {y:?}");
+        assert!(close(x.error, y.error), "{x:?} vs {y:?}");
+    }
+    let (same, total) = a.iter().zip(&b).fold((0usize, 0usize), |acc, (p, q)| {
+        let s = p.keep.iter().zip(&q.keep).filter(|(u, v)| u == v).count();
+        (acc.0 + s, acc.1 + p.keep.len())
+    });
+    assert!(
+        same as f64 >= 0.99 * total as f64,
+        "{same} of {total} mask elements equal"
+    );
+    // Outputs that do not cover every block and window are refused.
+    let mut short = dense;
+    short.blocks.pop();
+    let err = learn_on_fixture(windows, Some(short), 4).unwrap_err();
+    assert!(err.to_string().contains("captured dense outputs"), "{err}");
+}
+
 #[test]
 fn blockwise_stops_on_a_non_finite_loss_naming_the_block() {
     let mut windows = fixture_windows(4);
     let mut bad = windows[3].as_slice::<f32>().unwrap().to_vec();
     bad[5] = f32::NAN;
     windows[3] = Tensor::from_vec(windows[3].shape().to_vec(), bad).unwrap();
-    let err = learn_on_fixture(windows, 4).unwrap_err();
+    let err = learn_on_fixture(windows, None, 4).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("block 0") && msg.contains("not finite"),

@@ -175,6 +175,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dump_after,
             stop_after,
         } => {
+            // An interrupt (Ctrl-C, SIGTERM, SIGHUP) ends the compile without leaving a partial
+            // bundle, cache or picture: outputs are written atomically, and the ones in
+            // progress are removed here.
+            ctrlc::set_handler(|| {
+                patch_runtime::atomic::discard_in_flight();
+                eprintln!("\ninterrupted: no partial output left; existing files are unchanged");
+                std::process::exit(130);
+            })
+            .context("installing the interrupt handler")?;
             // Hidden automatically when stderr is not a terminal.
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(
@@ -334,7 +343,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", patch_runtime::error::chain_message(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,7 @@
 //! imports back to the same IR text. Constants are written as `raw_data` (borrowing the IR's
 //! bytes while encoding) or, when asked, to one external data file with 64-byte alignment.
 
-use std::io::Write;
+use patch_runtime::atomic::write_atomically;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -181,35 +181,6 @@ pub fn export_graph(graph: &Graph) -> ModelProto {
         graph: Some(g),
         ..ModelProto::default()
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory, renamed at the
-/// end, so that a failure never leaves a half-written file behind.
-pub fn write_atomically(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        for p in parts {
-            f.write_all(p)?;
-        }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Saves a model proto to `path`, moving large initializers to `<file name>.data` when

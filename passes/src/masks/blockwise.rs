@@ -312,6 +312,52 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: &(dyn Fn(usize, &T) -> R + Sync)) -
         .collect()
 }
 
+/// The dense model's output of every block for every calibration window, kept in bf16 (the
+/// rounding, a relative 2⁻⁹ per element, is far below any block's pruning error), so that
+/// the learner need not run the dense stream again. `[block][window]`, flattened
+/// `[1, seq, hidden]`.
+#[derive(Clone, Debug, Default)]
+pub struct DenseOutputs {
+    pub shape: Vec<usize>,
+    pub blocks: Vec<Vec<Vec<half::bf16>>>,
+}
+
+impl DenseOutputs {
+    /// Bytes needed to keep `blocks × windows` outputs of `elements` each.
+    pub fn bytes(blocks: usize, windows: usize, elements: usize) -> usize {
+        blocks * windows * elements * std::mem::size_of::<half::bf16>()
+    }
+
+    /// Appends `t` as the output of `block` for the next window.
+    pub fn push(&mut self, block: usize, t: &Tensor) -> Result<(), String> {
+        if self.shape.is_empty() {
+            self.shape = t.shape().to_vec();
+        } else if self.shape != t.shape() {
+            return Err(format!(
+                "block outputs of shapes {:?} and {:?}",
+                self.shape,
+                t.shape()
+            ));
+        }
+        if self.blocks.len() <= block {
+            self.blocks.resize(block + 1, Vec::new());
+        }
+        let x = t.as_slice::<f32>().map_err(|e| e.to_string())?;
+        self.blocks[block].push(x.iter().map(|&v| half::bf16::from_f32(v)).collect());
+        Ok(())
+    }
+
+    fn tensor(&self, block: usize, window: usize) -> Result<Tensor, String> {
+        let x = self
+            .blocks
+            .get(block)
+            .and_then(|b| b.get(window))
+            .ok_or_else(|| format!("no dense output of block index {block}, window {window}"))?;
+        Tensor::from_vec(self.shape.clone(), x.iter().map(|v| v.to_f32()).collect())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Everything the learner needs from the caller for one model.
 pub struct BlockwiseInput<'a> {
     pub graph: &'a Graph,
@@ -327,6 +373,9 @@ pub struct BlockwiseInput<'a> {
     pub windows: Vec<Tensor>,
     /// Captured side values.
     pub side: &'a HashMap<ValueId, Tensor>,
+    /// The dense stream's block outputs when the caller captured them (every block, every
+    /// window); `None` runs the dense stream here.
+    pub dense_outputs: Option<DenseOutputs>,
     pub update_weights: bool,
 }
 
@@ -361,8 +410,27 @@ pub fn learn(
         tile,
         windows,
         side,
+        dense_outputs,
         update_weights,
     } = input;
+    if let Some(d) = &dense_outputs {
+        let complete = d.blocks.len() == blocks.len()
+            && d.blocks.iter().all(|b| b.len() == windows.len())
+            && windows
+                .first()
+                .is_none_or(|w| w.shape() == d.shape.as_slice());
+        if !complete {
+            return Err(BlockwiseError::Block {
+                block: blocks.first().map_or(0, |b| b.number),
+                msg: format!(
+                    "the captured dense outputs cover {} blocks, not {} × {} windows",
+                    d.blocks.len(),
+                    blocks.len(),
+                    windows.len()
+                ),
+            });
+        }
+    }
     let mut dense = windows.clone();
     let mut pruned = windows;
     let total_windows = dense.len();
@@ -410,11 +478,19 @@ pub fn learn(
             .collect();
         let mut grams: HashMap<String, Gram> = HashMap::new();
         let mut gram_of: Vec<String> = vec![String::new(); block.targets.len()];
+        // Block 0 sees the same input on both streams: one run gives the targets and Grams.
+        let same_input = bi == 0;
         for w in 0..total_windows {
-            let out = fwd
-                .run(&dense_inputs(&dense[w], &original).map_err(bad)?)
-                .map_err(|e| bad(e.to_string()))?;
-            dense[w] = out[0].clone();
+            match &dense_outputs {
+                Some(d) => dense[w] = d.tensor(bi, w).map_err(bad)?,
+                None if !same_input => {
+                    let out = fwd
+                        .run(&dense_inputs(&dense[w], &original).map_err(bad)?)
+                        .map_err(|e| bad(e.to_string()))?;
+                    dense[w] = out[0].clone();
+                }
+                None => {}
+            }
             let mut seen = std::collections::HashSet::new();
             let mut observe = |node: &patch_runtime::ir::Node, inputs: &[Option<&Tensor>]| {
                 let Some(&i) = by_node.get(node.name.as_str()) else {
@@ -436,11 +512,15 @@ pub fn learn(
                         .add_rows(xs);
                 }
             };
-            fwd.run_observed(
-                &dense_inputs(&pruned[w], &original).map_err(bad)?,
-                &mut observe,
-            )
-            .map_err(|e| bad(e.to_string()))?;
+            let out = fwd
+                .run_observed(
+                    &dense_inputs(&pruned[w], &original).map_err(bad)?,
+                    &mut observe,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+            if same_input && dense_outputs.is_none() {
+                dense[w] = out[0].clone();
+            }
         }
         let targets_t = &dense;
         // Prior: OBS inside the global tile map, on the sequential statistics.

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use prost::Message;
 
+use crate::atomic::AtomicFile;
 use crate::error::RuntimeError;
 use crate::ir::Graph;
 use crate::ops::OpRegistry;
@@ -131,19 +132,10 @@ pub fn write_bundle(path: &Path, contents: &BundleContents) -> Result<(), Bundle
         .max()
         .unwrap_or(0);
 
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> Result<(), BundleError> {
-        let err = io_err(&tmp);
-        let file = File::create(&tmp).map_err(&err)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+    let err = io_err(path);
+    let mut out = AtomicFile::create(path).map_err(&err)?;
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, out.file());
         w.write_all(&[0u8; HEADER_LEN]).map_err(&err)?;
         let mut crc = crc32fast::Hasher::new();
         w.write_all(&manifest_bytes).map_err(&err)?;
@@ -169,16 +161,11 @@ pub fn write_bundle(path: &Path, contents: &BundleContents) -> Result<(), Bundle
         header[32..40].copy_from_slice(&(data_offset as u64).to_le_bytes());
         header[40..48].copy_from_slice(&data_len.to_le_bytes());
         header[48..52].copy_from_slice(&crc.finalize().to_le_bytes());
-        let mut file = w.into_inner().map_err(|e| err(e.into_error()))?;
+        let file = w.into_inner().map_err(|e| err(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(&err)?;
         file.write_all(&header).map_err(&err)?;
-        file.sync_all().map_err(&err)?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+    out.commit().map_err(err)
 }
 
 /// Options for [`load_bundle`].
