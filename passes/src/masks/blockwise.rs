@@ -6,8 +6,9 @@
 //! targets) and the pruned model's (each block is fed the output of the blocks before it,
 //! already pruned and updated). For block `i`:
 //!
-//! 1. the dense stream gives the targets `T = block_i(X_dense)`, and the Gram matrices of
-//!    the block's MatMul inputs are taken on the pruned stream (sequential statistics);
+//! 1. the dense stream gives the targets `T = block_i(X_dense)` (read from [`DenseOutputs`]
+//!    when the caller captured them, run here otherwise), and the Gram matrices of the
+//!    block's MatMul inputs are taken on the pruned stream (sequential statistics);
 //! 2. the prior: SparseGPT's OBS sweep inside the tile map of the global allocation, on those
 //!    statistics (the kept weights updated when `update_weights`);
 //! 3. learning: Adam on the 2:4 pattern logits of every full group of four in the 2:4 tiles
