@@ -436,8 +436,9 @@ fn an_interrupted_compile_leaves_no_partial_output() {
             all
         });
         let learning = rx.recv_timeout(std::time::Duration::from_secs(300));
-        let killed = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
+        // The shell's built-in `kill` (no procps needed).
+        let killed = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {}", child.id())])
             .status()
             .unwrap();
         let status = child.wait().unwrap();
