@@ -94,12 +94,14 @@ def stats(xs: list[float]) -> dict:
     return {"median": med, "min": min(xs), "max": max(xs), "spread": (max(xs) - min(xs)) / med, "n": len(xs)}
 
 
-def bench_ort(path: Path, threads: int, repeats: int, decode_steps: int) -> dict:
+def bench_ort(path: Path, threads: int, repeats: int, decode_steps: int,
+              prefill: tuple[int, ...] = (128, 512), decode_context: int = 128) -> dict:
+    """`prefillN` for every N of `prefill` and `decodeC` (C = `decode_context`), as stats."""
     m = WithPast(make_session(path, threads))
     rng = np.random.default_rng(0)
-    prompt = rng.integers(100, m.vocab, size=(1, 512), dtype=np.int64)
+    prompt = rng.integers(100, m.vocab, size=(1, max(*prefill, decode_context)), dtype=np.int64)
     res = {}
-    for n in (128, 512):
+    for n in prefill:
         ids = prompt[:, :n]
         m.run(ids, m.empty_past(), 0)  # warm-up
         tps = []
@@ -108,19 +110,19 @@ def bench_ort(path: Path, threads: int, repeats: int, decode_steps: int) -> dict
             m.run(ids, m.empty_past(), 0)
             tps.append(n / (time.perf_counter() - t0))
         res[f"prefill{n}"] = stats(tps)
-    logits, past0 = m.run(prompt[:, :128], m.empty_past(), 0)
+    logits, past0 = m.run(prompt[:, :decode_context], m.empty_past(), 0)
     first = np.array([[int(logits[0, -1].argmax())]], np.int64)
 
     def decode():
         past, tok = past0, first
         t0 = time.perf_counter()
         for k in range(decode_steps):
-            lg, past = m.run(tok, past, 128 + k)
+            lg, past = m.run(tok, past, decode_context + k)
             tok = np.array([[int(lg[0, -1].argmax())]], np.int64)
         return decode_steps / (time.perf_counter() - t0)
 
     decode()  # warm-up
-    res["decode128"] = stats([decode() for _ in range(repeats)])
+    res[f"decode{decode_context}"] = stats([decode() for _ in range(repeats)])
     return res
 
 

@@ -140,16 +140,22 @@ impl FromStr for SimdPath {
     }
 }
 
-/// Default thread count: `PATCH_THREADS`, else the available parallelism.
+/// The CPUs this process may run on (its affinity mask and cgroup quota included).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Default thread count: `PATCH_THREADS`, else the available parallelism; never more than
+/// [`available_cpus`] (spinning workers on a shared core only slow the others down).
 pub fn threads_from_env() -> Result<usize, KernelError> {
     match std::env::var(THREADS_ENV) {
         Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 => Ok(n.min(available_cpus())),
             _ => Err(KernelError::BadThreads(s)),
         },
-        _ => Ok(std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)),
+        _ => Ok(available_cpus()),
     }
 }
 

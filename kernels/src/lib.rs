@@ -21,6 +21,7 @@ pub mod format;
 pub mod pool;
 pub mod reference;
 mod scalar;
+pub mod simd;
 
 pub use cpu::{matmul, CpuKernels, GroupProduct};
 pub use dispatch::SimdPath;

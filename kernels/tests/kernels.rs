@@ -263,6 +263,23 @@ fn default_tiles_ragged_shapes_all_paths() {
     }
 }
 
+/// Tiles wider than one GEMV pass of the AVX2 kernel (16 vectors of 8 columns): the
+/// accumulator chunks of one tile row, with a ragged last chunk.
+#[test]
+fn gemv_on_tiles_wider_than_one_pass() {
+    let tile = TileShape::new(16, 300).unwrap();
+    let mut seed = 90;
+    for (k, n) in [(40, 600), (33, 301)] {
+        for dtype in WeightDtype::ALL {
+            for mix in [Mix::AllDense, Mix::AllSparse, Mix::Mixed] {
+                let w = packed_of(dtype, k, n, tile, mix, seed);
+                check_paths(1, &w, seed % 2 == 0, 1 + seed as usize % 2, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
 #[test]
 fn shape_errors_are_structured() {
     let tile = TileShape::default();

@@ -88,3 +88,19 @@ fn inspect_rejects_corrupt_bundles_with_one_line() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_thread_count_above_the_cpus_is_capped_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.patch");
+    tiny_bundle(&path);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    // The tiny graph is no language model, so the command fails after the note.
+    let (_, _, err) = patchrt(&["bench", &path.to_string_lossy(), "--threads", "100000"]);
+    assert!(
+        err.contains(&format!(
+            "note: --threads 100000 is more than the {cpus} CPUs this process may use; using {cpus}"
+        )),
+        "{err}"
+    );
+}

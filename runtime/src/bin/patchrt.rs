@@ -125,8 +125,12 @@ fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, St
         if t == 0 {
             return Err("--threads must be at least 1".into());
         }
+        let cpus = patch_kernels::dispatch::available_cpus();
+        if t > cpus {
+            eprintln!("note: --threads {t} is more than the {cpus} CPUs this process may use; using {cpus}");
+        }
         // Read once, when the kernels first start; nothing has started them yet.
-        std::env::set_var("PATCH_THREADS", t.to_string());
+        std::env::set_var("PATCH_THREADS", t.min(cpus).to_string());
     }
     CpuKernels::global().map_err(|e| e.to_string())?;
     let t = Instant::now();

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
+use patch_kernels::simd;
 
 use super::{
     arity, for_each_row, for_each_row_split, norm_axis, opt, req, InputFact, Op, OpError,
@@ -677,60 +678,45 @@ impl DecodeGroup<'_> {
                 return unsafe { self.run_avx2(o, stats) };
             }
         }
-        self.run_body(o, stats, dot4)
+        // SAFETY: the scalar path needs no CPU feature.
+        unsafe { self.run_body::<simd::Scalar>(o, stats) }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
-        self.run_body(o, stats, |a, bs| dot4_avx2(a, bs))
+        self.run_body::<simd::Avx512>(o, stats)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
-        self.run_body(o, stats, |a, bs| dot4_avx2(a, bs))
+        self.run_body::<simd::Avx2>(o, stats)
     }
 
-    /// The same sums in the same order as the row-by-row path (so the two layouts agree bit
-    /// for bit); keys and values are read once for the whole group.
+    /// One body for every vector width (the sums differ between widths only in order).
+    /// Keys and values are read once per query of the group, from cache after the first;
+    /// the output rows are accumulated in registers, up to [`PV_VECTORS`] vectors at a time.
+    ///
+    /// # Safety
+    /// `S`'s instructions must be available.
     #[inline(always)]
-    fn run_body(
-        &self,
-        o: &mut [f32],
-        stats: &mut [(f32, f32)],
-        dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4],
-    ) {
+    unsafe fn run_body<S: simd::F32Simd>(&self, o: &mut [f32], stats: &mut [(f32, f32)]) {
         let (t, (k, ks, d), (v, vs, dv)) = (self.positions, self.keys, self.values);
-        let mut scores = vec![0f32; self.queries.len() * t];
+        let rows = self.queries.len();
+        let mut scores = vec![0f32; rows * t];
+        stats.fill((f32::NEG_INFINITY, 0.0));
         let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
-        // Four keys at a time: four independent accumulator chains instead of one.
-        let blocks = t / 4 * 4;
-        for j in (0..blocks).step_by(4) {
-            let keys = [0, 1, 2, 3].map(|x| &k[(j + x) * ks..][..d]);
-            for (g, qi) in self.queries.iter().enumerate() {
-                let dots = dot4(qi, keys);
-                for (x, &p) in dots.iter().enumerate() {
-                    scores[g * t + j + x] = if masked(g, j + x) {
-                        f32::NEG_INFINITY
-                    } else {
-                        self.scale * p
-                    };
-                }
-            }
-        }
-        for j in blocks..t {
+        for j in 0..t {
             let key = &k[j * ks..][..d];
             for (g, qi) in self.queries.iter().enumerate() {
                 scores[g * t + j] = if masked(g, j) {
                     f32::NEG_INFINITY
                 } else {
-                    self.scale * dot(qi, key)
+                    self.scale * simd::dot::<S>(qi, key)
                 };
             }
         }
-        o.fill(0.0);
-        let mut live = vec![false; self.queries.len()];
         for (g, (row, &m)) in scores
             .chunks_exact_mut(t.max(1))
             .zip(&self.masks)
@@ -741,78 +727,45 @@ impl DecodeGroup<'_> {
             } else {
                 softmax_row_body(row, m)
             };
-            live[g] = st.is_some();
+            if st.is_none() {
+                row.fill(0.0);
+            }
             stats[g] = st.unwrap_or((f32::NEG_INFINITY, 0.0));
         }
-        for j in 0..t {
-            let value = &v[j * vs..][..dv];
-            for (g, out_row) in o.chunks_exact_mut(dv).enumerate() {
-                let p = scores[g * t + j];
-                if live[g] && p != 0.0 {
-                    for (acc, &x) in out_row.iter_mut().zip(value) {
-                        *acc += p * x;
+        let l = S::LANES;
+        for (g, out_row) in o.chunks_exact_mut(dv).enumerate() {
+            let probs = &scores[g * t..(g + 1) * t];
+            let full = if l == 1 { 0 } else { dv / l * l };
+            let mut c0 = 0;
+            while c0 < full {
+                let nv = ((full - c0) / l).min(PV_VECTORS);
+                let mut acc = [S::zero(); PV_VECTORS];
+                for (j, &p) in probs.iter().enumerate() {
+                    if p != 0.0 {
+                        let (pv, row) = (S::splat(p), v.as_ptr().add(j * vs + c0));
+                        for (i, a) in acc.iter_mut().enumerate().take(nv) {
+                            *a = S::mul_add(pv, S::load(row.add(i * l)), *a);
+                        }
                     }
+                }
+                for (i, a) in acc.iter().enumerate().take(nv) {
+                    S::store(out_row.as_mut_ptr().add(c0 + i * l), *a);
+                }
+                c0 += nv * l;
+            }
+            let tail = &mut out_row[full..];
+            tail.fill(0.0);
+            for (j, &p) in probs.iter().enumerate() {
+                if p != 0.0 {
+                    simd::axpy::<simd::Scalar>(p, &v[j * vs + full..][..dv - full], tail);
                 }
             }
         }
     }
 }
 
-/// [`dot`] of `a` with four vectors at once, each summed in exactly `dot`'s order (so the
-/// results are `dot`'s bit for bit).
-#[inline(always)]
-fn dot4(a: &[f32], bs: [&[f32]; 4]) -> [f32; 4] {
-    bs.map(|b| dot(a, b))
-}
-
-/// [`dot4`] on 256-bit vectors: each key's eight lanes in one register, the same products
-/// and sums in the same order (no fused multiply-add).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-fn dot4_avx2(a: &[f32], bs: [&[f32]; 4]) -> [f32; 4] {
-    use std::arch::x86_64::{
-        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-    };
-    let n = a.len() / 8 * 8;
-    let bs = bs.map(|b| &b[..a.len()]);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for c in (0..n).step_by(8) {
-        // SAFETY: `c + 8 ≤ n ≤ len` for `a` and every `b` (cut to `a`'s length above).
-        unsafe {
-            let x = _mm256_loadu_ps(a.as_ptr().add(c));
-            for (s, b) in acc.iter_mut().zip(&bs) {
-                *s = _mm256_add_ps(*s, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
-            }
-        }
-    }
-    [0, 1, 2, 3].map(|i| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]) };
-        let tail: f32 = a[n..].iter().zip(&bs[i][n..]).map(|(x, y)| x * y).sum();
-        lanes.iter().sum::<f32>() + tail
-    })
-}
-
-/// `Σ a[i] b[i]` in eight independent lanes (so the compiler vectorizes it).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
+/// Output vectors one pass of the decode attention's `P · V` keeps in registers.
+const PV_VECTORS: usize = 4;
 
 impl Op for Attention {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
@@ -1074,33 +1027,22 @@ impl Op for Attention {
                 });
             }
         } else {
-            // Decode: one output row at a time, in the output's own order; a masked key costs
-            // nothing.
+            // Decode: one output row at a time, in the output's own order, through the same
+            // kernel as the grouped path (so the two layouts agree bit for bit); a masked key
+            // costs nothing.
             for_each_row(&mut out, dv, &|row, o| {
                 let (batch, head, i) = (row / (s * h), (row / s) % h, row % s);
-                let qi = &q[batch * qst[0] + head * qst[1] + i * qst[2]..][..d];
                 let kv = head / group;
                 let (kb, vb) = (batch * kst[0] + kv * kst[1], batch * vst[0] + kv * vst[1]);
-                let m = mask_row(batch, head, i);
-                let mut scores: Vec<f32> = (0..t)
-                    .map(|j| match m {
-                        Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY => {
-                            f32::NEG_INFINITY
-                        }
-                        _ => scale * dot(qi, &k[kb + j * kst[2]..][..d]),
-                    })
-                    .collect();
-                o.fill(0.0);
-                if softmax_row(&mut scores, m).is_none() {
-                    return;
-                }
-                for (j, &p) in scores.iter().enumerate() {
-                    if p != 0.0 {
-                        for (acc, &x) in o.iter_mut().zip(&v[vb + j * vst[2]..][..dv]) {
-                            *acc += p * x;
-                        }
-                    }
-                }
+                let one = DecodeGroup {
+                    queries: vec![&q[batch * qst[0] + head * qst[1] + i * qst[2]..][..d]],
+                    masks: vec![mask_row(batch, head, i)],
+                    keys: (&k[kb..], kst[2], d),
+                    values: (&v[vb..], vst[2], dv),
+                    positions: t,
+                    scale,
+                };
+                one.run(o, &mut [(0.0, 0.0)]);
             });
         }
         let mut shape = qd.to_vec();
@@ -1250,6 +1192,100 @@ mod tests {
         let a = t.to_array::<f32>().unwrap();
         let p = a.permuted_axes(IxDyn(&[0, 2, 1, 3]));
         Tensor::from_array(p.as_standard_layout().to_owned())
+    }
+
+    /// The decode kernel on every vector width against its scalar twin and an f64 softmax
+    /// attention: ragged key and value widths, a masked key, a row that sees no key.
+    #[test]
+    fn decode_kernel_widths_match_the_scalar_twin() {
+        for (d, dv, t) in [
+            (64usize, 64usize, 37usize),
+            (13, 21, 5),
+            (16, 40, 1),
+            (7, 3, 0),
+        ] {
+            let rows = 3;
+            let data = |n: usize, seed: u64| {
+                random(&[n.max(1)], seed)
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec()
+            };
+            let (ks, vs) = (d + 3, dv + 5);
+            let queries: Vec<Vec<f32>> = (0..rows).map(|g| data(d, 10 + g as u64)).collect();
+            let (keys, values) = (data(t * ks, 20), data(t * vs, 21));
+            // Row 0: no mask; row 1: key 1 masked out; row 2: every key masked out.
+            let mut m1 = vec![0f32; t.max(1)];
+            if t > 1 {
+                m1[1] = f32::NEG_INFINITY;
+            }
+            let m2 = vec![f32::NEG_INFINITY; t.max(1)];
+            let group = DecodeGroup {
+                queries: queries.iter().map(|q| q.as_slice()).collect(),
+                masks: vec![None, Some((&m1[..], 1)), Some((&m2[..], 1))],
+                keys: (&keys, ks, d),
+                values: (&values, vs, dv),
+                positions: t,
+                scale: 0.3,
+            };
+            let mut want = vec![0f64; rows * dv];
+            for g in 0..rows {
+                let visible: Vec<usize> = (0..t)
+                    .filter(|&j| !(g == 2 || (g == 1 && j == 1)))
+                    .collect();
+                let sc: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        0.3 * (0..d)
+                            .map(|c| queries[g][c] as f64 * keys[j * ks + c] as f64)
+                            .sum::<f64>()
+                    })
+                    .collect();
+                let top = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - top).exp()).sum();
+                for (&j, x) in visible.iter().zip(&sc) {
+                    for c in 0..dv {
+                        want[g * dv + c] += (x - top).exp() / z * values[j * vs + c] as f64;
+                    }
+                }
+            }
+            type Kernel<'a> = &'a dyn Fn(&mut [f32], &mut [(f32, f32)]);
+            let run = |f: Kernel| {
+                let mut o = vec![f32::NAN; rows * dv];
+                let mut st = vec![(0f32, 0f32); rows];
+                f(&mut o, &mut st);
+                assert_eq!(st[2], (f32::NEG_INFINITY, 0.0), "a row with no key");
+                o
+            };
+            // SAFETY: the scalar body needs no CPU feature.
+            let scalar = run(&|o, st| unsafe { group.run_body::<simd::Scalar>(o, st) });
+            let mut widths = vec![("scalar", scalar.clone())];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: AVX2 and FMA were detected.
+                    widths.push(("avx2", run(&|o, st| unsafe { group.run_avx2(o, st) })));
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F was detected.
+                    widths.push(("avx512", run(&|o, st| unsafe { group.run_avx512(o, st) })));
+                }
+            }
+            for (name, got) in widths {
+                for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{name} d {d} dv {dv} t {t} at {i}: {a} vs {b}"
+                    );
+                    assert!(
+                        (a - scalar[i]).abs() <= 1e-5 * (1.0 + scalar[i].abs()),
+                        "{name} vs scalar at {i}"
+                    );
+                }
+            }
+        }
     }
 
     /// The seq-major layout is the head-major one on transposed operands, bit for bit, on the
