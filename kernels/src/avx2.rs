@@ -50,8 +50,7 @@ unsafe fn store_acc<const MR: usize, const NV: usize>(
 ) {
     for (r, row) in acc.iter().enumerate() {
         for (v, a) in row.iter().enumerate() {
-            let p = y.add(r * ys + v * LANES);
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *a));
+            add_into(y.add(r * ys + v * LANES), *a);
         }
     }
 }
@@ -180,7 +179,14 @@ unsafe fn store_pairs(lo: __m256, hi: __m256, y: *mut f32) {
     let sums = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
         _mm256_hadd_ps(lo, hi),
     )));
-    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), sums));
+    add_into(y, sums);
+}
+
+/// `y[0..8] += a`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_into(y: *mut f32, a: __m256) {
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), a));
 }
 
 /// K-pairs of one dense GEMV block: a column group's accumulators stay in registers over
@@ -253,7 +259,7 @@ unsafe fn gemv_dense<const DT: u8>(
         for v in 0..nv {
             let p = yc.add(v * LANES);
             if DT == DT_BF16 {
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc[v]));
+                add_into(p, acc[v]);
             } else {
                 store_pairs(acc[2 * v], acc[2 * v + 1], p);
             }
@@ -304,8 +310,7 @@ unsafe fn gemv_sparse<const DT: u8>(
             }
         }
         for (v, a) in acc.iter().enumerate().take(nv) {
-            let p = yc.add(v * LANES);
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *a));
+            add_into(yc.add(v * LANES), *a);
         }
         v0 += nv;
     }
@@ -316,8 +321,6 @@ macro_rules! dispatch {
         match ($mr, $nv) {
             (1, 1) => $kern::<$dt, 1, 1>($($a),*),
             (1, 2) => $kern::<$dt, 1, 2>($($a),*),
-            (1, 3) => $kern::<$dt, 1, 3>($($a),*),
-            (1, 4) => $kern::<$dt, 1, 4>($($a),*),
             (2, 1) => $kern::<$dt, 2, 1>($($a),*),
             (2, 2) => $kern::<$dt, 2, 2>($($a),*),
             (3, 1) => $kern::<$dt, 3, 1>($($a),*),

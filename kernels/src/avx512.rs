@@ -142,6 +142,82 @@ unsafe fn sparse<const DT: u8, const MR: usize, const NV: usize>(
     store_acc(&acc, y, ys);
 }
 
+// GEMV (one row of X) on f32 / f16 tiles: an (even-k, odd-k) pair of a column is multiplied
+// by the broadcast pair (x[2kp], x[2kp + 1]) as stored, so no even/odd split (two
+// `vpermt2ps` per 16 columns) runs per K-pair; the lanes of an accumulator hold interleaved
+// partial sums of eight columns, added pairwise once per block. bf16 tiles keep the split
+// above, which is two integer ops that also do the bf16 -> f32 conversion.
+
+/// The f32 values of eight (even-k, odd-k) column pairs starting at `p`, in stored order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+unsafe fn pairs8<const DT: u8>(p: *const u8) -> __m512 {
+    if DT == DT_F32 {
+        _mm512_loadu_ps(p as *const f32)
+    } else {
+        debug_assert_eq!(DT, DT_F16);
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
+/// Adds the interleaved pair sums of `lo` (columns 0-7) and `hi` (columns 8-15) to
+/// `y[0..16]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+unsafe fn store_pairs(lo: __m512, hi: __m512, y: *mut f32) {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let sums = _mm512_add_ps(
+        _mm512_permutex2var_ps(lo, even, hi),
+        _mm512_permutex2var_ps(lo, odd, hi),
+    );
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), sums));
+}
+
+/// Dense f32 / f16 GEMV block: one row by `NV * 16` columns over `kpairs` K-pairs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+unsafe fn gemv_dense_pairs<const DT: u8, const NV: usize>(
+    x: *const f32,
+    w: *const u8,
+    ws: usize,
+    kpairs: usize,
+    y: *mut f32,
+) {
+    let esz = if DT == DT_F32 { 4 } else { 2 };
+    let mut lo = [_mm512_setzero_ps(); NV];
+    let mut hi = [_mm512_setzero_ps(); NV];
+    for kp in 0..kpairs {
+        let wp = w.add(kp * ws);
+        let xx = _mm512_castpd_ps(_mm512_set1_pd(
+            (x.add(2 * kp) as *const f64).read_unaligned(),
+        ));
+        for v in 0..NV {
+            let p = wp.add(v * LANES * 2 * esz);
+            lo[v] = _mm512_fmadd_ps(pairs8::<DT>(p), xx, lo[v]);
+            hi[v] = _mm512_fmadd_ps(pairs8::<DT>(p.add(LANES * esz)), xx, hi[v]);
+        }
+    }
+    for v in 0..NV {
+        store_pairs(lo[v], hi[v], y.add(v * LANES));
+    }
+}
+
+macro_rules! dispatch_gemv {
+    ($kern:ident, $dt:ident, $nv:expr, ($($a:expr),*)) => {
+        match $nv {
+            1 => $kern::<$dt, 1>($($a),*),
+            2 => $kern::<$dt, 2>($($a),*),
+            3 => $kern::<$dt, 3>($($a),*),
+            4 => $kern::<$dt, 4>($($a),*),
+            5 => $kern::<$dt, 5>($($a),*),
+            6 => $kern::<$dt, 6>($($a),*),
+            7 => $kern::<$dt, 7>($($a),*),
+            8 => $kern::<$dt, 8>($($a),*),
+            other => unreachable!("no avx512 GEMV kernel for {other} vectors"),
+        }
+    };
+}
+
 macro_rules! dispatch {
     ($kern:ident, $dt:ident, $mr:expr, $nv:expr, ($($a:expr),*)) => {
         match ($mr, $nv) {
@@ -214,6 +290,8 @@ unsafe fn run<const DT: u8>(job: &TileJob, nvec: usize) {
                     job.ys
                 )
             );
+        } else if mr == 1 && DT != DT_BF16 {
+            dispatch_gemv!(gemv_dense_pairs, DT, nv, (x, w, row_bytes, job.kpad / 2, y));
         } else {
             dispatch!(
                 dense,
