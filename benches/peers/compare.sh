@@ -9,7 +9,7 @@
 # PyPI sdist of llama-cpp-python (6 to 15 minutes on 2 idle cores), converts the GGUF that the
 # model's weights come from to F32 / BF16 / F16 / Q8_0 (the same dequantized weights the
 # bundles hold, rounded to each type), compiles the dense bundles and, unless given with
-# --hybrid, hybrid bf16 bundles at 25 / 40 / 50% (`--method magnitude`: the tile map decides
+# --hybrid, hybrid bf16 bundles at 25 / 40 / 45 / 50% (`--method magnitude`: the tile map decides
 # the speed, not the quality of the masks), then runs benches/peers/compare.py, which
 # interleaves every side round by round and prints one table of medians with the ratios to
 # llama.cpp and each side's share of its bandwidth bound.
@@ -99,7 +99,7 @@ for d in f32 bf16 f16; do
   bundle_args+=(--bundle "dense $d=$out")
 done
 if [ ${#hybrid[@]} -eq 0 ]; then
-  for s in 25 40 50; do
+  for s in 25 40 45 50; do
     out="$WORK/models/magnitude-$s-bf16.patch"
     if [ ! -s "$out" ] || [ "$out" -ot "$PATCHC" ]; then
       log "compiling a hybrid bf16 bundle at $s% (--method magnitude)"

@@ -739,17 +739,13 @@ impl DecodeGroup<'_> {
             let mut c0 = 0;
             while c0 < full {
                 let nv = ((full - c0) / l).min(PV_VECTORS);
-                let mut acc = [S::zero(); PV_VECTORS];
-                for (j, &p) in probs.iter().enumerate() {
-                    if p != 0.0 {
-                        let (pv, row) = (S::splat(p), v.as_ptr().add(j * vs + c0));
-                        for (i, a) in acc.iter_mut().enumerate().take(nv) {
-                            *a = S::mul_add(pv, S::load(row.add(i * l)), *a);
-                        }
-                    }
-                }
-                for (i, a) in acc.iter().enumerate().take(nv) {
-                    S::store(out_row.as_mut_ptr().add(c0 + i * l), *a);
+                let dst = out_row.as_mut_ptr().add(c0);
+                let src = v.as_ptr().add(c0);
+                match nv {
+                    PV_VECTORS => pv_block::<S, PV_VECTORS>(probs, src, vs, dst),
+                    3 => pv_block::<S, 3>(probs, src, vs, dst),
+                    2 => pv_block::<S, 2>(probs, src, vs, dst),
+                    _ => pv_block::<S, 1>(probs, src, vs, dst),
                 }
                 c0 += nv * l;
             }
@@ -766,6 +762,34 @@ impl DecodeGroup<'_> {
 
 /// Output vectors one pass of the decode attention's `P · V` keeps in registers.
 const PV_VECTORS: usize = 4;
+
+/// `dst[0 .. NV * LANES] = Σ_j probs[j] · v[j * vs ..]` over the keys with a non-zero
+/// probability (a masked key is never read), the `NV` accumulators in registers.
+///
+/// # Safety
+/// `S`'s instructions must be available; `v` is readable for `NV * LANES` floats at every
+/// `j * vs` with `j < probs.len()`, and `dst` writable for `NV * LANES` floats.
+#[inline(always)]
+unsafe fn pv_block<S: simd::F32Simd, const NV: usize>(
+    probs: &[f32],
+    v: *const f32,
+    vs: usize,
+    dst: *mut f32,
+) {
+    let l = S::LANES;
+    let mut acc = [S::zero(); NV];
+    for (j, &p) in probs.iter().enumerate() {
+        if p != 0.0 {
+            let (pv, row) = (S::splat(p), v.add(j * vs));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = S::mul_add(pv, S::load(row.add(i * l)), *a);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        S::store(dst.add(i * l), *a);
+    }
+}
 
 impl Op for Attention {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
@@ -975,10 +999,12 @@ impl Op for Attention {
                 // Fewer (or unevenly many) groups than threads: split the keys too, and merge
                 // the partial softmaxes (flash-decoding). Within f32 rounding of the unsplit
                 // path, not bit for bit.
+                // Items are key-range major: each thread's share is a run of positions read
+                // for every KV head, so its keys and values stream as one block of rows.
                 let width = group * dv + 2 * group;
                 let mut partial = vec![0f32; chunks * parts * width];
                 for_each_row_split(&mut partial, width, parallel, &|item, buf| {
-                    let (c, p) = (item / parts, item % parts);
+                    let (p, c) = (item / chunks, item % chunks);
                     let (j0, j1) = (t * p / parts, t * (p + 1) / parts);
                     let (o, st) = buf.split_at_mut(group * dv);
                     let mut stats = vec![(0f32, 0f32); group];
@@ -989,10 +1015,10 @@ impl Op for Attention {
                     }
                 });
                 for (c, out_group) in out.chunks_exact_mut(group * dv).enumerate() {
-                    let items = &partial[c * parts * width..(c + 1) * parts * width];
+                    let item = |p: usize| &partial[(p * chunks + c) * width..][..width];
                     for (g, out_row) in out_group.chunks_exact_mut(dv).enumerate() {
                         let stat = |p: usize| {
-                            let st = &items[p * width + group * dv..];
+                            let st = &item(p)[group * dv..];
                             (st[2 * g], st[2 * g + 1])
                         };
                         let top = (0..parts)
@@ -1013,7 +1039,7 @@ impl Op for Attention {
                             .collect();
                         let total: f32 = weights.iter().sum();
                         for (p, w) in weights.iter().enumerate() {
-                            let part = &items[p * width + g * dv..][..dv];
+                            let part = &item(p)[g * dv..][..dv];
                             for (acc, &x) in out_row.iter_mut().zip(part) {
                                 *acc += w / total * x;
                             }
