@@ -709,6 +709,14 @@ impl DecodeGroup<'_> {
         let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
         for j in 0..t {
             let key = &k[j * ks..][..d];
+            // The KV cache was last read a whole token ago: it comes from DRAM, a few rows
+            // ahead of use. Whole rows (every KV head of the position) are fetched, so the
+            // passes of the other heads over the same positions find them in cache, and the
+            // values are fetched now for the `P · V` pass below.
+            if j + PREFETCH_ROWS < t {
+                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), ks);
+            }
+            prefetch_row(v.as_ptr().add(j * vs), vs);
             for (g, qi) in self.queries.iter().enumerate() {
                 scores[g * t + j] = if masked(g, j) {
                     f32::NEG_INFINITY
@@ -762,6 +770,26 @@ impl DecodeGroup<'_> {
 
 /// Output vectors one pass of the decode attention's `P · V` keeps in registers.
 const PV_VECTORS: usize = 4;
+
+/// Key positions between a row's prefetch and its use in the decode attention.
+const PREFETCH_ROWS: usize = 16;
+
+/// Asks for the cache lines of `floats` floats from `p` (a hint: any address may be given,
+/// nothing is read).
+#[inline(always)]
+fn prefetch_row(p: *const f32, floats: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..floats).step_by(16) {
+        // SAFETY: a prefetch never faults and reads nothing architecturally.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(line) as *const i8,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, floats);
+}
 
 /// `dst[0 .. NV * LANES] = Σ_j probs[j] · v[j * vs ..]` over the keys with a non-zero
 /// probability (a masked key is never read), the `NV` accumulators in registers.
