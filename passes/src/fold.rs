@@ -53,13 +53,15 @@ impl Pass for ConstantFolding {
             let folded = match from_sym {
                 Some(values) => values,
                 None => {
-                    let consts: Option<Vec<Option<&Tensor>>> = node
+                    // Large constants may borrow misaligned bytes (weights embedded in an
+                    // ONNX file); ops read typed slices, so those are aligned (copied) here.
+                    let consts: Option<Vec<Option<Tensor>>> = node
                         .inputs
                         .iter()
                         .map(|i| match i {
                             None => Some(None),
                             Some(v) => match &graph.value(*v).def {
-                                Def::Const(t) => Some(Some(t)),
+                                Def::Const(t) => Some(Some(t.to_aligned())),
                                 _ => None,
                             },
                         })
@@ -68,8 +70,9 @@ impl Pass for ConstantFolding {
                     if consts.iter().all(Option::is_none) {
                         continue;
                     }
+                    let refs: Vec<Option<&Tensor>> = consts.iter().map(Option::as_ref).collect();
                     node.op
-                        .eval(&consts)
+                        .eval(&refs)
                         .map_err(|e| RuntimeError::at_node(&node.name, &node.op_type, e))?
                 }
             };

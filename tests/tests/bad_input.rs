@@ -203,3 +203,139 @@ fn a_graph_reading_an_undefined_value_is_rejected() {
     let err = import_file(&write_model(dir.path(), &model)).unwrap_err();
     assert!(err.contains("`nowhere`"), "{err}");
 }
+
+/// The fixture with every external tensor moved into the `.onnx` file (the torch dynamo
+/// exporter's default below 2 GB), its largest MatMul weight behind a Transpose, padded until the largest weight's bytes start at an
+/// offset that is not a multiple of 4, and the offset found.
+fn embedded_misaligned(name: &str) -> (Vec<u8>, usize) {
+    let data = std::fs::read(fixture_dir(name).join("model.onnx.data")).unwrap();
+    let mut model = fixture_proto(name);
+    let graph = model.graph.as_mut().unwrap();
+    for t in graph.initializer.iter_mut() {
+        let entry = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key.as_deref() == Some(k))
+                .and_then(|e| e.value.clone())
+        };
+        let Some(_) = entry("location") else { continue };
+        let offset: usize = entry("offset").map_or(0, |v| v.parse().unwrap());
+        let length: usize = entry("length").map_or(data.len() - offset, |v| v.parse().unwrap());
+        t.raw_data = Some(bytes::Bytes::copy_from_slice(
+            &data[offset..offset + length],
+        ));
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    // As dynamo writes a tied LM head: the largest MatMul weight stored transposed, behind a
+    // Transpose node, which constant folding evaluates on the embedded (misaligned) bytes.
+    let weights: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("MatMul"))
+        .map(|n| n.input[1].clone())
+        .collect();
+    let t = graph
+        .initializer
+        .iter_mut()
+        .filter(|t| {
+            weights
+                .iter()
+                .any(|w| t.name.as_deref() == Some(w.as_str()))
+        })
+        .filter(|t| t.dims.len() == 2 && t.data_type == Some(1))
+        .max_by_key(|t| t.dims[0] * t.dims[1])
+        .unwrap();
+    let (k, n) = (t.dims[0] as usize, t.dims[1] as usize);
+    let raw = t.raw_data.clone().unwrap();
+    let mut transposed = vec![0u8; raw.len()];
+    for (i, row) in raw.chunks_exact(4 * n).enumerate() {
+        for (j, v) in row.chunks_exact(4).enumerate() {
+            transposed[4 * (j * k + i)..][..4].copy_from_slice(v);
+        }
+    }
+    let name = t.name.clone().unwrap();
+    t.name = Some(format!("{name}.stored_transposed"));
+    t.dims = vec![n as i64, k as i64];
+    t.raw_data = Some(bytes::Bytes::from(transposed));
+    graph.node.insert(
+        0,
+        proto::NodeProto {
+            name: Some("tied_transpose".into()),
+            op_type: Some("Transpose".into()),
+            input: vec![format!("{name}.stored_transposed")],
+            output: vec![name],
+            attribute: vec![proto::AttributeProto {
+                name: Some("perm".into()),
+                r#type: Some(7),
+                ints: vec![1, 0],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let largest = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.raw_data.clone())
+        .max_by_key(|b| b.len())
+        .unwrap();
+    for pad in 0..4 {
+        model.doc_string = Some("x".repeat(pad));
+        let encoded = model.encode_to_vec();
+        let at = encoded
+            .windows(largest.len())
+            .position(|w| w == &largest[..])
+            .unwrap();
+        if at % 4 != 0 {
+            return (encoded, at);
+        }
+    }
+    unreachable!("one of four paddings misaligns the weight");
+}
+
+/// Embedded weights at unaligned offsets import, fold (the tied embedding's Transpose),
+/// pack and run exactly as the same weights read from an external data file.
+#[test]
+fn embedded_misaligned_weights_compile_like_external_ones() {
+    let name = "llama_dynamo_op18";
+    let (encoded, offset) = embedded_misaligned(name);
+    assert_ne!(offset % 4, 0);
+    let (ext_dir, emb_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let external = patch_tests::compile_fixture(name, ext_dir.path(), 64);
+    // The same staging, then the model replaced by the embedded one, its data file removed.
+    let staged = patch_tests::stage_fixture(name, emb_dir.path());
+    std::fs::write(&staged, &encoded).unwrap();
+    std::fs::remove_file(emb_dir.path().join("model.onnx.data")).unwrap();
+    let weights = onnx::load_model(&staged).unwrap();
+    let graph = onnx::import_model(&weights, &OpRegistry::onnx(), &Default::default()).unwrap();
+    assert!(
+        graph
+            .consts()
+            .any(|(_, t)| t.len() >= 1024 && !t.is_aligned()),
+        "the test needs a large misaligned weight"
+    );
+    std::fs::copy(
+        ext_dir.path().join("generation.json"),
+        emb_dir.path().join("generation.json"),
+    )
+    .unwrap();
+    let out = emb_dir.path().join("embedded.patch");
+    let options = patch_compiler::pipeline::CompileOptions {
+        tile: patch_kernels::TileShape::new(32, 16).unwrap(),
+        ..patch_compiler::pipeline::CompileOptions::new(staged, out.clone())
+    };
+    patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
+    let load = |p: &Path| {
+        patch_runtime::bundle::load_bundle(p, &OpRegistry::onnx(), Default::default()).unwrap()
+    };
+    let (a, b) = (load(&external), load(&out));
+    assert_eq!(a.contents.graph.to_text(), b.contents.graph.to_text());
+    let case = patch_tests::read_case(&fixture_dir(name).join("cases/seq7"));
+    let inputs = patch_tests::feed(&a.contents.graph, &case);
+    let want = patch_runtime::interp::run(&a.contents.graph, &inputs).unwrap();
+    let got = patch_runtime::interp::run(&b.contents.graph, &inputs).unwrap();
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w.bytes(), g.bytes(), "outputs differ");
+    }
+}
