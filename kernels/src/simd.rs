@@ -45,6 +45,15 @@ pub trait F32Simd: Copy {
     /// # Safety
     /// See the module documentation.
     unsafe fn reduce_add(v: Self::V) -> f32;
+    /// The sums of the lanes of four vectors: four [`reduce_add`](Self::reduce_add) up to
+    /// the order of the additions, in one shuffle tree.
+    ///
+    /// # Safety
+    /// See the module documentation.
+    #[inline(always)]
+    unsafe fn reduce_add4(v: [Self::V; 4]) -> [f32; 4] {
+        v.map(|x| Self::reduce_add(x))
+    }
 }
 
 /// One lane: the portable twin.
@@ -130,6 +139,29 @@ impl F32Simd for Avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce_add4(v: [__m256; 4]) -> [f32; 4] {
+        hadd4(v)
+    }
+}
+
+/// `[Σ v[0], Σ v[1], Σ v[2], Σ v[3]]` of four 8-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hadd4(v: [__m256; 4]) -> [f32; 4] {
+    // [a01 a23 b01 b23 | a45 a67 b45 b67], then [Σa0-3 Σb0-3 Σc0-3 Σd0-3 | Σa4-7 ...].
+    let ab = _mm256_hadd_ps(v[0], v[1]);
+    let cd = _mm256_hadd_ps(v[2], v[3]);
+    let abcd = _mm256_hadd_ps(ab, cd);
+    let s = _mm_add_ps(
+        _mm256_castps256_ps128(abcd),
+        _mm256_extractf128_ps::<1>(abcd),
+    );
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), s);
+    out
 }
 
 /// 512-bit AVX-512F vectors.
@@ -176,6 +208,15 @@ impl F32Simd for Avx512 {
     unsafe fn reduce_add(v: __m512) -> f32 {
         _mm512_reduce_add_ps(v)
     }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce_add4(v: [__m512; 4]) -> [f32; 4] {
+        // Each vector folded to 8 lanes (low half + high half), then the AVX2 tree.
+        hadd4(v.map(|x| {
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+            _mm256_add_ps(_mm512_castps512_ps256(x), high)
+        }))
+    }
 }
 
 /// `Σ a[i] · b[i]` over `a.len()` elements on `S`: two independent accumulators of full
@@ -209,6 +250,35 @@ pub unsafe fn dot<S: F32Simd>(a: &[f32], b: &[f32]) -> f32 {
         s = a[i].mul_add(b[i], s);
     }
     s
+}
+
+/// `[Σ a[i] · b[u][i]]` for the four rows `b[u]` (each at least `a.len()` long): one
+/// accumulator per row over full vectors, one reduction for the four, then the scalar tails.
+///
+/// # Safety
+/// `S`'s instructions must be available (see the module documentation).
+#[inline(always)]
+pub unsafe fn dot4<S: F32Simd>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a.len();
+    let b = b.map(|r| &r[..n]);
+    let l = S::LANES;
+    let full = n / l * l;
+    let mut acc = [S::zero(); 4];
+    let mut c = 0;
+    while c < full {
+        let x = S::load(a.as_ptr().add(c));
+        for (s, r) in acc.iter_mut().zip(&b) {
+            *s = S::mul_add(x, S::load(r.as_ptr().add(c)), *s);
+        }
+        c += l;
+    }
+    let mut sums = S::reduce_add4(acc);
+    for (s, r) in sums.iter_mut().zip(&b) {
+        for i in full..n {
+            *s = a[i].mul_add(r[i], *s);
+        }
+    }
+    sums
 }
 
 /// `acc[i] += p · x[i]` for `i < acc.len()`, with `acc` held in registers across calls by
@@ -258,6 +328,46 @@ mod tests {
                         .sum::<f64>());
             // SAFETY: the scalar path needs nothing.
             let scalar = unsafe { dot::<Scalar>(&a, &b) };
+            // Four rows against one: each sum as `dot`'s, within the same bound.
+            let rows: Vec<Vec<f32>> = (0..4).map(|u| random(n, 10 + u)).collect();
+            let exact4: Vec<f64> = rows
+                .iter()
+                .map(|r| a.iter().zip(r).map(|(x, y)| *x as f64 * *y as f64).sum())
+                .collect();
+            let tol4: Vec<f64> = rows
+                .iter()
+                .map(|r| {
+                    1e-5 * (1.0
+                        + a.iter()
+                            .zip(r)
+                            .map(|(x, y)| (x * y).abs() as f64)
+                            .sum::<f64>())
+                })
+                .collect();
+            let four = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+            let check4 = |name: &str, got: [f32; 4]| {
+                for u in 0..4 {
+                    assert!(
+                        (got[u] as f64 - exact4[u]).abs() <= tol4[u],
+                        "{name} dot4 row {u}, n {n}: {} vs {}",
+                        got[u],
+                        exact4[u]
+                    );
+                }
+            };
+            // SAFETY: as above.
+            check4("scalar", unsafe { dot4::<Scalar>(&a, four) });
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: AVX2 and FMA were detected.
+                    check4("avx2", unsafe { dot4::<Avx2>(&a, four) });
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F was detected.
+                    check4("avx512", unsafe { dot4::<Avx512>(&a, four) });
+                }
+            }
             assert!(
                 (scalar as f64 - exact).abs() <= tol,
                 "n {n}: {scalar} vs {exact}"

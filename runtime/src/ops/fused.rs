@@ -707,16 +707,37 @@ impl DecodeGroup<'_> {
         let mut scores = vec![0f32; rows * t];
         stats.fill((f32::NEG_INFINITY, 0.0));
         let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
-        for j in 0..t {
-            let key = &k[j * ks..][..d];
-            // The KV cache was last read a whole token ago: it comes from DRAM, a few rows
-            // ahead of use. Whole rows (every KV head of the position) are fetched, so the
-            // passes of the other heads over the same positions find them in cache, and the
-            // values are fetched now for the `P · V` pass below.
+        // The KV cache was last read a whole token ago: it comes from DRAM. This group's
+        // keys are fetched a few rows ahead of use, and its values now, for the `P · V` pass.
+        let prefetch = |j: usize| {
             if j + PREFETCH_ROWS < t {
-                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), ks);
+                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), d);
             }
-            prefetch_row(v.as_ptr().add(j * vs), vs);
+            prefetch_row(v.as_ptr().add(j * vs), dv);
+        };
+        // Four keys at a time: the four dot products of a query share one reduction.
+        let mut j = 0;
+        while j + 4 <= t {
+            for u in 0..4 {
+                prefetch(j + u);
+            }
+            let key = |u: usize| &k[(j + u) * ks..][..d];
+            let keys = [key(0), key(1), key(2), key(3)];
+            for (g, qi) in self.queries.iter().enumerate() {
+                let dots = simd::dot4::<S>(qi, keys);
+                for (u, dot) in dots.into_iter().enumerate() {
+                    scores[g * t + j + u] = if masked(g, j + u) {
+                        f32::NEG_INFINITY
+                    } else {
+                        self.scale * dot
+                    };
+                }
+            }
+            j += 4;
+        }
+        for j in j..t {
+            prefetch(j);
+            let key = &k[j * ks..][..d];
             for (g, qi) in self.queries.iter().enumerate() {
                 scores[g * t + j] = if masked(g, j) {
                     f32::NEG_INFINITY
@@ -758,6 +779,9 @@ impl DecodeGroup<'_> {
                 c0 += nv * l;
             }
             let tail = &mut out_row[full..];
+            if tail.is_empty() {
+                continue;
+            }
             tail.fill(0.0);
             for (j, &p) in probs.iter().enumerate() {
                 if p != 0.0 {
@@ -792,7 +816,7 @@ fn prefetch_row(p: *const f32, floats: usize) {
 }
 
 /// `dst[0 .. NV * LANES] = Σ_j probs[j] · v[j * vs ..]` over the keys with a non-zero
-/// probability (a masked key is never read), the `NV` accumulators in registers.
+/// probability (a masked key is never read), the accumulators in registers.
 ///
 /// # Safety
 /// `S`'s instructions must be available; `v` is readable for `NV * LANES` floats at every
@@ -805,17 +829,26 @@ unsafe fn pv_block<S: simd::F32Simd, const NV: usize>(
     dst: *mut f32,
 ) {
     let l = S::LANES;
-    let mut acc = [S::zero(); NV];
-    for (j, &p) in probs.iter().enumerate() {
+    // Even and odd keys into separate accumulators: two independent chains of FMAs.
+    let (mut even, mut odd) = ([S::zero(); NV], [S::zero(); NV]);
+    let step = |acc: &mut [S::V; NV], j: usize, p: f32| {
         if p != 0.0 {
             let (pv, row) = (S::splat(p), v.add(j * vs));
             for (i, a) in acc.iter_mut().enumerate() {
                 *a = S::mul_add(pv, S::load(row.add(i * l)), *a);
             }
         }
+    };
+    let pairs = probs.len() / 2;
+    for jp in 0..pairs {
+        step(&mut even, 2 * jp, probs[2 * jp]);
+        step(&mut odd, 2 * jp + 1, probs[2 * jp + 1]);
     }
-    for (i, a) in acc.iter().enumerate() {
-        S::store(dst.add(i * l), *a);
+    if probs.len() % 2 == 1 {
+        step(&mut even, probs.len() - 1, probs[probs.len() - 1]);
+    }
+    for i in 0..NV {
+        S::store(dst.add(i * l), S::add(even[i], odd[i]));
     }
 }
 
