@@ -164,7 +164,7 @@ fn every_method_meets_the_budget_and_the_kernels_match_the_masked_reference() {
     ] {
         for s in [0.25, 0.5] {
             let out = dir.path().join(format!("{method}-{s}.patch"));
-            pipeline::compile(
+            let report = pipeline::compile(
                 &options(&model, &out, &calib, s, method),
                 &OpRegistry::onnx(),
             )
@@ -194,10 +194,19 @@ fn every_method_meets_the_budget_and_the_kernels_match_the_masked_reference() {
                 sparse_tiles += sparse;
             }
             assert!(sparse_tiles > 0, "{method} at {s}: no 2:4 tile");
+            // Packed weights count as the matrices they hold, not as their bytes: the
+            // bundle's count is the imported model's, less the small constants folded away.
+            let imported = report.json["parameters"].as_u64().unwrap() as f64;
+            let counted = g.parameter_count() as f64;
+            assert!(
+                counted <= imported && counted >= 0.99 * imported,
+                "{method} at {s}: {counted} parameters in the bundle, {imported} imported"
+            );
+            let reference = unpacked_reference(&g);
             // The bundle's cache is seq-major (`kv-layout`): feed the past in that layout.
             let inputs = patch_tests::feed(&g, &case);
             let got = interp::run(&g, &inputs).unwrap();
-            let want = interp::run(&unpacked_reference(&g), &inputs).unwrap();
+            let want = interp::run(&reference, &inputs).unwrap();
             let err = patch_tests::max_abs_diff(&got[0], &want[0]);
             assert!(
                 err <= 1e-4,

@@ -514,7 +514,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 g.opset,
                 g.node_count(),
                 g.consts().count(),
-                g.const_elements()
+                g.parameter_count()
             );
             for (id, role) in g.inputs() {
                 println!(

@@ -670,4 +670,35 @@ impl Graph {
     pub fn const_elements(&self) -> usize {
         self.consts().map(|(_, t)| t.len()).sum()
     }
+
+    /// The model's parameters: the elements of its constants, with each packed hybrid weight
+    /// (`patch.HybridMatMul`'s value bytes and metadata words) counted as the `k × n` matrix
+    /// it stands for, once however many nodes read it.
+    pub fn parameter_count(&self) -> usize {
+        let mut packed = std::collections::BTreeSet::new();
+        let mut matrices = 0usize;
+        for (_, node) in self.nodes() {
+            if node.domain != crate::ops::hybrid::DOMAIN
+                || node.op_type != crate::ops::hybrid::OP_TYPE
+            {
+                continue;
+            }
+            let Some(Some(values)) = node.inputs.get(1) else {
+                continue;
+            };
+            if packed.insert(*values) {
+                let dim = |name: &str| node.attrs.int(name).ok().flatten().unwrap_or(0).max(0);
+                matrices += (dim("k") * dim("n")) as usize;
+            }
+            if let Some(Some(meta)) = node.inputs.get(2) {
+                packed.insert(*meta);
+            }
+        }
+        let rest: usize = self
+            .consts()
+            .filter(|(id, _)| !packed.contains(id))
+            .map(|(_, t)| t.len())
+            .sum();
+        rest + matrices
+    }
 }
