@@ -219,7 +219,8 @@ fn read(path: &Path) -> Result<Vec<u8>, CompileError> {
 }
 
 /// Generation metadata from a `generation.json` or Hugging Face `generation_config.json` /
-/// `tokenizer_config.json` / `config.json` beside the model, whichever exist.
+/// `tokenizer_config.json` / `config.json` / `chat_template.jinja` beside the model, whichever
+/// exist.
 fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
     let mut gen = Generation::default();
     let ids = |v: &Value| -> Vec<i64> {
@@ -256,11 +257,26 @@ fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
         if let Some(t) = v.get("chat_template").and_then(Value::as_str) {
             gen.chat_template = Some(t.to_string());
         }
-        for key in ["max_position_embeddings", "n_positions", "max_context"] {
+        for key in [
+            "max_position_embeddings",
+            "n_positions",
+            "context_length",
+            "max_context",
+        ] {
             if let Some(n) = v.get(key).and_then(Value::as_u64) {
                 gen.max_context = Some(n);
             }
         }
+    }
+    // transformers 5 saves the chat template as its own file; it wins over a JSON copy, as
+    // it does when transformers loads the directory.
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        let text = String::from_utf8(read(&jinja)?).map_err(|e| CompileError::Read {
+            path: jinja.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        gen.chat_template = Some(text);
     }
     Ok(gen)
 }

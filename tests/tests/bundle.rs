@@ -128,3 +128,30 @@ fn a_failed_write_leaves_no_file() {
     assert!(bundle::write_bundle(&target, &contents("gpt2")).is_err());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The metadata files transformers 5 and GGUF exports write beside a model: the chat template
+/// as `chat_template.jinja` (over a JSON copy) and the context as `context_length`.
+#[test]
+fn chat_template_jinja_and_context_length_reach_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = patch_tests::stage_fixture("llama_optimum_with_past", dir.path());
+    std::fs::write(
+        dir.path().join("generation.json"),
+        r#"{"eos_token_id": 511, "context_length": 96, "chat_template": "the JSON copy"}"#,
+    )
+    .unwrap();
+    let jinja = "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}\n";
+    std::fs::write(dir.path().join("chat_template.jinja"), jinja).unwrap();
+    let out = dir.path().join("m.patch");
+    let options = patch_compiler::pipeline::CompileOptions::new(model, out.clone());
+    patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
+    let b = load(&out).unwrap();
+    assert_eq!(b.contents.generation.chat_template.as_deref(), Some(jinja));
+    assert_eq!(b.contents.generation.max_context, Some(96));
+    // A template file that is not UTF-8 is an error naming it, before any output.
+    std::fs::write(dir.path().join("chat_template.jinja"), [0xffu8, 0xfe]).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let err = patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap_err();
+    assert!(err.to_string().contains("chat_template.jinja"), "{err}");
+    assert!(!out.exists());
+}
