@@ -283,7 +283,7 @@ impl Tensor {
         }
         if !self.is_aligned() {
             return Err(RuntimeError::Tensor(format!(
-                "{}{:?} data is not aligned for its element type (bytes borrowed from a file are read through an aligned copy)",
+                "{}{:?} data is not aligned for its element type",
                 self.dtype, self.shape
             )));
         }

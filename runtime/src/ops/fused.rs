@@ -707,13 +707,14 @@ impl DecodeGroup<'_> {
         let mut scores = vec![0f32; rows * t];
         stats.fill((f32::NEG_INFINITY, 0.0));
         let masked = |g: usize, j: usize| matches!(self.masks[g], Some((m, stride)) if m[j * stride] == f32::NEG_INFINITY);
-        // The KV cache was last read a whole token ago: it comes from DRAM. This group's
-        // keys are fetched a few rows ahead of use, and its values now, for the `P · V` pass.
+        // The KV cache was last read a whole token ago: it comes from DRAM. Keys are fetched
+        // a few rows ahead of use and values now, for the `P · V` pass, whole rows (every KV
+        // head of the position), so the other heads' passes over these rows find them cached.
         let prefetch = |j: usize| {
             if j + PREFETCH_ROWS < t {
-                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), d);
+                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), ks);
             }
-            prefetch_row(v.as_ptr().add(j * vs), dv);
+            prefetch_row(v.as_ptr().add(j * vs), vs);
         };
         // Four keys at a time: the four dot products of a query share one reduction.
         let mut j = 0;

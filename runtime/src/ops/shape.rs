@@ -132,8 +132,7 @@ pub(crate) fn rt(e: RuntimeError) -> OpError {
     OpError::Invalid(e.to_string())
 }
 
-/// The same bytes viewed as unsigned integers of the element width (no copy, unless the
-/// bytes are borrowed at an address misaligned for the element: then an aligned copy).
+/// The same bytes viewed as unsigned integers of the element width (no copy).
 pub(crate) fn as_bits(t: &Tensor) -> Result<Tensor, OpError> {
     let uint = match t.dtype().size_of() {
         1 => DType::U8,
@@ -141,7 +140,6 @@ pub(crate) fn as_bits(t: &Tensor) -> Result<Tensor, OpError> {
         4 => DType::U32,
         _ => DType::U64,
     };
-    let t = t.to_aligned();
     Tensor::from_bytes(uint, t.shape().to_vec(), t.bytes().clone()).map_err(rt)
 }
 
