@@ -36,12 +36,22 @@ import torch
 import transformers
 from onnx import numpy_helper
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 warnings.filterwarnings("ignore")
@@ -105,17 +115,124 @@ def qwen2_config() -> Qwen2Config:
     )
 
 
+# The families users run, each with what sets it apart from LLaMA. A sliding window of 4 keys
+# is far below the 64-token case, so a window that is ignored changes the goldens.
+SLIDING_WINDOW = 4
+
+
+def qwen3_config() -> Qwen3Config:
+    """q and k RMSNorms per head, explicit head_dim."""
+    return Qwen3Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=192,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        initializer_range=INIT_RANGE,
+        **COMMON_TOKENS,
+    )
+
+
+def mistral_config() -> MistralConfig:
+    """Sliding-window attention on every layer."""
+    return MistralConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        sliding_window=SLIDING_WINDOW,
+        initializer_range=INIT_RANGE,
+        **COMMON_TOKENS,
+    )
+
+
+def gemma2_config() -> Gemma2Config:
+    """GELU-tanh gated MLP, sqrt(hidden) embedding scale, four (1 + w) norms per block, tied
+    embedding, attention and final logit softcapping, sliding-window and global layers."""
+    return Gemma2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=192,
+        vocab_size=512,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=16,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        initializer_range=INIT_RANGE,
+        **COMMON_TOKENS,
+    )
+
+
+def gemma3_config() -> Gemma3TextConfig:
+    """Gemma 2's block plus q/k norms, no softcapping, a local rotary base on sliding layers."""
+    return Gemma3TextConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=192,
+        vocab_size=512,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=16,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_local_base_freq=10000.0,
+        rope_theta=1000000.0,
+        initializer_range=INIT_RANGE,
+        **COMMON_TOKENS,
+    )
+
+
+def phi3_config() -> Phi3Config:
+    """Fused qkv and gate_up projections."""
+    return Phi3Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        vocab_size=512,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=INIT_RANGE,
+        **COMMON_TOKENS,
+    )
+
+
+# arch -> (config, model class, attention implementation). Gemma 2 runs eager attention:
+# transformers' SDPA path drops the attention softcapping that the family is defined with.
 ARCHS = {
-    "llama": (llama_config, LlamaForCausalLM),
-    "gpt2": (gpt2_config, GPT2LMHeadModel),
-    "qwen2": (qwen2_config, Qwen2ForCausalLM),
+    "llama": (llama_config, LlamaForCausalLM, "sdpa"),
+    "gpt2": (gpt2_config, GPT2LMHeadModel, "sdpa"),
+    "qwen2": (qwen2_config, Qwen2ForCausalLM, "sdpa"),
+    "qwen3": (qwen3_config, Qwen3ForCausalLM, "sdpa"),
+    "mistral": (mistral_config, MistralForCausalLM, "sdpa"),
+    "gemma2": (gemma2_config, Gemma2ForCausalLM, "eager"),
+    "gemma3": (gemma3_config, Gemma3ForCausalLM, "sdpa"),
+    "phi3": (phi3_config, Phi3ForCausalLM, "sdpa"),
 }
 
 
 def build_model(arch: str):
-    make_cfg, cls = ARCHS[arch]
+    make_cfg, cls, attn = ARCHS[arch]
     cfg = make_cfg()
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     torch.manual_seed(SEED)
     model = cls(cfg).eval().to(torch.float32)
     gen = torch.Generator().manual_seed(SEED + 1)
@@ -279,6 +396,12 @@ FIXTURE_SPECS = [
     ("llama_optimum_with_past", "llama", "optimum.exporters.onnx.main_export(task='text-generation-with-past', no_post_process=True) [TorchScript inside]", 18, False),
     ("gpt2", "gpt2", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
     ("qwen2", "qwen2", "torch.onnx.export(dynamo=True)", 18, False),
+    ("qwen3_dynamo", "qwen3", "torch.onnx.export(dynamo=True)", 18, True),
+    ("mistral_dynamo", "mistral", "torch.onnx.export(dynamo=True)", 18, False),
+    ("gemma2_dynamo", "gemma2", "torch.onnx.export(dynamo=True)", 18, False),
+    ("gemma3_dynamo", "gemma3", "torch.onnx.export(dynamo=True)", 18, False),
+    ("phi3_dynamo", "phi3", "torch.onnx.export(dynamo=True)", 18, False),
+    ("phi3_torchscript", "phi3", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
 ]
 
 
@@ -484,7 +607,7 @@ def run_fixture(name, arch, exporter, opset, external, vers):
 
     cfg = model.config
     n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cfg_past = (n_kv, head_dim)
 
     cases_meta = {}
@@ -522,7 +645,7 @@ def run_fixture(name, arch, exporter, opset, external, vers):
             f"then every 1-D parameter (biases, norm weights/biases) += {ONE_D_NOISE} * randn "
             f"(torch.Generator seed {SEED + 1}, parameters in sorted-name order)",
             "dtype": "float32",
-            "attn_implementation": "sdpa",
+            "attn_implementation": ARCHS[arch][2],
         },
         "hf_config": json.loads(cfg.to_json_string(use_diff=False)),
         "graph_inputs": inputs,

@@ -1,9 +1,14 @@
-//! Model summaries for `patchc inspect`: op histogram, weight MatMuls, parameter count.
+//! Model summaries for `patchc inspect`: op histogram, weight MatMuls, parameter count, and
+//! what fusion would leave unfused.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use patch_passes::fuse::unfused::unfused_in_decode_path;
+use patch_passes::fuse::{Fuse, FuseLimits};
 pub use patch_passes::hybrid::{weight_matmuls, WeightMatMul};
+use patch_passes::PassError;
+use patch_runtime::ops::OpRegistry;
 use patch_runtime::Graph;
 
 /// Count of nodes per op type (domain-qualified when not the default domain).
@@ -83,4 +88,48 @@ pub fn summary(graph: &Graph) -> String {
         graph.consts().count()
     );
     s
+}
+
+/// What the compiler's fusion would make of `graph` (cleanup and fusion run on a copy): the
+/// fused ops it forms and the ops it would leave unfused in the decode path.
+pub fn fusion_summary(graph: &Graph, registry: &OpRegistry) -> Result<String, Box<PassError>> {
+    let mut fused = graph.clone();
+    patch_passes::cleanup_pipeline(registry)
+        .run(&mut fused)
+        .map_err(Box::new)?;
+    let fuse = Fuse::new(FuseLimits::default());
+    let report = fuse.report_handle();
+    patch_passes::fusion_pipeline(registry, fuse)
+        .run(&mut fused)
+        .map_err(Box::new)?;
+    let report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut s = String::new();
+    let formed: Vec<String> = report
+        .fused
+        .iter()
+        .map(|(op, n)| format!("{op} ×{n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "
+fusion: {}",
+        if formed.is_empty() {
+            "nothing fused".to_string()
+        } else {
+            formed.join(", ")
+        }
+    );
+    let unfused = unfused_in_decode_path(&fused);
+    if unfused.is_empty() {
+        let _ = writeln!(s, "left unfused in the decode path: nothing");
+    } else {
+        let _ = writeln!(
+            s,
+            "left unfused in the decode path (each runs as its own op on every token):"
+        );
+        for (op, n) in unfused {
+            let _ = writeln!(s, "  {op:<24} {n:>6}");
+        }
+    }
+    Ok(s)
 }

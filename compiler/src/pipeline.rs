@@ -519,6 +519,17 @@ pub fn compile(
         return Ok(stopped);
     }
     phases.insert("schedule", t.elapsed().as_secs_f64());
+    if let Some(fusion) = fusion_report.as_object_mut() {
+        let unfused = patch_passes::fuse::unfused::unfused_in_decode_path(&graph);
+        fusion.insert(
+            "unfused_decode_ops".into(),
+            unfused
+                .iter()
+                .map(|(op, n)| json!({"op": op, "count": n}))
+                .collect::<Vec<_>>()
+                .into(),
+        );
+    }
     let memory_report = memory_json(&graph);
     let dumps = dumper.borrow().written.clone();
 

@@ -11,12 +11,19 @@
 //! is constant, and `-1` for at most one other. Then the shape arithmetic that built the
 //! target dies in DCE (`[batch, seq, 576] → [batch, seq, 9, 64]` reads `[0, 0, 9, 64]`).
 //!
+//! So is a `Slice` with unit steps whose output type equals its input type (it takes the
+//! whole input), and a `Concat` whose inputs are all empty along its axis but one.
+//!
+//! A rank-4 `Transpose{perm = [0, 2, 3, 1]}` (GPT-2's keys: `[b, s, h, d] → [b, h, d, s]` in one
+//! step) becomes the head split `[0, 2, 1, 3]` followed by the key transpose `[0, 1, 3, 2]`, the
+//! spelling every other exporter uses, so that attention fusion and the KV layout see one form.
+//!
 //! Also `Shape(Reshape(x, s))` reads `s` when `s` is known to hold no `0` or `-1` (so it is
 //! the reshaped tensor's shape as is): the Reshape's data is then no longer needed just for
 //! its shape, which lets fusion absorb the Reshape (e.g. the grouped-KV expansion whose shape
 //! feeds the attention mask's slicing).
 
-use patch_runtime::ir::{Attr, Def};
+use patch_runtime::ir::{Attr, Attrs, Def};
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{Graph, NodeId, RuntimeError, Tensor};
 
@@ -52,6 +59,22 @@ impl Pass for Canonicalize {
             let no_op = match node.op_type.as_str() {
                 "Identity" => true,
                 "Cast" | "Reshape" | "Expand" | "Flatten" | "Squeeze" | "Unsqueeze" => same_type,
+                // Same type with unit steps: the whole input (Phi-3's rotary slice of a full
+                // head).
+                "Slice" => same_type && unit_steps(graph, node),
+                // One input left once the empty ones are dropped.
+                "Concat" => {
+                    let nonempty: Vec<_> = node
+                        .inputs
+                        .iter()
+                        .flatten()
+                        .filter(|v| !is_empty_along(graph, **v, node))
+                        .collect();
+                    if let ([only], true) = (nonempty.as_slice(), same_type_as(graph, node)) {
+                        bypass.push((*output, **only));
+                    }
+                    false
+                }
                 "Transpose" => {
                     same_type
                         && match node.attrs.get("perm") {
@@ -70,6 +93,39 @@ impl Pass for Canonicalize {
         let mut changed = false;
         for (output, input) in bypass {
             changed |= graph.replace_uses(output, input) > 0;
+        }
+        let key_transposes: Vec<NodeId> = graph
+            .nodes()
+            .filter(|(_, n)| {
+                n.op_type == "Transpose"
+                    && n.domain.is_empty()
+                    && matches!(n.attrs.get("perm"), Some(Attr::Ints(p)) if p[..] == [0, 2, 3, 1])
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in key_transposes {
+            let node = graph.node(id);
+            let input = node.inputs[0];
+            let name = graph.value(node.outputs[0]).name.clone();
+            let heads = graph.insert_node_before(
+                registry,
+                id,
+                format!("{}.heads", node.name),
+                "",
+                "Transpose",
+                Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
+                vec![input],
+                vec![format!("{name}.heads")],
+            )?;
+            graph.replace_node(
+                registry,
+                id,
+                "",
+                "Transpose",
+                Attrs::new().with("perm", Attr::Ints(vec![0, 1, 3, 2])),
+                vec![Some(heads[0])],
+            )?;
+            changed = true;
         }
         let reshapes: Vec<(NodeId, Vec<i64>)> = graph
             .nodes()
@@ -91,6 +147,42 @@ impl Pass for Canonicalize {
         }
         Ok(changed)
     }
+}
+
+/// A Slice whose `steps` operand is absent or a constant of ones.
+fn unit_steps(graph: &Graph, node: &patch_runtime::ir::Node) -> bool {
+    match node.inputs.get(4).copied().flatten() {
+        None => true,
+        Some(steps) => graph
+            .const_value(steps)
+            .and_then(|t| t.to_f64_vec().ok())
+            .is_some_and(|s| s.iter().all(|&x| x == 1.0)),
+    }
+}
+
+/// Whether `v` has the constant length 0 along the Concat `node`'s axis.
+fn is_empty_along(
+    graph: &Graph,
+    v: patch_runtime::ValueId,
+    node: &patch_runtime::ir::Node,
+) -> bool {
+    let shape = &graph.value(v).ty.shape;
+    let Ok(axis) = node.attrs.int_or("axis", 0) else {
+        return false;
+    };
+    let rank = shape.len() as i64;
+    let axis = if axis < 0 { axis + rank } else { axis };
+    (0..rank).contains(&axis) && shape[axis as usize].as_const() == Some(0)
+}
+
+/// Whether the Concat `node`'s output has the type of its one non-empty input.
+fn same_type_as(graph: &Graph, node: &patch_runtime::ir::Node) -> bool {
+    let out = &graph.value(node.outputs[0]).ty;
+    node.inputs
+        .iter()
+        .flatten()
+        .filter(|v| !is_empty_along(graph, **v, node))
+        .all(|v| &graph.value(*v).ty == out)
 }
 
 /// The constant target of a Reshape whose target is computed (see the module docs), when its

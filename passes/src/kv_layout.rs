@@ -33,14 +33,31 @@ pub struct KvLayout;
 
 const SWAP_HEADS: [i64; 4] = [0, 2, 1, 3];
 
+/// A per-head norm after the head split (Gemma 3's q/k norms): `RMSNorm(Transpose(x), w)`
+/// over the last axis with `w` of rank ≤ 1, which commutes with the transpose.
+#[derive(Clone, Debug)]
+struct HeadNorm {
+    scale: Option<ValueId>,
+    attrs: Attrs,
+    /// The head-major norm this replaces (its names are reused).
+    old: NodeId,
+}
+
+/// `x` split into heads: `Transpose(x, [0, 2, 1, 3])`, maybe normalized per head.
+#[derive(Clone, Debug)]
+struct Heads {
+    x: ValueId,
+    norm: Option<HeadNorm>,
+}
+
 /// A head-major operand of the attention, as the pass rebuilds it seq-major.
 #[derive(Clone, Debug)]
 enum Operand {
-    /// `Transpose(x, [0, 2, 1, 3])`: `x` itself.
-    Plain(ValueId),
-    /// `Rotary(Transpose(x, [0, 2, 1, 3]), cos, sin)`: the rotation of `x`.
+    /// The heads of `x`: `x` itself (normalized, if the heads are).
+    Plain(Heads),
+    /// `Rotary(heads, cos, sin)`: the rotation of the seq-major heads.
     Rotated {
-        x: ValueId,
+        x: Heads,
         cos: ValueId,
         sin: ValueId,
         attrs: Attrs,
@@ -98,15 +115,47 @@ impl Matcher<'_> {
         self.node_uses[v.0 as usize] == 1 && !self.is_output[v.0 as usize]
     }
 
-    fn operand(&self, v: ValueId) -> Option<Operand> {
+    /// `v` as the heads of a `[b, s, h, d]` value (see [`Heads`]); `v` must be private.
+    fn heads(&self, v: ValueId) -> Option<Heads> {
         let g = self.graph;
         if !self.private(v) {
             return None;
         }
         let n = producer(g, v)?;
         if is_swap_heads(g, n) {
-            return Some(Operand::Plain(g.node(n).inputs[0]?));
+            return Some(Heads {
+                x: g.node(n).inputs[0]?,
+                norm: None,
+            });
         }
+        let node = g.node(n);
+        let last_axis = matches!(node.attrs.int_or("axis", -1).ok()?, -1 | 3);
+        if node.domain != "patch" || node.op_type != "RMSNorm" || !last_axis {
+            return None;
+        }
+        let t = node.inputs.first().copied()??;
+        let scale = node.inputs.get(1).copied().flatten();
+        let per_channel = scale.is_none_or(|w| g.value(w).ty.rank() <= 1);
+        let t_node = producer(g, t)?;
+        (per_channel && self.private(t) && is_swap_heads(g, t_node)).then(|| Heads {
+            x: g.node(t_node).inputs[0].expect("a transpose has its input"),
+            norm: Some(HeadNorm {
+                scale,
+                attrs: node.attrs.clone(),
+                old: n,
+            }),
+        })
+    }
+
+    fn operand(&self, v: ValueId) -> Option<Operand> {
+        let g = self.graph;
+        if let Some(heads) = self.heads(v) {
+            return Some(Operand::Plain(heads));
+        }
+        if !self.private(v) {
+            return None;
+        }
+        let n = producer(g, v)?;
         let node = g.node(n);
         if node.domain != "patch" || node.op_type != "Rotary" || node.inputs.len() != 3 {
             return None;
@@ -117,14 +166,9 @@ impl Matcher<'_> {
             let ty = &g.value(c).ty;
             ty.rank() == 4 && ty.shape[1].as_const() == Some(1)
         };
-        let t_node = producer(g, t)?;
-        (matches!(axis, -1 | 3)
-            && self.private(t)
-            && is_swap_heads(g, t_node)
-            && table_ok(cos)
-            && table_ok(sin))
-        .then(|| Operand::Rotated {
-            x: g.node(t_node).inputs[0].expect("a transpose has its input"),
+        let heads = self.heads(t)?;
+        (matches!(axis, -1 | 3) && table_ok(cos) && table_ok(sin)).then(|| Operand::Rotated {
+            x: heads,
             cos,
             sin,
             attrs: node.attrs.clone(),
@@ -204,9 +248,10 @@ impl Matcher<'_> {
 }
 
 /// The rotary tables transposed to `[c, s, 1, d]`, each once, before the first rewritten
-/// attention (the tables are computed before every layer).
+/// attention that reads it (layers are rewritten in graph order; a table may be computed
+/// anywhere before its first reader, as Gemma 3's local and global tables are).
+#[derive(Default)]
 struct SeqMajorTables {
-    before: NodeId,
     done: HashMap<ValueId, ValueId>,
 }
 
@@ -216,6 +261,7 @@ impl SeqMajorTables {
         graph: &mut Graph,
         registry: &OpRegistry,
         table: ValueId,
+        before: NodeId,
     ) -> Result<ValueId, RuntimeError> {
         if let Some(&done) = self.done.get(&table) {
             return Ok(done);
@@ -223,7 +269,7 @@ impl SeqMajorTables {
         let name = format!("{}/seq_major", graph.value(table).name);
         let out = graph.insert_node_before(
             registry,
-            self.before,
+            before,
             name.clone(),
             "",
             "Transpose",
@@ -245,7 +291,7 @@ fn seq_major_operand(
     tables: &mut SeqMajorTables,
 ) -> Result<ValueId, RuntimeError> {
     match operand {
-        Operand::Plain(x) => Ok(*x),
+        Operand::Plain(heads) => seq_major_heads(graph, registry, heads, at),
         Operand::Rotated {
             x,
             cos,
@@ -253,8 +299,9 @@ fn seq_major_operand(
             attrs,
             old,
         } => {
-            let cos = tables.get(graph, registry, *cos)?;
-            let sin = tables.get(graph, registry, *sin)?;
+            let x = seq_major_heads(graph, registry, x, at)?;
+            let cos = tables.get(graph, registry, *cos, at)?;
+            let sin = tables.get(graph, registry, *sin, at)?;
             let old = graph.node(*old);
             let value = format!("{}/seq_major", graph.value(old.outputs[0]).name);
             Ok(graph.insert_node_before(
@@ -264,11 +311,35 @@ fn seq_major_operand(
                 "patch",
                 "Rotary",
                 attrs.clone(),
-                vec![Some(*x), Some(cos), Some(sin)],
+                vec![Some(x), Some(cos), Some(sin)],
                 vec![value],
             )?[0])
         }
     }
+}
+
+/// The seq-major heads: `x`, normalized when the heads were, new nodes placed before `at`.
+fn seq_major_heads(
+    graph: &mut Graph,
+    registry: &OpRegistry,
+    heads: &Heads,
+    at: NodeId,
+) -> Result<ValueId, RuntimeError> {
+    let Some(norm) = &heads.norm else {
+        return Ok(heads.x);
+    };
+    let old = graph.node(norm.old);
+    let value = format!("{}/seq_major", graph.value(old.outputs[0]).name);
+    Ok(graph.insert_node_before(
+        registry,
+        at,
+        format!("{}/seq_major", old.name),
+        "patch",
+        "RMSNorm",
+        norm.attrs.clone(),
+        vec![Some(heads.x), norm.scale],
+        vec![value],
+    )?[0])
 }
 
 /// `ty` with axes 1 and 2 swapped.
@@ -307,9 +378,11 @@ impl Pass for KvLayout {
             is_output,
             shape_users,
         };
+        // In graph order (see `SeqMajorTables`).
         let layers: Vec<Layer> = graph
-            .nodes()
-            .filter_map(|(id, _)| matcher.layer(id))
+            .order()
+            .iter()
+            .filter_map(|&id| matcher.layer(id))
             .collect();
         if layers.is_empty() {
             return Ok(false);
@@ -357,10 +430,7 @@ impl Pass for KvLayout {
                 graph.replace_uses(old, head_major);
             }
         }
-        let mut tables = SeqMajorTables {
-            before: layers[0].attention,
-            done: HashMap::new(),
-        };
+        let mut tables = SeqMajorTables::default();
         for layer in &layers {
             let at = layer.attention;
             let prefix = graph.node(at).name.clone();

@@ -17,6 +17,19 @@ pub const FIXTURES: [&str; 5] = [
     "qwen2",
 ];
 
+/// Fixtures of the other families users run (each exported by the torch dynamo exporter, one
+/// also by TorchScript): Qwen3 (q/k norms), Mistral (sliding window), Gemma 2 (softcapping,
+/// GELU-tanh gated MLP, four norms per block, tied embedding), Gemma 3 (q/k norms, local and
+/// global layers), Phi-3 (fused qkv and gate_up projections).
+pub const FAMILY_FIXTURES: [&str; 6] = [
+    "qwen3_dynamo",
+    "mistral_dynamo",
+    "gemma2_dynamo",
+    "gemma3_dynamo",
+    "phi3_dynamo",
+    "phi3_torchscript",
+];
+
 /// The golden cases every fixture has.
 pub const CASES: [&str; 4] = ["seq1", "seq7", "seq64", "batch2_leftpad"];
 

@@ -27,7 +27,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Summarize an ONNX model: op histogram, weight MatMuls, parameter count.
+    /// Summarize an ONNX model: op histogram, weight MatMuls, parameter count, and what
+    /// fusion forms and leaves unfused in the decode path.
     Inspect {
         /// The ONNX model (external data is found beside it).
         model: PathBuf,
@@ -148,6 +149,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", graph.to_text());
             } else {
                 print!("{}", inspect::summary(&graph));
+                print!(
+                    "{}",
+                    inspect::fusion_summary(&graph, &registry)
+                        .context("running the fusion pipeline on the imported graph")?
+                );
             }
         }
         Command::Compile {
@@ -321,6 +327,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r["nodes"]["after_cleanup"],
                     r["nodes"]["final"],
                 );
+                let unfused: Vec<String> = f
+                    .get("unfused_decode_ops")
+                    .and_then(|u| u.as_array())
+                    .map(|ops| {
+                        ops.iter()
+                            .map(|o| format!("{} ×{}", o["op"].as_str().unwrap_or("?"), o["count"]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if unfused.is_empty() {
+                    eprintln!("fusion: nothing left unfused in the decode path");
+                } else {
+                    eprintln!(
+                        "fusion: left unfused in the decode path (each runs as its own op on every token): {}",
+                        unfused.join(", ")
+                    );
+                }
             }
             eprintln!("phase seconds: {}", r["phase_seconds"]);
         }

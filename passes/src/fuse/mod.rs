@@ -1,6 +1,6 @@
 //! Fusion with an e-graph ([egg]): the graph's dataflow becomes one e-graph, named rewrite
 //! rules ([`rules`]) add fused ops (`patch.RMSNorm`, `patch.Silu`, `patch.SwiGLU`,
-//! `patch.Gelu`, `patch.Attention`, `patch.Rotary`) as equivalent forms of the subgraphs they recognize,
+//! `patch.GeGLU`, `patch.Gelu`, `patch.Softcap`, `patch.Attention`, `patch.Rotary`) as equivalent forms of the subgraphs they recognize,
 //! extraction picks the cheapest form of every node, and each node whose cheapest form is a
 //! fused op is replaced in place.
 //!
@@ -23,6 +23,7 @@
 //!   the report (`patchc compile` puts them in the compile report).
 
 pub mod rules;
+pub mod unfused;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -97,8 +98,16 @@ pub enum FusedOp {
     },
     Silu,
     SwiGlu,
+    /// `gelu_tanh(gate) · up`.
+    GeGlu,
     Attention {
         scale: f32,
+        /// `cap · tanh(scores / cap)` before the mask, when set.
+        softcap: Option<f32>,
+    },
+    /// `cap · tanh(x / cap)`.
+    Softcap {
+        cap: f32,
     },
     Rotary {
         half: i64,
@@ -117,7 +126,16 @@ impl FusedOp {
             FusedOp::RmsNorm { epsilon } => format!("patch.RMSNorm{{epsilon={epsilon:e}}}"),
             FusedOp::Silu => "patch.Silu".into(),
             FusedOp::SwiGlu => "patch.SwiGLU".into(),
-            FusedOp::Attention { scale } => format!("patch.Attention{{scale={scale:e}}}"),
+            FusedOp::GeGlu => "patch.GeGLU".into(),
+            FusedOp::Attention {
+                scale,
+                softcap: None,
+            } => format!("patch.Attention{{scale={scale:e}}}"),
+            FusedOp::Attention {
+                scale,
+                softcap: Some(cap),
+            } => format!("patch.Attention{{scale={scale:e},softcap={cap:e}}}"),
+            FusedOp::Softcap { cap } => format!("patch.Softcap{{cap={cap:e}}}"),
             FusedOp::Rotary { half, axis } => format!("patch.Rotary{{half={half},axis={axis}}}"),
             FusedOp::GeluTanh => "patch.Gelu{approximate=tanh}".into(),
         }
@@ -131,11 +149,24 @@ impl FusedOp {
         {
             return eps.parse().ok().map(|epsilon| FusedOp::RmsNorm { epsilon });
         }
-        if let Some(scale) = rest
+        if let Some(attrs) = rest
             .strip_prefix("Attention{scale=")
             .and_then(|r| r.strip_suffix('}'))
         {
-            return scale.parse().ok().map(|scale| FusedOp::Attention { scale });
+            let (scale, softcap) = match attrs.split_once(",softcap=") {
+                Some((scale, cap)) => (scale, Some(cap.parse().ok()?)),
+                None => (attrs, None),
+            };
+            return scale
+                .parse()
+                .ok()
+                .map(|scale| FusedOp::Attention { scale, softcap });
+        }
+        if let Some(cap) = rest
+            .strip_prefix("Softcap{cap=")
+            .and_then(|r| r.strip_suffix('}'))
+        {
+            return cap.parse().ok().map(|cap| FusedOp::Softcap { cap });
         }
         if let Some((half, axis)) = rest
             .strip_prefix("Rotary{half=")
@@ -151,6 +182,7 @@ impl FusedOp {
             "Gelu{approximate=tanh}" => Some(FusedOp::GeluTanh),
             "Silu" => Some(FusedOp::Silu),
             "SwiGLU" => Some(FusedOp::SwiGlu),
+            "GeGLU" => Some(FusedOp::GeGlu),
             _ => None,
         }
     }
@@ -160,7 +192,9 @@ impl FusedOp {
             FusedOp::RmsNorm { .. } => "RMSNorm",
             FusedOp::Silu => "Silu",
             FusedOp::SwiGlu => "SwiGLU",
+            FusedOp::GeGlu => "GeGLU",
             FusedOp::Attention { .. } => "Attention",
+            FusedOp::Softcap { .. } => "Softcap",
             FusedOp::Rotary { .. } => "Rotary",
             FusedOp::GeluTanh => "Gelu",
         }
@@ -171,12 +205,19 @@ impl FusedOp {
             FusedOp::RmsNorm { epsilon } => Attrs::new()
                 .with("axis", Attr::Int(-1))
                 .with("epsilon", Attr::Float(*epsilon)),
-            FusedOp::Attention { scale } => Attrs::new().with("scale", Attr::Float(*scale)),
+            FusedOp::Attention { scale, softcap } => {
+                let attrs = Attrs::new().with("scale", Attr::Float(*scale));
+                match softcap {
+                    Some(cap) => attrs.with("softcap", Attr::Float(*cap)),
+                    None => attrs,
+                }
+            }
+            FusedOp::Softcap { cap } => Attrs::new().with("cap", Attr::Float(*cap)),
             FusedOp::Rotary { half, axis } => Attrs::new()
                 .with("half", Attr::Int(*half))
                 .with("axis", Attr::Int(*axis)),
             FusedOp::GeluTanh => Attrs::new().with("approximate", Attr::String("tanh".into())),
-            FusedOp::Silu | FusedOp::SwiGlu => Attrs::new(),
+            FusedOp::Silu | FusedOp::SwiGlu | FusedOp::GeGlu => Attrs::new(),
         }
     }
 }

@@ -56,6 +56,8 @@ struct Build {
     op: FusedOp,
     inputs: Vec<Var>,
     attr: AttrFrom,
+    /// Attention: the softcapping constant (`cap · tanh(scores / cap)`, cap > 0).
+    softcap: Option<Var>,
 }
 
 /// The value of the constant leaf in e-class `id`, if it has one.
@@ -78,6 +80,11 @@ impl Applier<SymbolLang, ()> for Build {
     ) -> Vec<Id> {
         let mut op = self.op.clone();
         let c = |v: Var| constant(egraph, subst[v]);
+        let softcap = match self.softcap.map(c) {
+            None => None,
+            Some(Some(cap)) if cap > 0.0 && cap.is_finite() => Some(cap as f32),
+            Some(_) => return Vec::new(),
+        };
         let mut rotary_axis = -1;
         let value = match self.attr {
             AttrFrom::None => None,
@@ -132,7 +139,18 @@ impl Applier<SymbolLang, ()> for Build {
         };
         match (&mut op, value) {
             (FusedOp::RmsNorm { epsilon }, Some(v)) => *epsilon = v as f32,
-            (FusedOp::Attention { scale }, Some(v)) if v.is_finite() => *scale = v as f32,
+            (
+                FusedOp::Attention {
+                    scale,
+                    softcap: cap,
+                },
+                Some(v),
+            ) if v.is_finite() => {
+                *scale = v as f32;
+                *cap = softcap;
+            }
+            (FusedOp::Softcap { cap }, Some(v)) if v > 0.0 && v.is_finite() => *cap = v as f32,
+            (FusedOp::Softcap { .. }, _) => return Vec::new(),
             (FusedOp::Attention { .. }, _) => return Vec::new(),
             (FusedOp::Rotary { half, axis }, Some(v)) => {
                 *half = v as i64;
@@ -158,6 +176,25 @@ fn rule_with(name: &str, lhs: &str, op: FusedOp, inputs: &[&str], attr: AttrFrom
             op,
             inputs: inputs.iter().map(|v| var(v)).collect(),
             attr,
+            softcap: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("fusion rule {name}: {e}"))
+}
+
+/// Attention with its scale (and softcap, when `softcap` names the constant).
+fn attention_rule(name: &str, lhs: &str, scale: AttrFrom, softcap: Option<&str>) -> Rule {
+    Rewrite::new(
+        name,
+        pattern(lhs),
+        Build {
+            op: FusedOp::Attention {
+                scale: 1.0,
+                softcap: None,
+            },
+            inputs: ["?q", "?k", "?v", "?mask"].iter().map(|v| var(v)).collect(),
+            attr: scale,
+            softcap: softcap.map(var),
         },
     )
     .unwrap_or_else(|e| panic!("fusion rule {name}: {e}"))
@@ -228,49 +265,99 @@ pub fn norm() -> Vec<Rule> {
     rules
 }
 
-/// SiLU, the gated MLP activation `silu(gate) · up`, and GELU with the tanh approximation
-/// (`0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, GPT-2's `gelu_new`).
+/// SiLU and GELU with the tanh approximation, and the gated MLP activations built on them:
+/// SwiGLU `silu(gate) · up` and GeGLU `gelu_tanh(gate) · up` (Gemma). GELU-tanh is
+/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, written by GPT-2's TorchScript export as
+/// `(x·0.5)·(1 + tanh((x + x³·a)·s))` and by the dynamo exporter as `x·(0.5·(1 + tanh(s·(x +
+/// a·x³))))`; the pieces are matched in each operand order through internal terms. Also
+/// softcapping, `cap · tanh(x / cap)` (Gemma 2's final logits).
 pub fn activation() -> Vec<Rule> {
-    vec![
-        rule_with(
-            "gelu-tanh",
-            "(Mul (Mul ?x 0.5) (Add (Tanh (Mul (Add ?x (Mul (Pow ?x 3) ?a)) ?s)) 1))",
-            FusedOp::GeluTanh,
-            &["?x"],
-            AttrFrom::GeluTanh {
-                cubic: var("?a"),
-                scale: var("?s"),
-            },
+    let mut rules = vec![
+        internal(
+            "gelu-cubic",
+            "(Add ?x (Mul (Pow ?x 3) ?a))",
+            "(~gelu_cubic ?x ?a)",
         ),
-        rule(
-            "silu",
-            "(Mul ?x (Sigmoid ?x))",
-            FusedOp::Silu,
-            &["?x"],
-            None,
+        internal(
+            "gelu-cubic-swapped",
+            "(Add ?x (Mul ?a (Pow ?x 3)))",
+            "(~gelu_cubic ?x ?a)",
         ),
-        rule(
-            "silu-swapped",
-            "(Mul (Sigmoid ?x) ?x)",
-            FusedOp::Silu,
-            &["?x"],
-            None,
+        internal(
+            "gelu-tanh-arg",
+            "(Tanh (Mul (~gelu_cubic ?x ?a) ?s))",
+            "(~gelu_tanh ?x ?a ?s)",
         ),
-        rule(
-            "swiglu",
-            "(Mul (patch.Silu ?g) ?u)",
-            FusedOp::SwiGlu,
-            &["?g", "?u"],
-            None,
+        internal(
+            "gelu-tanh-arg-swapped",
+            "(Tanh (Mul ?s (~gelu_cubic ?x ?a)))",
+            "(~gelu_tanh ?x ?a ?s)",
         ),
-        rule(
+        internal(
+            "gelu-one-plus",
+            "(Add (~gelu_tanh ?x ?a ?s) 1)",
+            "(~gelu_1p ?x ?a ?s)",
+        ),
+        internal(
+            "gelu-one-plus-swapped",
+            "(Add 1 (~gelu_tanh ?x ?a ?s))",
+            "(~gelu_1p ?x ?a ?s)",
+        ),
+    ];
+    let gelu_attr = AttrFrom::GeluTanh {
+        cubic: var("?a"),
+        scale: var("?s"),
+    };
+    for (name, form) in [
+        ("gelu-tanh", "(Mul (Mul ?x 0.5) (~gelu_1p ?x ?a ?s))"),
+        ("gelu-tanh-half-x", "(Mul (Mul 0.5 ?x) (~gelu_1p ?x ?a ?s))"),
+        ("gelu-tanh-x-half", "(Mul ?x (Mul 0.5 (~gelu_1p ?x ?a ?s)))"),
+        (
+            "gelu-tanh-x-half-swapped",
+            "(Mul ?x (Mul (~gelu_1p ?x ?a ?s) 0.5))",
+        ),
+    ] {
+        rules.push(rule_with(name, form, FusedOp::GeluTanh, &["?x"], gelu_attr));
+    }
+    for (name, form, op) in [
+        ("silu", "(Mul ?x (Sigmoid ?x))", FusedOp::Silu),
+        ("silu-swapped", "(Mul (Sigmoid ?x) ?x)", FusedOp::Silu),
+    ] {
+        rules.push(rule(name, form, op, &["?x"], None));
+    }
+    for (name, form, op) in [
+        ("swiglu", "(Mul (patch.Silu ?g) ?u)", FusedOp::SwiGlu),
+        (
             "swiglu-swapped",
             "(Mul ?u (patch.Silu ?g))",
             FusedOp::SwiGlu,
-            &["?g", "?u"],
-            None,
         ),
-    ]
+        (
+            "geglu",
+            "(Mul (patch.Gelu{approximate=tanh} ?g) ?u)",
+            FusedOp::GeGlu,
+        ),
+        (
+            "geglu-swapped",
+            "(Mul ?u (patch.Gelu{approximate=tanh} ?g))",
+            FusedOp::GeGlu,
+        ),
+    ] {
+        rules.push(rule(name, form, op, &["?g", "?u"], None));
+    }
+    for (name, form) in [
+        ("softcap", "(Mul (Tanh (Div ?x ?c)) ?c)"),
+        ("softcap-swapped", "(Mul ?c (Tanh (Div ?x ?c)))"),
+    ] {
+        rules.push(rule_with(
+            name,
+            form,
+            FusedOp::Softcap { cap: 0.0 },
+            &["?x"],
+            AttrFrom::Value(var("?c")),
+        ));
+    }
+    rules
 }
 
 /// Scaled dot-product attention with an additive mask, grouped KV heads and the NaN-safe
@@ -281,7 +368,9 @@ pub fn activation() -> Vec<Rule> {
 /// * `~kt k`: `Kᵀ` — `Transpose{perm=[0,1,3,2]}`, or the dynamo exporter's
 ///   `Reshape(Transpose{perm=[0,2,1]}(Reshape(k)))`;
 /// * scores: `(q · c1) (Kᵀ · c2)` (scale split over both operands, Optimum and TorchScript),
-///   `(q Kᵀ) · c`, or `(q Kᵀ) / c`.
+///   `(q Kᵀ) · c`, or `(q Kᵀ) / c`; optionally softcapped, `cap · tanh(scores / cap)` (Gemma 2);
+/// * the softmax NaN-safe as above, or plain (eager attention, whose masks use the lowest
+///   finite value: no row is all `-inf`, and where one is, the fused op's zeros replace NaNs).
 pub fn attention() -> Vec<Rule> {
     let mut rules = Vec::new();
     for a in [0, 1] {
@@ -310,7 +399,6 @@ pub fn attention() -> Vec<Rule> {
         "(Where (IsNaN (Softmax{axis=-1} ?x)) 0 (Softmax{axis=-1} ?x))",
         "(~safe_softmax ?x)",
     ));
-    let att = FusedOp::Attention { scale: 1.0 };
     for (kv_name, k, v) in [("gqa", "(~rep ?k)", "(~rep ?v)"), ("mha", "?k", "?v")] {
         for (scale_name, scores, attr) in [
             (
@@ -329,13 +417,22 @@ pub fn attention() -> Vec<Rule> {
                 AttrFrom::Reciprocal(var("?c")),
             ),
         ] {
-            rules.push(rule_with(
-                &format!("attention-{kv_name}-{scale_name}"),
-                &format!("(MatMul (~safe_softmax (Add {scores} ?mask)) {v})"),
-                att.clone(),
-                &["?q", "?k", "?v", "?mask"],
-                attr,
-            ));
+            let capped = format!("(Mul (Tanh (Div {scores} ?cap)) ?cap)");
+            for (cap_name, scores, softcap) in [
+                ("", scores.as_str(), None),
+                ("-softcap", &capped, Some("?cap")),
+            ] {
+                for (softmax_name, softmax) in
+                    [("", "~safe_softmax"), ("-eager", "Softmax{axis=-1}")]
+                {
+                    rules.push(attention_rule(
+                        &format!("attention-{kv_name}-{scale_name}{cap_name}{softmax_name}"),
+                        &format!("(MatMul ({softmax} (Add {scores} ?mask)) {v})"),
+                        attr,
+                        softcap,
+                    ));
+                }
+            }
         }
     }
     rules

@@ -311,14 +311,17 @@ fn device_kind(graph: &Graph, node: &Node) -> Option<Kind> {
         ("patch", "Rotary") if all_f32 => Some(Kind::Rotary {
             half: usize::try_from(node.attrs.req_int("half").ok()?).ok()?,
         }),
-        ("patch", "Attention") if all_f32 => Some(Kind::Attention {
-            scale: node.attrs.float("scale").ok()??,
-            seq_major: match node.attrs.string("layout").ok()? {
-                None | Some("bhsd") => false,
-                Some("bshd") => true,
-                Some(_) => return None,
-            },
-        }),
+        // Softcapped attention (Gemma 2) has no device kernel yet: it runs on the host.
+        ("patch", "Attention") if all_f32 && node.attrs.get("softcap").is_none() => {
+            Some(Kind::Attention {
+                scale: node.attrs.float("scale").ok()??,
+                seq_major: match node.attrs.string("layout").ok()? {
+                    None | Some("bhsd") => false,
+                    Some("bshd") => true,
+                    Some(_) => return None,
+                },
+            })
+        }
         // The cache grows by a copy on the device (no in-place append there yet).
         ("patch", "KvAppend") if all_f32 => Some(Kind::Concat),
         ("", "Gather") => {

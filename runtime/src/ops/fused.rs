@@ -5,10 +5,14 @@
 //!   f32 rounding).
 //! * `patch.Silu(X)`: `X · sigmoid(X)`.
 //! * `patch.SwiGLU(G, U)`: `G · sigmoid(G) · U`, G and U of one shape.
+//! * `patch.GeGLU(G, U)`: `gelu_tanh(G) · U` (Gemma's gated MLP), G and U of one shape.
+//! * `patch.Softcap(X) {cap}`: `cap · tanh(X / cap)` (Gemma 2's final logits).
 //! * `patch.Rotary(X, Cos, Sin) {half, axis = -1}`: `X · Cos + rotate_half(X) · Sin` with
 //!   `rotate_half(X) = concat(-X[..., half:], X[..., :half])`, the last axis of X `2 · half`,
 //!   Cos and Sin broadcast to X (not along the last axis).
-//! * `patch.Attention(Q, K, V, Mask?) {scale}`: `softmax(scale · Q Kᵀ + Mask) V` per head, Q
+//! * `patch.Attention(Q, K, V, Mask?) {scale, softcap?}`: `softmax(c(scale · Q Kᵀ) + Mask) V`
+//!   per head, with `c(x) = softcap · tanh(x / softcap)` when `softcap` is set (Gemma 2), else
+//!   `c(x) = x`; Q
 //!   `[b, h, s, d]`, K and V `[b, hk, t, d]` with `h` a multiple of `hk` (grouped KV heads:
 //!   query head `j` reads KV head `j / (h / hk)`), Mask additive and broadcastable to
 //!   `[b, h, s, t]`. A row whose scores are all `-inf` gives zeros (the exporters' `Where(IsNaN)`
@@ -50,7 +54,17 @@ pub fn register(r: &mut OpRegistry) {
         Ok(Arc::new(RmsNorm::from_attrs(attrs)?))
     });
     r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
-    r.register("patch", "SwiGLU", 1, |_, _| Ok(Arc::new(SwiGlu)));
+    r.register("patch", "SwiGLU", 1, |_, _| {
+        Ok(Arc::new(Gated { gate: Gate::Silu }))
+    });
+    r.register("patch", "GeGLU", 1, |_, _| {
+        Ok(Arc::new(Gated {
+            gate: Gate::GeluTanh,
+        }))
+    });
+    r.register("patch", "Softcap", 1, |attrs, _| {
+        Ok(Arc::new(Softcap::from_attrs(attrs)?))
+    });
     r.register("patch", "Rotary", 1, |attrs, _| {
         Ok(Arc::new(Rotary::from_attrs(attrs)?))
     });
@@ -116,44 +130,64 @@ pub(crate) fn require_f32(op: &str, what: &str, ty: &TensorType) -> Result<(), O
     }
 }
 
-/// `o[i] = silu(g[i]) · u[i]` (`u` absent: 1), `silu(x) = x / (1 + exp(-x))` with the
-/// vectorized [`exp_in_place`] (relative error ≤ 2e-7); AVX-512 or AVX2 when the CPU has them.
-fn silu_mul_row(o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
+/// The activation of a gated row: both are `x / (1 + exp(-a(x)))`, SiLU with `a(x) = x` and
+/// GELU-tanh with `a(x) = 2·sqrt(2/π)·(x + 0.044715·x³)` (`0.5·(1 + tanh(z)) = sigmoid(2z)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+/// `2·sqrt(2/π)`, GELU-tanh's sigmoid argument scale.
+const GELU_TANH_2S: f32 = 1.595_769;
+
+/// `o[i] = act(g[i]) · u[i]` (`u` absent: 1) with the vectorized [`exp_in_place`] (relative
+/// error ≤ 2e-7); AVX-512 or AVX2 when the CPU has them.
+fn gated_row(gate: Gate, o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { silu_mul_row_avx512(o, g, u) };
+            return unsafe { gated_row_avx512(gate, o, g, u) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { silu_mul_row_avx2(o, g, u) };
+            return unsafe { gated_row_avx2(gate, o, g, u) };
         }
     }
-    silu_mul_row_body(o, g, u)
+    gated_row_body(gate, o, g, u)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn silu_mul_row_avx512(o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
-    silu_mul_row_body(o, g, u)
+unsafe fn gated_row_avx512(gate: Gate, o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
+    gated_row_body(gate, o, g, u)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu_mul_row_avx2(o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
-    silu_mul_row_body(o, g, u)
+unsafe fn gated_row_avx2(gate: Gate, o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
+    gated_row_body(gate, o, g, u)
 }
 
 #[inline(always)]
-fn silu_mul_row_body(o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
+fn gated_row_body(gate: Gate, o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
     const CHUNK: usize = 64;
     let mut e = [0f32; CHUNK];
     for (c, (oc, gc)) in o.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).enumerate() {
         let e = &mut e[..gc.len()];
-        for (x, &v) in e.iter_mut().zip(gc) {
-            *x = -v;
+        match gate {
+            Gate::Silu => {
+                for (x, &v) in e.iter_mut().zip(gc) {
+                    *x = -v;
+                }
+            }
+            Gate::GeluTanh => {
+                for (x, &v) in e.iter_mut().zip(gc) {
+                    *x = -GELU_TANH_2S * (v + 0.044715 * v * v * v);
+                }
+            }
         }
         exp_in_place(e);
         match u {
@@ -168,6 +202,29 @@ fn silu_mul_row_body(o: &mut [f32], g: &[f32], u: Option<&[f32]>) {
                     *d = v / (1.0 + x);
                 }
             }
+        }
+    }
+}
+
+/// `x ← cap · tanh(x / cap)` for every element, as `sign(y)·(1 - e)/(1 + e)` with
+/// `e = exp(-2|y|)` (no overflow; absolute error ≤ 3e-7 · cap).
+pub(crate) fn softcap_in_place(xs: &mut [f32], cap: f32) {
+    const CHUNK: usize = 64;
+    let mut e = [0f32; CHUNK];
+    let inv = 1.0 / cap;
+    for xc in xs.chunks_mut(CHUNK) {
+        let e = &mut e[..xc.len()];
+        for (t, &x) in e.iter_mut().zip(xc.iter()) {
+            *t = -2.0 * (x * inv).abs();
+        }
+        exp_in_place(e);
+        for (x, &t) in xc.iter_mut().zip(e.iter()) {
+            let th = (1.0 - t) / (1.0 + t);
+            *x = if x.is_nan() {
+                *x
+            } else {
+                cap * th.copysign(*x)
+            };
         }
     }
 }
@@ -285,7 +342,7 @@ impl Op for Silu {
         let mut out = outputs.f32(0, x.len());
         for_each_row(&mut out, width.max(1), &|r, o| {
             let src = &x[r * o.len()..(r + 1) * o.len()];
-            silu_mul_row(o, src, None);
+            gated_row(Gate::Silu, o, src, None);
         });
         Ok(vec![out
             .into_tensor(xt.shape().to_vec())
@@ -293,21 +350,35 @@ impl Op for Silu {
     }
 }
 
-/// `patch.SwiGLU`: `silu(g) · u` for G and U of the same shape.
+/// `patch.SwiGLU` (`silu(g) · u`) and `patch.GeGLU` (`gelu_tanh(g) · u`) for G and U of the
+/// same shape.
 #[derive(Debug)]
-pub struct SwiGlu;
+pub struct Gated {
+    gate: Gate,
+}
 
-impl Op for SwiGlu {
+impl Gated {
+    fn name(&self) -> &'static str {
+        match self.gate {
+            Gate::Silu => "patch.SwiGLU",
+            Gate::GeluTanh => "patch.GeGLU",
+        }
+    }
+}
+
+impl Op for Gated {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 2, 2)?;
         let g = req(inputs, 0)?;
         let u = req(inputs, 1)?;
-        require_f32("patch.SwiGLU", "G", g.ty)?;
-        require_f32("patch.SwiGLU", "U", u.ty)?;
+        require_f32(self.name(), "G", g.ty)?;
+        require_f32(self.name(), "U", u.ty)?;
         if g.ty.shape != u.ty.shape {
             return Err(OpError::Invalid(format!(
-                "patch.SwiGLU: G {} and U {} must have the same shape",
-                g.ty, u.ty
+                "{}: G {} and U {} must have the same shape",
+                self.name(),
+                g.ty,
+                u.ty
             )));
         }
         Ok(vec![OutputFact::new(g.ty.clone())])
@@ -322,7 +393,8 @@ impl Op for SwiGlu {
         let (gt, ut) = (req(inputs, 0)?, req(inputs, 1)?);
         if gt.shape() != ut.shape() {
             return Err(OpError::Invalid(format!(
-                "patch.SwiGLU: G {:?} and U {:?} must have the same shape",
+                "{}: G {:?} and U {:?} must have the same shape",
+                self.name(),
                 gt.shape(),
                 ut.shape()
             )));
@@ -334,10 +406,65 @@ impl Op for SwiGlu {
         for_each_row(&mut out, width.max(1), &|r, o| {
             let w = o.len();
             let (gs, us) = (&g[r * w..(r + 1) * w], &u[r * w..(r + 1) * w]);
-            silu_mul_row(o, gs, Some(us));
+            gated_row(self.gate, o, gs, Some(us));
         });
         Ok(vec![out
             .into_tensor(gt.shape().to_vec())
+            .map_err(tensor_err)?])
+    }
+}
+
+/// `patch.Softcap`: `cap · tanh(x / cap)`.
+#[derive(Debug)]
+pub struct Softcap {
+    pub cap: f32,
+}
+
+impl Softcap {
+    pub fn from_attrs(attrs: &Attrs) -> Result<Softcap, OpError> {
+        let cap = attrs_softcap(attrs, "cap")?.ok_or_else(|| OpError::BadAttr {
+            name: "cap".into(),
+            msg: "patch.Softcap needs a cap".into(),
+        })?;
+        Ok(Softcap { cap })
+    }
+}
+
+/// A softcapping attribute: absent, or finite and positive.
+fn attrs_softcap(attrs: &Attrs, name: &str) -> Result<Option<f32>, OpError> {
+    match attrs.float(name)? {
+        Some(cap) if !(cap.is_finite() && cap > 0.0) => Err(OpError::BadAttr {
+            name: name.into(),
+            msg: format!("must be finite and positive, got {cap}"),
+        }),
+        cap => Ok(cap),
+    }
+}
+
+impl Op for Softcap {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 1, 1)?;
+        let x = req(inputs, 0)?;
+        require_f32("patch.Softcap", "X", x.ty)?;
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 1, 1)?;
+        let xt = req(inputs, 0)?;
+        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
+        let width = *xt.shape().last().unwrap_or(&1);
+        let mut out = outputs.f32(0, x.len());
+        for_each_row(&mut out, width.max(1), &|r, o| {
+            o.copy_from_slice(&x[r * o.len()..(r + 1) * o.len()]);
+            softcap_in_place(o, self.cap);
+        });
+        Ok(vec![out
+            .into_tensor(xt.shape().to_vec())
             .map_err(tensor_err)?])
     }
 }
@@ -475,6 +602,8 @@ impl Op for Rotary {
 #[derive(Debug)]
 pub struct Attention {
     pub scale: f32,
+    /// `softcap · tanh(scores / softcap)` before the mask, when set.
+    pub softcap: Option<f32>,
     /// `layout = "bshd"`: Q, K, V and the output have the sequence axis before the heads.
     pub seq_major: bool,
     /// Key ranges one seq-major decode group is split into; `None`: the pool's thread count
@@ -505,6 +634,7 @@ impl Attention {
         };
         Ok(Attention {
             scale,
+            softcap: attrs_softcap(attrs, "softcap")?,
             seq_major,
             key_parts: None,
         })
@@ -659,6 +789,7 @@ struct DecodeGroup<'a> {
     values: (&'a [f32], usize, usize),
     positions: usize,
     scale: f32,
+    softcap: Option<f32>,
 }
 
 impl DecodeGroup<'_> {
@@ -745,6 +876,12 @@ impl DecodeGroup<'_> {
                 } else {
                     self.scale * simd::dot::<S>(qi, key)
                 };
+            }
+        }
+        if let Some(cap) = self.softcap {
+            // Masked keys stay -inf (cap · tanh(-inf / cap) would be -cap).
+            for x in scores.iter_mut().filter(|x| **x != f32::NEG_INFINITY) {
+                *x = cap * (*x / cap).tanh();
             }
         }
         for (g, (row, &m)) in scores
@@ -939,7 +1076,7 @@ impl Op for Attention {
                 Ok((m.as_slice::<f32>().map_err(tensor_err)?, strides))
             })
             .transpose()?;
-        let scale = self.scale;
+        let (scale, softcap) = (self.scale, self.softcap);
         let mask_row = |batch: usize, head: usize, i: usize| -> Option<(&[f32], usize)> {
             mask.as_ref().map(|(m, st)| {
                 let base = batch * st[0] + head * st[1] + i * st[2];
@@ -1006,6 +1143,9 @@ impl Op for Attention {
                     general_mat_mul(scale, &qb, &kb.t(), 0.0, &mut scores);
                     for (r, mut row) in scores.rows_mut().into_iter().enumerate() {
                         let row = row.as_slice_mut().expect("standard layout");
+                        if let Some(cap) = softcap {
+                            softcap_in_place(row, cap);
+                        }
                         if softmax_row(row, mask_row(batch, head, i0 + r)).is_none() {
                             row.fill(0.0);
                         }
@@ -1047,6 +1187,7 @@ impl Op for Attention {
                     values: (&v[vb + j0 * vst[2]..], vst[2], dv),
                     positions: j1 - j0,
                     scale,
+                    softcap,
                 }
             };
             let chunks = b * s * hk;
@@ -1129,6 +1270,7 @@ impl Op for Attention {
                     values: (&v[vb..], vst[2], dv),
                     positions: t,
                     scale,
+                    softcap,
                 };
                 one.run(o, &mut [(0.0, 0.0)]);
             });
@@ -1191,14 +1333,18 @@ mod tests {
 
     /// Against a plain f64 softmax attention: grouped heads, a causal mask broadcast over
     /// heads with one fully masked row (which must give zeros), a head size that is not a
-    /// multiple of 8, and enough rows for the threaded path.
+    /// multiple of 8, and enough rows for the threaded path; with and without softcapping
+    /// (decode and prefill paths).
     #[test]
     fn attention_matches_a_plain_reference() {
         let r = OpRegistry::onnx();
-        for (b, h, hk, s, t, d) in [
+        for ((b, h, hk, s, t, d), softcap) in [
             (1usize, 4usize, 2usize, 3usize, 5usize, 13usize),
             (2, 6, 2, 200, 230, 64),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|shape| [(shape, None), (shape, Some(0.7f32))])
+        {
             let q = random(&[b, h, s, d], 6);
             let k = random(&[b, hk, t, d], 7);
             let v = random(&[b, hk, t, d], 8);
@@ -1214,15 +1360,11 @@ mod tests {
             }
             let mask = Tensor::from_vec(vec![b, 1, s, t], m.clone()).unwrap();
             let scale = 0.3f32;
-            let op = r
-                .build(
-                    "patch",
-                    "Attention",
-                    1,
-                    &Attrs::new().with("scale", Attr::Float(scale)),
-                    "a",
-                )
-                .unwrap();
+            let mut attrs = Attrs::new().with("scale", Attr::Float(scale));
+            if let Some(cap) = softcap {
+                attrs = attrs.with("softcap", Attr::Float(cap));
+            }
+            let op = r.build("patch", "Attention", 1, &attrs, "a").unwrap();
             let got = op
                 .eval(&[Some(&q), Some(&k), Some(&v), Some(&mask)])
                 .unwrap();
@@ -1241,7 +1383,9 @@ mod tests {
                             .map(|j| {
                                 let krow = &kv[(kh * t + j) * d..][..d];
                                 let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
-                                scale as f64 * dot + m[(bi * s + i) * t + j] as f64
+                                let x = scale as f64 * dot;
+                                let x = softcap.map_or(x, |c| c as f64 * (x / c as f64).tanh());
+                                x + m[(bi * s + i) * t + j] as f64
                             })
                             .collect();
                         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -1266,6 +1410,52 @@ mod tests {
         }
         let no_scale = r.build("patch", "Attention", 1, &Attrs::new(), "a");
         assert!(no_scale.is_err());
+        for cap in [0.0, -1.0, f32::INFINITY] {
+            let attrs = Attrs::new()
+                .with("scale", Attr::Float(1.0))
+                .with("softcap", Attr::Float(cap));
+            assert!(r.build("patch", "Attention", 1, &attrs, "a").is_err());
+        }
+    }
+
+    /// GeGLU and SwiGLU against f64 references (ragged widths, large magnitudes), and
+    /// Softcap, including values far beyond the cap.
+    #[test]
+    fn gated_activations_and_softcap_match_f64_references() {
+        let r = OpRegistry::onnx();
+        let gelu = |x: f64| {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        for shape in [vec![3usize, 7], vec![2, 5, 67], vec![1, 300]] {
+            let mut g = random(&shape, 11);
+            let u = random(&shape, 12);
+            // Spread the gate over ±12 so both tails of the activations are exercised.
+            let gv: Vec<f32> = g
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| 12.0 * x)
+                .collect();
+            g = Tensor::from_vec(shape.clone(), gv).unwrap();
+            let (gd, ud) = (g.to_f64_vec().unwrap(), u.to_f64_vec().unwrap());
+            for (op, act) in [("GeGLU", &gelu as &dyn Fn(f64) -> f64), ("SwiGLU", &silu)] {
+                let fused = r.build("patch", op, 1, &Attrs::new(), "g").unwrap();
+                let got = fused.eval(&[Some(&g), Some(&u)]).unwrap();
+                let want: Vec<f64> = gd.iter().zip(&ud).map(|(&a, &b)| act(a) * b).collect();
+                close(&got[0], &want, 1e-5);
+            }
+            for cap in [0.5f32, 30.0] {
+                let attrs = Attrs::new().with("cap", Attr::Float(cap));
+                let fused = r.build("patch", "Softcap", 1, &attrs, "s").unwrap();
+                let got = fused.eval(&[Some(&g)]).unwrap();
+                let c = cap as f64;
+                let want: Vec<f64> = gd.iter().map(|&x| c * (x / c).tanh()).collect();
+                close(&got[0], &want, 1e-5);
+            }
+        }
+        assert!(r.build("patch", "Softcap", 1, &Attrs::new(), "s").is_err());
     }
 
     fn attention_op(r: &OpRegistry, scale: f32, layout: &str) -> Arc<dyn Op> {
@@ -1315,6 +1505,7 @@ mod tests {
                 values: (&values, vs, dv),
                 positions: t,
                 scale: 0.3,
+                softcap: None,
             };
             let mut want = vec![0f64; rows * dv];
             for g in 0..rows {
@@ -1446,6 +1637,7 @@ mod tests {
         for parts in [2, 3, 7] {
             let op = Attention {
                 scale: 0.125,
+                softcap: None,
                 seq_major: true,
                 key_parts: Some(parts),
             };
