@@ -389,11 +389,13 @@ def export_optimum(model, out_dir: Path, opset: int):
         return produced
 
 
+OPTIMUM = "optimum.exporters.onnx.main_export(task='text-generation-with-past', no_post_process=True) [TorchScript inside]"
+
 FIXTURE_SPECS = [
     # name, arch, exporter, opset, external data
     ("llama_dynamo_op18", "llama", "torch.onnx.export(dynamo=True)", 18, True),
     ("llama_torchscript_op17", "llama", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
-    ("llama_optimum_with_past", "llama", "optimum.exporters.onnx.main_export(task='text-generation-with-past', no_post_process=True) [TorchScript inside]", 18, False),
+    ("llama_optimum_with_past", "llama", OPTIMUM, 18, False),
     ("gpt2", "gpt2", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
     ("qwen2", "qwen2", "torch.onnx.export(dynamo=True)", 18, False),
     ("qwen3_dynamo", "qwen3", "torch.onnx.export(dynamo=True)", 18, True),
@@ -402,6 +404,11 @@ FIXTURE_SPECS = [
     ("gemma3_dynamo", "gemma3", "torch.onnx.export(dynamo=True)", 18, False),
     ("phi3_dynamo", "phi3", "torch.onnx.export(dynamo=True)", 18, False),
     ("phi3_torchscript", "phi3", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
+    ("qwen3_optimum_with_past", "qwen3", OPTIMUM, 18, False),
+    ("mistral_optimum_with_past", "mistral", OPTIMUM, 18, False),
+    ("gemma2_optimum_with_past", "gemma2", OPTIMUM, 18, False),
+    ("gemma3_optimum_with_past", "gemma3", OPTIMUM, 18, False),
+    ("phi3_optimum_with_past", "phi3", OPTIMUM, 18, False),
 ]
 
 

@@ -17,17 +17,33 @@ pub const FIXTURES: [&str; 5] = [
     "qwen2",
 ];
 
-/// Fixtures of the other families users run (each exported by the torch dynamo exporter, one
-/// also by TorchScript): Qwen3 (q/k norms), Mistral (sliding window), Gemma 2 (softcapping,
-/// GELU-tanh gated MLP, four norms per block, tied embedding), Gemma 3 (q/k norms, local and
-/// global layers), Phi-3 (fused qkv and gate_up projections).
-pub const FAMILY_FIXTURES: [&str; 6] = [
+/// Fixtures of the other families users run, each exported by the torch dynamo exporter (no
+/// cache) and by Optimum with past (one also by TorchScript): Qwen3 (q/k norms), Mistral
+/// (sliding window), Gemma 2 (softcapping, GELU-tanh gated MLP, four norms per block, tied
+/// embedding), Gemma 3 (q/k norms, local and global layers), Phi-3 (fused qkv and gate_up
+/// projections).
+pub const FAMILY_FIXTURES: [&str; 11] = [
     "qwen3_dynamo",
     "mistral_dynamo",
     "gemma2_dynamo",
     "gemma3_dynamo",
     "phi3_dynamo",
     "phi3_torchscript",
+    "qwen3_optimum_with_past",
+    "mistral_optimum_with_past",
+    "gemma2_optimum_with_past",
+    "gemma3_optimum_with_past",
+    "phi3_optimum_with_past",
+];
+
+/// The fixtures exported with a KV cache (they also have the `greedy8` decode cases).
+pub const WITH_PAST_FIXTURES: [&str; 6] = [
+    "llama_optimum_with_past",
+    "qwen3_optimum_with_past",
+    "mistral_optimum_with_past",
+    "gemma2_optimum_with_past",
+    "gemma3_optimum_with_past",
+    "phi3_optimum_with_past",
 ];
 
 /// The golden cases every fixture has.

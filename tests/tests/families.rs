@@ -66,9 +66,10 @@ fn every_family_matches_onnx_runtime_imported_and_optimized() {
 /// rotary embeddings per layer, and Gemma 2's final logit softcapping.
 #[test]
 fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
-    let want: [(&str, [(&str, usize); 6]); 6] = [
+    // Per family (the fixture name's first word), whatever the exporter.
+    let want: [(&str, [(&str, usize); 6]); 5] = [
         (
-            "qwen3_dynamo",
+            "qwen3",
             [
                 ("RMSNorm", 9),
                 ("SwiGLU", 2),
@@ -79,7 +80,7 @@ fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
             ],
         ),
         (
-            "mistral_dynamo",
+            "mistral",
             [
                 ("RMSNorm", 5),
                 ("SwiGLU", 2),
@@ -90,7 +91,7 @@ fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
             ],
         ),
         (
-            "gemma2_dynamo",
+            "gemma2",
             [
                 ("RMSNorm", 9),
                 ("SwiGLU", 0),
@@ -101,7 +102,7 @@ fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
             ],
         ),
         (
-            "gemma3_dynamo",
+            "gemma3",
             [
                 ("RMSNorm", 13),
                 ("SwiGLU", 0),
@@ -112,18 +113,7 @@ fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
             ],
         ),
         (
-            "phi3_dynamo",
-            [
-                ("RMSNorm", 5),
-                ("SwiGLU", 2),
-                ("GeGLU", 0),
-                ("Attention", 2),
-                ("Rotary", 4),
-                ("Softcap", 0),
-            ],
-        ),
-        (
-            "phi3_torchscript",
+            "phi3",
             [
                 ("RMSNorm", 5),
                 ("SwiGLU", 2),
@@ -134,8 +124,13 @@ fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
             ],
         ),
     ];
-    assert_eq!(want.map(|(n, _)| n), FAMILY_FIXTURES);
-    for (name, ops) in want {
+    for name in FAMILY_FIXTURES {
+        let family = name.split('_').next().unwrap();
+        let ops = want
+            .iter()
+            .find(|(f, _)| *f == family)
+            .unwrap_or_else(|| panic!("{name}: no expectation"))
+            .1;
         let mut graph = import_fixture(name);
         let report = optimize(&mut graph);
         for (op, n) in ops {

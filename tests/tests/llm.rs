@@ -12,7 +12,7 @@ use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Tensor};
 use patch_tests::{
     argmax_last, compile_fixture, fixture_dir, import_fixture, load_model, max_abs_diff, read_case,
-    CASES, FIXTURES,
+    CASES, FIXTURES, WITH_PAST_FIXTURES,
 };
 
 fn rewritten(name: &str, dtype: WeightDtype) -> patch_runtime::Graph {
@@ -152,14 +152,23 @@ fn ids_of(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// Every family exported with past (LLaMA, Qwen3, Mistral's sliding window, Gemma 2's
+/// softcapping and Gemma 3's local/global layers, Phi-3), compiled by the default pipeline and
+/// decoded through its KV cache, reproduces ONNX Runtime's greedy steps.
 #[test]
 fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
+    for name in WITH_PAST_FIXTURES {
+        kv_cache_generation_matches(name);
+    }
+}
+
+fn kv_cache_generation_matches(name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let path = compile_fixture("llama_optimum_with_past", dir.path(), 256);
+    let path = compile_fixture(name, dir.path(), 256);
     let model = load_model(&path);
-    assert!(model.has_kv_cache());
-    assert_eq!(model.layers(), 2);
-    let greedy = fixture_dir("llama_optimum_with_past").join("cases/greedy8");
+    assert!(model.has_kv_cache(), "{name}");
+    assert_eq!(model.layers(), 2, "{name}");
+    let greedy = fixture_dir(name).join("cases/greedy8");
     let mut cache = model.new_cache();
     let mut feed = ids_of(&read_case(&greedy.join("step_0")).inputs[0].1);
     let mut room_before = 0;
@@ -175,9 +184,17 @@ fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
             .zip(want_last)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(err <= 1e-4, "step {step}: last logits differ by {err}");
+        println!("{name} step {step}: last logits within {err:.2e} of ORT");
+        assert!(
+            err <= 1e-4,
+            "{name} step {step}: last logits differ by {err}"
+        );
         let next = argmax(logits.last());
-        assert_eq!(next as usize, argmax_last(&c.outputs[0].1).pop().unwrap());
+        assert_eq!(
+            next as usize,
+            argmax_last(&c.outputs[0].1).pop().unwrap(),
+            "{name} step {step}"
+        );
         // The cache (re-laid out by `kv-layout`) grows in place: each step uses exactly one
         // position's room (2 KV heads × 16 dims × 4 bytes) of the buffer sized at the start.
         let room = cache.room_in_place();
@@ -185,7 +202,7 @@ fn kv_cache_generation_reproduces_onnx_runtime_greedy_steps() {
             assert_eq!(
                 room + 2 * 16 * 4,
                 room_before,
-                "step {step}: the cache was copied"
+                "{name} step {step}: the cache was copied"
             );
         }
         room_before = room;

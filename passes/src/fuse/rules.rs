@@ -268,19 +268,23 @@ pub fn norm() -> Vec<Rule> {
 /// SiLU and GELU with the tanh approximation, and the gated MLP activations built on them:
 /// SwiGLU `silu(gate) · up` and GeGLU `gelu_tanh(gate) · up` (Gemma). GELU-tanh is
 /// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, written by GPT-2's TorchScript export as
-/// `(x·0.5)·(1 + tanh((x + x³·a)·s))` and by the dynamo exporter as `x·(0.5·(1 + tanh(s·(x +
-/// a·x³))))`; the pieces are matched in each operand order through internal terms. Also
+/// `(x·0.5)·(1 + tanh((x + x³·a)·s))`, by the dynamo exporter as `x·(0.5·(1 + tanh(s·(x +
+/// a·x³))))` and by TorchScript's decomposition (Gemma in Optimum) as `0.5·(x·(1 + tanh(s·(x +
+/// a·(x·(x·x))))))`; the pieces are matched in each operand order through internal terms. Also
 /// softcapping, `cap · tanh(x / cap)` (Gemma 2's final logits).
 pub fn activation() -> Vec<Rule> {
     let mut rules = vec![
+        internal("cube-pow", "(Pow ?x 3)", "(~cube ?x)"),
+        internal("cube-mul", "(Mul ?x (Mul ?x ?x))", "(~cube ?x)"),
+        internal("cube-mul-swapped", "(Mul (Mul ?x ?x) ?x)", "(~cube ?x)"),
         internal(
             "gelu-cubic",
-            "(Add ?x (Mul (Pow ?x 3) ?a))",
+            "(Add ?x (Mul (~cube ?x) ?a))",
             "(~gelu_cubic ?x ?a)",
         ),
         internal(
             "gelu-cubic-swapped",
-            "(Add ?x (Mul ?a (Pow ?x 3)))",
+            "(Add ?x (Mul ?a (~cube ?x)))",
             "(~gelu_cubic ?x ?a)",
         ),
         internal(
@@ -315,6 +319,14 @@ pub fn activation() -> Vec<Rule> {
         (
             "gelu-tanh-x-half-swapped",
             "(Mul ?x (Mul (~gelu_1p ?x ?a ?s) 0.5))",
+        ),
+        (
+            "gelu-tanh-half-outside",
+            "(Mul 0.5 (Mul ?x (~gelu_1p ?x ?a ?s)))",
+        ),
+        (
+            "gelu-tanh-half-outside-swapped",
+            "(Mul (Mul ?x (~gelu_1p ?x ?a ?s)) 0.5)",
         ),
     ] {
         rules.push(rule_with(name, form, FusedOp::GeluTanh, &["?x"], gelu_attr));
