@@ -109,6 +109,9 @@ pub enum CompileError {
     SparsityRange(f64),
     #[error("unknown pass `{0}` (passes: {passes}, or `all` for --dump-after)", passes = PASS_NAMES.join(", "))]
     UnknownPass(String),
+    /// Token metadata found beside the model that the graph cannot honour.
+    #[error("generation metadata in `{dir}`: {msg}")]
+    Generation { dir: PathBuf, msg: String },
     #[error(transparent)]
     Calib(#[from] CalibError),
     #[error("cannot write `{path}`: {source}")]
@@ -254,6 +257,9 @@ fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
         if let Some(b) = v.get("bos_token_id").and_then(Value::as_i64) {
             gen.bos_token_id = Some(b);
         }
+        if let Some(add) = v.get("add_bos_token").and_then(Value::as_bool) {
+            gen.add_bos_token = Some(add);
+        }
         if let Some(t) = v.get("chat_template").and_then(Value::as_str) {
             gen.chat_template = Some(t.to_string());
         }
@@ -279,6 +285,33 @@ fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
         gen.chat_template = Some(text);
     }
     Ok(gen)
+}
+
+/// The token ids of `gen` against the model's vocabulary (when the graph states it), and a
+/// BOS asked for by `add_bos_token` that has an id.
+fn check_generation(gen: &Generation, vocab: Option<usize>) -> Result<(), String> {
+    let ids = gen
+        .eos_token_ids
+        .iter()
+        .map(|&id| ("eos_token_id", id))
+        .chain(gen.bos_token_id.map(|id| ("bos_token_id", id)));
+    for (key, id) in ids {
+        let outside = id < 0 || vocab.is_some_and(|v| id as u64 >= v as u64);
+        if outside {
+            let range = vocab.map_or("non-negative".to_string(), |v| format!("within 0..{v}"));
+            return Err(format!(
+                "{key} {id} is not a token of the model (ids are {range})"
+            ));
+        }
+    }
+    if gen.add_bos_token == Some(true) && gen.bos_token_id.is_none() {
+        return Err(
+            "add_bos_token is true but no bos_token_id is given (set it in config.json or \
+             generation_config.json)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Compiles `options.model` into `options.output`.
@@ -340,6 +373,12 @@ pub fn compile(
         .transpose()?
         .map(Bytes::from);
     let generation = generation_metadata(&dir)?;
+    check_generation(&generation, patch_passes::hybrid::vocab_size(&graph)).map_err(|msg| {
+        CompileError::Generation {
+            dir: dir.clone(),
+            msg,
+        }
+    })?;
 
     let dumper = std::cell::RefCell::new(Dumper {
         output: &options.output,

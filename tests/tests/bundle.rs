@@ -17,6 +17,7 @@ fn contents(name: &str) -> BundleContents {
             bos_token_id: Some(1),
             chat_template: Some("{{ messages }}".into()),
             max_context: Some(256),
+            add_bos_token: Some(true),
         },
         compile_report_json: "{\"sparsity\": 0}".into(),
         metadata: [("source".to_string(), name.to_string())].into(),
@@ -154,4 +155,79 @@ fn chat_template_jinja_and_context_length_reach_the_bundle() {
     let err = patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap_err();
     assert!(err.to_string().contains("chat_template.jinja"), "{err}");
     assert!(!out.exists());
+}
+
+/// A plain prompt starts with BOS as transformers' `tokenizer(text)` starts it: the tokenizer
+/// configuration's `add_bos_token` when it states one, else the tokenizer.json post-processor;
+/// token metadata the model cannot honour is refused at compile time, naming the folder.
+#[test]
+fn bos_follows_the_tokenizer_configuration_and_bad_ids_are_refused() {
+    // The word tokenizer with a post-processor that prepends `w1`, as LLaMA's and Gemma's do.
+    let with_template = patch_tests::word_tokenizer_json(512).replace(
+        r#""post_processor": null"#,
+        r#""post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "w1", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"w1": {"id": "w1", "ids": [1], "tokens": ["w1"]}}}"#,
+    );
+    let cases: [(&str, Option<&str>, &[u32]); 4] = [
+        // The post-processor decides.
+        (&with_template, None, &[1, 5, 6]),
+        // The configuration overrides it either way.
+        (&with_template, Some(r#"{"add_bos_token": false}"#), &[5, 6]),
+        (
+            &patch_tests::word_tokenizer_json(512),
+            Some(r#"{"add_bos_token": true, "bos_token_id": 1}"#),
+            &[1, 5, 6],
+        ),
+        (
+            &patch_tests::word_tokenizer_json(512),
+            Some(r#"{"add_bos_token": false, "bos_token_id": 1}"#),
+            &[5, 6],
+        ),
+    ];
+    for (tokenizer, config, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = patch_tests::stage_fixture("llama_optimum_with_past", dir.path());
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer).unwrap();
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+        }
+        let out = dir.path().join("m.patch");
+        let options = patch_compiler::pipeline::CompileOptions::new(model, out.clone());
+        patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap();
+        let lm = patch_tests::load_model(&out);
+        let bos = lm.generation.bos_token_id.map(|b| b as u32);
+        let ids = lm
+            .tokenizer()
+            .unwrap()
+            .encode_prompt("w5 w6", bos, lm.generation.add_bos_token)
+            .unwrap();
+        assert_eq!(ids, want, "{config:?}");
+    }
+    for (config, says) in [
+        (
+            r#"{"add_bos_token": true}"#,
+            "add_bos_token is true but no bos_token_id is given",
+        ),
+        (
+            r#"{"eos_token_id": 512}"#,
+            "eos_token_id 512 is not a token of the model (ids are within 0..512)",
+        ),
+        (
+            r#"{"bos_token_id": -1}"#,
+            "bos_token_id -1 is not a token of the model",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = patch_tests::stage_fixture("llama_optimum_with_past", dir.path());
+        std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+        let out = dir.path().join("m.patch");
+        let options = patch_compiler::pipeline::CompileOptions::new(model, out.clone());
+        let err = patch_compiler::pipeline::compile(&options, &OpRegistry::onnx()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(says), "{msg}");
+        assert!(msg.contains("generation metadata in"), "{msg}");
+        assert!(!out.exists());
+    }
 }

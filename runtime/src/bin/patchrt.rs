@@ -287,7 +287,13 @@ fn generate(
     } else {
         prompt.to_string()
     };
-    let ids = tok.encode(&text)?;
+    // A rendered chat template writes its own special tokens.
+    let ids = if chat {
+        tok.encode(&text)?
+    } else {
+        let bos = model.generation.bos_token_id.map(|b| b as u32);
+        tok.encode_prompt(&text, bos, model.generation.add_bos_token)?
+    };
     if ids.is_empty() {
         return Err(LlmError::Invalid("the prompt is empty".into()));
     }
@@ -538,9 +544,14 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let gen = &c.generation;
             println!(
-                "generation: eos {:?}, bos {:?}, max context {:?}, chat template {}",
+                "generation: eos {:?}, bos {:?} ({}), max context {:?}, chat template {}",
                 gen.eos_token_ids,
                 gen.bos_token_id,
+                match gen.add_bos_token {
+                    Some(true) => "prompts start with it",
+                    Some(false) => "never added",
+                    None => "as the tokenizer's post-processor adds it",
+                },
                 gen.max_context,
                 if gen.chat_template.is_some() {
                     "yes"

@@ -93,6 +93,11 @@ pub fn encode(contents: &BundleContents) -> (proto::Manifest, Vec<Tensor>) {
             has_bos: gen.bos_token_id.is_some(),
             chat_template: gen.chat_template.clone().unwrap_or_default(),
             max_context: gen.max_context.unwrap_or(0),
+            bos_policy: match gen.add_bos_token {
+                None => proto::BosPolicy::BosFromPostProcessor,
+                Some(true) => proto::BosPolicy::BosAlways,
+                Some(false) => proto::BosPolicy::BosNever,
+            } as i32,
         }),
         compile_report_json: contents.compile_report_json.clone(),
         metadata: contents.metadata.clone().into_iter().collect(),
@@ -261,6 +266,17 @@ pub fn decode(
             bos_token_id: gen.has_bos.then_some(gen.bos_token_id),
             chat_template: (!gen.chat_template.is_empty()).then_some(gen.chat_template),
             max_context: (gen.max_context > 0).then_some(gen.max_context),
+            add_bos_token: match proto::BosPolicy::try_from(gen.bos_policy) {
+                Ok(proto::BosPolicy::BosFromPostProcessor) => None,
+                Ok(proto::BosPolicy::BosAlways) => Some(true),
+                Ok(proto::BosPolicy::BosNever) => Some(false),
+                Err(_) => {
+                    return Err(DecodeError::Corrupt(format!(
+                        "generation metadata: unknown BOS policy {}",
+                        gen.bos_policy
+                    )));
+                }
+            },
         },
         compile_report_json: m.compile_report_json,
         metadata: m.metadata.into_iter().collect(),

@@ -91,6 +91,9 @@ pub struct Generation {
     pub chat_template: Option<String>,
     /// Maximum sequence length, when known.
     pub max_context: Option<u64>,
+    /// `add_bos_token` of the tokenizer configuration, when it states one: whether a plain
+    /// prompt starts with BOS. `None`: the tokenizer.json post-processor decides.
+    pub add_bos_token: Option<bool>,
 }
 
 /// Everything a bundle holds besides its framing.

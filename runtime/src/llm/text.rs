@@ -39,6 +39,29 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of a plain (not chat-templated) prompt, as transformers' `tokenizer(text)`
+    /// gives them: BOS first when the tokenizer configuration's `add_bos_token` says so (and
+    /// never when it says not), else whatever the tokenizer.json post-processor adds.
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        bos_token_id: Option<u32>,
+        add_bos_token: Option<bool>,
+    ) -> Result<Vec<u32>, LlmError> {
+        let with_post_processor = add_bos_token.is_none();
+        let enc = self
+            .inner
+            .encode(text, with_post_processor)
+            .map_err(|e| LlmError::Tokenizer(format!("encoding: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let (Some(true), Some(bos)) = (add_bos_token, bos_token_id) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, LlmError> {
         self.inner
