@@ -277,6 +277,9 @@ class TorchScriptMaskPatch:
     mask builders for the duration of the export, exactly as Optimum's own ModelPatcher does."""
 
     def __enter__(self):
+        self.orig = {}
+        if TRANSFORMERS_MAJOR >= 5:
+            return  # optimum-onnx 0.1 does not import under transformers 5: trace as is.
         from optimum.exporters.onnx.model_patcher import (
             eager_mask_without_vmap,
             sdpa_mask_without_vmap,
@@ -289,6 +292,8 @@ class TorchScriptMaskPatch:
         self.reg.register("eager", eager_mask_without_vmap)
 
     def __exit__(self, *exc):
+        if not self.orig:
+            return
         for k, v in self.orig.items():
             self.reg.register(k, v)
 
@@ -409,7 +414,19 @@ FIXTURE_SPECS = [
     ("gemma2_optimum_with_past", "gemma2", OPTIMUM, 18, False),
     ("gemma3_optimum_with_past", "gemma3", OPTIMUM, 18, False),
     ("phi3_optimum_with_past", "phi3", OPTIMUM, 18, False),
+    # The same models exported by transformers 5 (models/.venv-tf5, see make_fixtures.sh).
+    ("llama_tf5_dynamo", "llama", "torch.onnx.export(dynamo=True)", 18, False),
+    ("llama_tf5_torchscript", "llama", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),
+    ("qwen3_tf5_dynamo", "qwen3", "torch.onnx.export(dynamo=True)", 18, False),
+    ("gemma3_tf5_dynamo", "gemma3", "torch.onnx.export(dynamo=True)", 18, False),
 ]
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def spec_transformers_major(name: str) -> int:
+    """The transformers major version a fixture is exported with."""
+    return 5 if "_tf5_" in name else 4
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -566,13 +583,11 @@ def versions():
         "onnxscript": onnxscript.__version__,
         "numpy": np.__version__,
     }
-    try:
+    if TRANSFORMERS_MAJOR == 4:
         from importlib.metadata import version
 
         v["optimum"] = version("optimum")
         v["optimum-onnx"] = version("optimum-onnx")
-    except Exception:  # pragma: no cover
-        pass
     return v
 
 
@@ -768,8 +783,15 @@ def main():
     torch.set_num_threads(1)
     vers = versions()
     print(json.dumps(vers))
+    known = {spec[0] for spec in FIXTURE_SPECS}
+    unknown = sorted(set(args.only or []) - known)
+    if unknown:
+        sys.exit(f"unknown fixtures {unknown}; known: {sorted(known)}")
     for spec in FIXTURE_SPECS:
         if args.only and spec[0] not in args.only:
+            continue
+        if spec_transformers_major(spec[0]) != TRANSFORMERS_MAJOR:
+            print(f"-- {spec[0]}: made with transformers {spec_transformers_major(spec[0])}, this is {transformers.__version__}; skipped")
             continue
         run_fixture(*spec, vers)
 

@@ -32,9 +32,30 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+# The transformers 5 fixtures (*_tf5_*) come from a second venv that reads the first one's
+# packages (torch, onnx, ORT) through a .pth file and overlays transformers 5 and its own
+# dependencies (optimum-onnx 0.1 needs transformers < 4.58, so one venv cannot hold both).
+VENV5="$HERE/.venv-tf5"
+REQ5="$HERE/requirements-export-tf5.txt"
+if [ ! -x "$VENV5/bin/python" ]; then
+    echo "creating $VENV5"
+    "$PY" -m venv "$VENV5"
+    base_site="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+    tf5_site="$("$VENV5/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+    echo "$base_site" > "$tf5_site/base-venv.pth"
+fi
+stamp5="$VENV5/.requirements.sha256"
+want5="$(sha256sum "$REQ5" | cut -d' ' -f1)"
+if [ ! -f "$stamp5" ] || [ "$(cat "$stamp5")" != "$want5" ]; then
+    "$VENV5/bin/python" -m pip install --quiet --no-deps -r "$REQ5"
+    echo "$want5" > "$stamp5"
+fi
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONHASHSEED=0 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 cd "$HERE"
+# Each interpreter builds the fixtures of its transformers major version and skips the rest.
 "$VENV/bin/python" "$HERE/export_fixtures.py" "$@"
+"$VENV5/bin/python" "$HERE/export_fixtures.py" "$@"
 "$VENV/bin/python" "$HERE/make_op_goldens.py"  # per-op goldens in fixtures/ops/
 echo "fixtures written to $HERE/fixtures ($(du -sh "$HERE/fixtures" | cut -f1))"

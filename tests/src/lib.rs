@@ -21,8 +21,8 @@ pub const FIXTURES: [&str; 5] = [
 /// cache) and by Optimum with past (one also by TorchScript): Qwen3 (q/k norms), Mistral
 /// (sliding window), Gemma 2 (softcapping, GELU-tanh gated MLP, four norms per block, tied
 /// embedding), Gemma 3 (q/k norms, local and global layers), Phi-3 (fused qkv and gate_up
-/// projections).
-pub const FAMILY_FIXTURES: [&str; 11] = [
+/// projections); and LLaMA, Qwen3 and Gemma 3 exported through transformers 5 (`*_tf5_*`).
+pub const FAMILY_FIXTURES: [&str; 15] = [
     "qwen3_dynamo",
     "mistral_dynamo",
     "gemma2_dynamo",
@@ -34,6 +34,10 @@ pub const FAMILY_FIXTURES: [&str; 11] = [
     "gemma2_optimum_with_past",
     "gemma3_optimum_with_past",
     "phi3_optimum_with_past",
+    "llama_tf5_dynamo",
+    "llama_tf5_torchscript",
+    "qwen3_tf5_dynamo",
+    "gemma3_tf5_dynamo",
 ];
 
 /// The fixtures exported with a KV cache (they also have the `greedy8` decode cases).
