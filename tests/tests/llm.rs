@@ -217,6 +217,8 @@ fn no_past_forward_and_perplexity_agree_with_onnx_runtime() {
     let path = compile_fixture("llama_dynamo_op18", dir.path(), 256);
     let model = load_model(&path);
     assert!(!model.has_kv_cache());
+    // Without a cache the layers are counted from the graph's attention ops.
+    assert_eq!(model.layers(), 2);
     let c = read_case(&fixture_dir("llama_dynamo_op18").join("cases/seq64"));
     let ids = ids_of(&c.inputs[0].1);
     let want = c.outputs[0].1.as_slice::<f32>().unwrap();
@@ -313,5 +315,56 @@ fn the_lm_head_runs_on_the_kept_positions_only() {
                 }
             }
         }
+    }
+}
+
+/// `patchrt run`'s path from text to text (plain prompt → ids → greedy generation → text) on
+/// every family with past, against transformers' greedy tokens recorded by the fixture script
+/// (`greedy8.generated_tokens`, which equal torch's argmax on the full sequence).
+#[test]
+fn text_generation_equals_transformers_greedy_tokens() {
+    for name in WITH_PAST_FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let model = load_model(&compile_fixture(name, dir.path(), 256));
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_dir(name).join("fixture.json")).unwrap(),
+        )
+        .unwrap();
+        let words = |key: &str| -> Vec<String> {
+            meta["greedy8"][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| format!("w{}", t.as_u64().unwrap()))
+                .collect()
+        };
+        let torch: Vec<u64> = meta["greedy8"]["torch_argmax_tokens_on_full_sequence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        let want = words("generated_tokens");
+        assert_eq!(
+            want,
+            torch[..8]
+                .iter()
+                .map(|t| format!("w{t}"))
+                .collect::<Vec<_>>(),
+            "{name}: the fixture's ORT and torch greedy tokens differ"
+        );
+        let prompt = words("prompt").join(" ");
+        let mut streamed = String::new();
+        let (text, g) = model
+            .generate_text(&prompt, 8, Default::default(), |p| streamed.push_str(p))
+            .unwrap();
+        println!("{name}: {prompt:?} -> {text:?}");
+        assert_eq!(text, want.join(" "), "{name}");
+        assert_eq!(streamed, text, "{name}");
+        assert_eq!(
+            g.stop,
+            patch_runtime::llm::generate::Stop::MaxTokens,
+            "{name}"
+        );
     }
 }

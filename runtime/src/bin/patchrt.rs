@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use patch_kernels::CpuKernels;
 use patch_runtime::bundle::{self, LoadOptions};
-use patch_runtime::llm::text::{render_chat, StreamDecoder};
+use patch_runtime::llm::text::render_chat;
 use patch_runtime::llm::{
-    bench, eval, Backend, ChatMessage, LanguageModel, LlmError, Sampler, SamplingOptions,
+    bench, eval, Backend, ChatMessage, LanguageModel, LlmError, SamplingOptions,
 };
 use patch_runtime::ops::OpRegistry;
 
@@ -291,64 +291,22 @@ fn generate(
     let ids = if chat {
         tok.encode(&text)?
     } else {
-        let bos = model.generation.bos_token_id.map(|b| b as u32);
-        tok.encode_prompt(&text, bos, model.generation.add_bos_token)?
+        model.encode_prompt(&text)?
     };
-    if ids.is_empty() {
-        return Err(LlmError::Invalid("the prompt is empty".into()));
-    }
-    if let Some(ctx) = model.max_context() {
-        if ids.len() >= ctx {
-            return Err(LlmError::PromptTooLong {
-                tokens: ids.len(),
-                context: ctx,
-            });
-        }
-    }
+    model.check_prompt(&ids)?;
     if !model.has_kv_cache() {
         eprintln!(
             "note: this graph has no past key/value inputs, so every step recomputes the whole \
              prefix; compile the with-past export (e.g. Optimum's) for fast generation"
         );
     }
-    let eos: Vec<u32> = model
-        .generation
-        .eos_token_ids
-        .iter()
-        .map(|&e| e as u32)
-        .collect();
-    let mut sampler = Sampler::new(sampling);
-    let mut cache = model.new_cache();
-    let t0 = Instant::now();
-    let mut logits = model.forward(&mut cache, &ids, 1)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut decoder = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
-    let t1 = Instant::now();
-    let mut generated = 0;
-    let mut stop = "max tokens";
-    while generated < max_tokens {
-        let next = sampler.sample(logits.last());
-        if eos.contains(&next) {
-            stop = "end of sequence";
-            break;
-        }
-        generated += 1;
-        let piece = decoder.push(tok, next)?;
+    let (_, g) = model.stream(&ids, max_tokens, sampling, &mut |piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
-        if generated == max_tokens {
-            break;
-        }
-        if model.max_context().is_some_and(|c| cache.len() + 1 > c) {
-            stop = "context full";
-            break;
-        }
-        logits = model.forward(&mut cache, &[next], 1)?;
-    }
-    let rest = decoder.finish(tok)?;
-    let _ = writeln!(out, "{rest}");
-    let decode_s = t1.elapsed().as_secs_f64();
+    })?;
+    let _ = writeln!(out);
+    let (prefill_s, decode_s, generated, stop) = (g.prefill_s, g.decode_s, g.tokens.len(), g.stop);
     eprintln!(
         "prompt: {} tokens in {:.2} s ({:.1} tokens/s); generated {} tokens in {:.2} s ({:.1} tokens/s), stopped at {stop}; {}",
         ids.len(),

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod generate;
 pub mod sampler;
 pub mod text;
 
@@ -93,6 +94,21 @@ struct IoLayout {
     past_shape: Vec<usize>,
     /// The positions' axis of past and present tensors (2 or 1).
     past_axis: usize,
+}
+
+/// Attention layers of a graph without a KV cache: its fused `patch.Attention` ops, or, when
+/// it has none (unfused), its softmaxes over 4-D scores.
+fn attention_layers(graph: &Graph) -> usize {
+    let count =
+        |pred: &dyn Fn(&crate::ir::Node) -> bool| graph.nodes().filter(|(_, n)| pred(n)).count();
+    match count(&|n| n.domain == "patch" && n.op_type == "Attention") {
+        0 => count(&|n| {
+            n.domain.is_empty()
+                && n.op_type == "Softmax"
+                && graph.value(n.outputs[0]).ty.rank() == 4
+        }),
+        fused => fused,
+    }
 }
 
 fn layout_of(graph: &Graph) -> Result<IoLayout, LlmError> {
@@ -279,6 +295,8 @@ pub struct LanguageModel {
     pub generation: Generation,
     pub tokenizer: Option<TextTokenizer>,
     vocab: usize,
+    /// See [`LanguageModel::layers`].
+    layers: usize,
 }
 
 impl std::fmt::Debug for LanguageModel {
@@ -335,6 +353,11 @@ impl LanguageModel {
             .as_ref()
             .map(|b| TextTokenizer::from_bytes(b))
             .transpose()?;
+        let layers = if layout.past.is_empty() {
+            attention_layers(graph)
+        } else {
+            layout.past.len()
+        };
         Ok(LanguageModel {
             plan: Plan::new(&contents.graph)?,
             backend: Backend::Cpu,
@@ -345,6 +368,7 @@ impl LanguageModel {
             generation: contents.generation,
             tokenizer,
             vocab,
+            layers,
         })
     }
 
@@ -453,8 +477,10 @@ impl LanguageModel {
         self.vocab
     }
 
+    /// The number of attention layers: the KV cache's when there is one, else the attention
+    /// ops of the graph (see [`attention_layers`]).
     pub fn layers(&self) -> usize {
-        self.layout.past.len()
+        self.layers
     }
 
     /// The longest sequence the model supports, when the bundle says.
