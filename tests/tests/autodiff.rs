@@ -281,6 +281,38 @@ fn fused_block_op_rules() {
     let y = c.node("patch", "Silu", Attrs::new(), &[Some(g)], 1)[0];
     c.check(y, &["x", "scale", "u"], EPS, TOL);
 
+    // Gemma's MLP and logit cap, fed through Phi-3's fused projection: one product sliced
+    // into gate and up (a step-2 slice as well), GeGLU, then Softcap.
+    let mut c = Case::new();
+    let x = c.input("x", random(&mut r, &[2, 3, 20]));
+    let ints = |c: &mut Case, name: &str, v: &[i64]| {
+        c.constant(name, Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap())
+    };
+    let (axis, zero, mid, end, two) = (
+        ints(&mut c, "axis", &[-1]),
+        ints(&mut c, "zero", &[0]),
+        ints(&mut c, "mid", &[10]),
+        ints(&mut c, "end", &[20]),
+        ints(&mut c, "two", &[2]),
+    );
+    let gate = c.op("Slice", Attrs::new(), &[x, zero, mid, axis]);
+    let up = c.op("Slice", Attrs::new(), &[x, mid, end, axis]);
+    let odd = c.op("Slice", Attrs::new(), &[x, mid, end, axis, two]);
+    let gg = c.node("patch", "GeGLU", Attrs::new(), &[Some(gate), Some(up)], 1)[0];
+    let y = c.node(
+        "patch",
+        "Softcap",
+        Attrs::new().with("cap", Attr::Float(0.8)),
+        &[Some(gg)],
+        1,
+    )[0];
+    let z = c.op(
+        "Concat",
+        Attrs::new().with("axis", Attr::Int(-1)),
+        &[y, odd],
+    );
+    c.check(z, &["x"], EPS, TOL);
+
     // Rotary, then grouped causal attention in both layouts.
     for layout in ["bhsd", "bshd"] {
         let (b, h, hk, s, d) = (1, 6, 2, 5, 6);
@@ -321,13 +353,23 @@ fn fused_block_op_rules() {
         let attrs = Attrs::new()
             .with("scale", Attr::Float(0.4))
             .with("layout", Attr::String(layout.into()));
-        let y = c.node(
+        // Plain, and softcapped as Gemma 2's (a cap low enough to bend the scores).
+        let capped = attrs.clone().with("softcap", Attr::Float(0.7));
+        let plain = c.node(
             "patch",
             "Attention",
             attrs,
             &[Some(qr), Some(kr), Some(v), Some(mask)],
             1,
         )[0];
+        let soft = c.node(
+            "patch",
+            "Attention",
+            capped,
+            &[Some(qr), Some(kr), Some(v), Some(mask)],
+            1,
+        )[0];
+        let y = c.op("Add", Attrs::new(), &[plain, soft]);
         c.check(y, &["q", "k", "v"], EPS, TOL);
     }
 }

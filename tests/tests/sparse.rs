@@ -378,3 +378,34 @@ fn the_loss_allocation_differentiates_the_model_and_caches_its_sensitivities() {
     assert_eq!(rr["allocation"], "relative");
     assert!(rr["sensitivity"].is_null());
 }
+
+/// The default method (tiles chosen by loss gradients, masks and weights learned through each
+/// block) runs on every family with past: its gradients reach through GeGLU, Softcap and
+/// softcapped attention (Gemma 2), q/k norms (Qwen3, Gemma 3) and sliced fused projections
+/// (Phi-3); the budget is met, every block is learned, none falls back to matrix-wise.
+#[test]
+fn the_default_method_learns_blocks_on_every_family() {
+    for name in patch_tests::WITH_PAST_FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, calib) = setup(name, dir.path(), 400);
+        let out = dir.path().join("m.patch");
+        let mut o = options(&model, &out, &calib, 0.4, Method::Patch);
+        if let Some(bw) = o.calib.blockwise.as_mut() {
+            bw.steps = 20;
+        }
+        pipeline::compile(&o, &OpRegistry::onnx()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let rep = sparse_report(&out);
+        let achieved = rep["achieved_sparsity"].as_f64().unwrap();
+        println!("{name}: achieved {achieved}, blocks {}", rep["blockwise"]);
+        assert!(
+            (achieved - 0.4).abs() <= 0.01,
+            "{name}: achieved {achieved}"
+        );
+        assert!(
+            rep["blockwise_fallback"].is_null(),
+            "{name}: {}",
+            rep["blockwise_fallback"]
+        );
+        assert_eq!(rep["blockwise"].as_array().map(Vec::len), Some(2), "{name}");
+    }
+}

@@ -26,6 +26,7 @@ pub fn register(r: &mut GradRules) {
     r.register("", "Unsqueeze", reshape_back);
     r.register("", "Transpose", transpose);
     r.register("", "Concat", concat);
+    r.register("", "Slice", slice);
     r.register("", "MatMul", matmul);
     r.register("", "Gemm", gemm);
     r.register("", "Gather", gather);
@@ -34,6 +35,8 @@ pub fn register(r: &mut GradRules) {
     r.register("patch", "RMSNorm", rms_norm);
     r.register("patch", "Silu", silu);
     r.register("patch", "SwiGLU", swiglu);
+    r.register("patch", "GeGLU", geglu);
+    r.register("patch", "Softcap", softcap);
     r.register("patch", "Rotary", rotary);
     r.register("patch", "Attention", attention);
     r.register("patch", "MseLoss", mse_loss);
@@ -284,6 +287,22 @@ fn concat(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
     Ok(res)
 }
 
+/// `Slice(X, starts, ends, axes?, steps?)`: `dX = patch.SliceGrad(X, g, starts, ends, axes?,
+/// steps?)`, zeros with `g` where the slice read (Phi-3's fused qkv and gate_up halves); the
+/// index operands are not differentiable.
+fn slice(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
+    for i in 1..node.inputs.len() {
+        refuse(ctx, node, i, "a slice index")?;
+    }
+    let dy = out_grad(node, g, 0)?;
+    let mut inputs = vec![Some(input(node, 0)?), Some(dy)];
+    inputs.extend(node.inputs[1..].iter().copied());
+    let d = ctx.node("patch", "SliceGrad", Attrs::new(), inputs, 1)?;
+    let mut res = vec![None; node.inputs.len()];
+    res[0] = Some(d[0]);
+    Ok(res)
+}
+
 /// `Y = A · B`: `dA = g · Bᵀ`; `dB = Aᵀ · g` (for a 2-D `B` and batched `A`, the batch rows
 /// flattened into one `Gemm` with `transA`).
 fn matmul(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
@@ -512,6 +531,30 @@ fn swiglu(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
     Ok(vec![Some(d[0]), Some(d[1])])
 }
 
+fn geglu(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
+    let dy = out_grad(node, g, 0)?;
+    let d = ctx.node(
+        "patch",
+        "GeGLUGrad",
+        Attrs::new(),
+        vec![Some(input(node, 0)?), Some(input(node, 1)?), Some(dy)],
+        2,
+    )?;
+    Ok(vec![Some(d[0]), Some(d[1])])
+}
+
+fn softcap(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
+    let dy = out_grad(node, g, 0)?;
+    let d = ctx.node(
+        "patch",
+        "SoftcapGrad",
+        attrs_of(node, &["cap"]),
+        vec![Some(input(node, 0)?), Some(dy)],
+        1,
+    )?;
+    Ok(vec![Some(d[0])])
+}
+
 /// `patch.Rotary(X, Cos, Sin)`: `patch.RotaryGrad(g, Cos, Sin)` (the transposed rotation);
 /// the tables are constants of the positions.
 fn rotary(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads {
@@ -537,7 +580,7 @@ fn attention(ctx: &mut GradCtx<'_>, node: &Node, g: &[Option<ValueId>]) -> Grads
     let d = ctx.node(
         "patch",
         "AttentionGrad",
-        attrs_of(node, &["scale", "layout"]),
+        attrs_of(node, &["scale", "softcap", "layout"]),
         vec![
             Some(input(node, 0)?),
             Some(input(node, 1)?),

@@ -12,16 +12,21 @@
 //! * `patch.SiluGrad(X, dY) → dX`: `dY · σ(X) · (1 + X · (1 − σ(X)))`, `σ` the sigmoid.
 //! * `patch.SwiGLUGrad(G, U, dY) → (dG, dU)`: `dG = dY · U · silu'(G)`, `dU = dY · silu(G)`;
 //!   G, U and dY of one shape.
+//! * `patch.GeGLUGrad(G, U, dY) → (dG, dU)`: `dG = dY · U · gelu'(G)`, `dU = dY · gelu(G)` with
+//!   the tanh GELU `gelu(x) = x · σ(2z)`, `z = sqrt(2/π)(x + 0.044715 x³)`, so
+//!   `gelu'(x) = σ(2z) + x · σ(2z)(1 − σ(2z)) · 2 sqrt(2/π)(1 + 3 · 0.044715 x²)`.
+//! * `patch.SoftcapGrad(X, dY) {cap} → dX`: `dY · (1 − tanh²(X / cap))`.
 //! * `patch.RotaryGrad(dY, Cos, Sin) {half, axis = -1} → dX`: the transpose of
 //!   `patch.Rotary`: `dX[j] = dY[j] Cos[j] + dY[j + half] Sin[j + half]`,
 //!   `dX[j + half] = dY[j + half] Cos[j + half] − dY[j] Sin[j]` for `j < half`, Cos and Sin
 //!   broadcast to dY as in the forward (the two halves of a table need not be equal).
-//! * `patch.AttentionGrad(Q, K, V, Mask?, dO) {scale, layout = "bhsd" | "bshd"} →
+//! * `patch.AttentionGrad(Q, K, V, Mask?, dO) {scale, softcap?, layout = "bhsd" | "bshd"} →
 //!   (dQ, dK, dV)`: the gradients of `patch.Attention` (same shapes, grouped KV heads, Mask and
 //!   layouts as there; dO has the forward output's shape). Per (batch, query head), blocks of
 //!   64 query rows recompute the probabilities `P` (over the keys up to the last one the block
 //!   sees, as the forward) and run `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))` (that row sum
-//!   is `rowsum(dO ⊙ O)`), `dQ = scale · dS K`, `dK += scale · dSᵀ Q`, `dV += Pᵀ dO` as GEMMs;
+//!   is `rowsum(dO ⊙ O)`), with softcapping `dS ⊙= 1 − (c / softcap)²` for the capped
+//!   scores `c`, then `dQ = scale · dS K`, `dK += scale · dSᵀ Q`, `dV += Pᵀ dO` as GEMMs;
 //!   the query heads that share a KV head add their dK and dV. A row the mask hides entirely
 //!   (or whose scores hold a NaN) gave zeros forward and gets zero gradient. The (batch, query
 //!   head) items are spread over the kernels' thread pool.
@@ -49,7 +54,17 @@ pub fn register(r: &mut OpRegistry) {
         Ok(Arc::new(RmsNormGrad::from_attrs(attrs)?))
     });
     r.register("patch", "SiluGrad", 1, |_, _| Ok(Arc::new(SiluGrad)));
-    r.register("patch", "SwiGLUGrad", 1, |_, _| Ok(Arc::new(SwiGluGrad)));
+    r.register("patch", "SwiGLUGrad", 1, |_, _| {
+        Ok(Arc::new(GatedGrad { gelu: false }))
+    });
+    r.register("patch", "GeGLUGrad", 1, |_, _| {
+        Ok(Arc::new(GatedGrad { gelu: true }))
+    });
+    r.register("patch", "SoftcapGrad", 1, |attrs, _| {
+        Ok(Arc::new(SoftcapGrad {
+            cap: super::fused::Softcap::from_attrs(attrs)?.cap,
+        }))
+    });
     r.register("patch", "RotaryGrad", 1, |attrs, _| {
         Ok(Arc::new(RotaryGrad::from_attrs(attrs)?))
     });
@@ -315,18 +330,42 @@ impl Op for SiluGrad {
 
 /// `patch.SwiGLUGrad` (see the module docs).
 #[derive(Debug)]
-pub struct SwiGluGrad;
+pub struct GatedGrad {
+    /// GeGLU (the tanh GELU gate) instead of SwiGLU.
+    gelu: bool,
+}
 
-impl Op for SwiGluGrad {
+/// `2 sqrt(2/π)` and GELU-tanh's cubic coefficient.
+const GELU_2K: f32 = 1.595_769;
+const GELU_A: f32 = 0.044715;
+
+/// `(act(x), act'(x))` of a gated unit's activation.
+#[inline]
+fn gate_and_slope(gelu: bool, x: f32) -> (f32, f32) {
+    if gelu {
+        let sg = sigmoid(GELU_2K * (x + GELU_A * x * x * x));
+        let dz = GELU_2K * (1.0 + 3.0 * GELU_A * x * x);
+        (x * sg, sg + x * sg * (1.0 - sg) * dz)
+    } else {
+        let sg = sigmoid(x);
+        (x * sg, sg * (1.0 + x * (1.0 - sg)))
+    }
+}
+
+impl Op for GatedGrad {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
-        const OP: &str = "patch.SwiGLUGrad";
+        let op = if self.gelu {
+            "patch.GeGLUGrad"
+        } else {
+            "patch.SwiGLUGrad"
+        };
         arity(inputs, 3, 3)?;
         let (g, u, dy) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
-        require_f32(OP, "G", g.ty)?;
-        require_f32(OP, "U", u.ty)?;
-        require_f32(OP, "dY", dy.ty)?;
-        same_shape(OP, "U", g.ty, u.ty)?;
-        same_shape(OP, "dY", g.ty, dy.ty)?;
+        require_f32(op, "G", g.ty)?;
+        require_f32(op, "U", u.ty)?;
+        require_f32(op, "dY", dy.ty)?;
+        same_shape(op, "U", g.ty, u.ty)?;
+        same_shape(op, "dY", g.ty, dy.ty)?;
         Ok(vec![
             OutputFact::new(g.ty.clone()),
             OutputFact::new(u.ty.clone()),
@@ -342,7 +381,8 @@ impl Op for SwiGluGrad {
         let (gt, ut, dyt) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
         if ut.shape() != gt.shape() || dyt.shape() != gt.shape() {
             return Err(OpError::Invalid(format!(
-                "patch.SwiGLUGrad: G {:?}, U {:?} and dY {:?} must have one shape",
+                "patch.{}: G {:?}, U {:?} and dY {:?} must have one shape",
+                if self.gelu { "GeGLUGrad" } else { "SwiGLUGrad" },
                 gt.shape(),
                 ut.shape(),
                 dyt.shape()
@@ -365,9 +405,9 @@ impl Op for SwiGluGrad {
                 for ((((a, b), &x), &w), &y) in
                     dg.iter_mut().zip(du.iter_mut()).zip(gs).zip(us).zip(ys)
                 {
-                    let sg = sigmoid(x);
-                    *a = y * w * sg * (1.0 + x * (1.0 - sg));
-                    *b = y * x * sg;
+                    let (act, slope) = gate_and_slope(self.gelu, x);
+                    *a = y * w * slope;
+                    *b = y * act;
                 }
             });
         }
@@ -484,10 +524,59 @@ impl Op for RotaryGrad {
     }
 }
 
+/// `patch.SoftcapGrad` (see the module docs).
+#[derive(Debug)]
+pub struct SoftcapGrad {
+    pub cap: f32,
+}
+
+impl Op for SoftcapGrad {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        const OP: &str = "patch.SoftcapGrad";
+        arity(inputs, 2, 2)?;
+        let (x, dy) = (req(inputs, 0)?, req(inputs, 1)?);
+        require_f32(OP, "X", x.ty)?;
+        require_f32(OP, "dY", dy.ty)?;
+        same_shape(OP, "dY", x.ty, dy.ty)?;
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 2, 2)?;
+        let (xt, dyt) = (req(inputs, 0)?, req(inputs, 1)?);
+        if xt.shape() != dyt.shape() {
+            return Err(OpError::Invalid(format!(
+                "patch.SoftcapGrad: X {:?} and dY {:?} must have one shape",
+                xt.shape(),
+                dyt.shape()
+            )));
+        }
+        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
+        let dy = dyt.as_slice::<f32>().map_err(tensor_err)?;
+        let mut dx = outputs.f32(0, x.len());
+        let width = *xt.shape().last().unwrap_or(&1);
+        for_each_row(&mut dx, width.max(1), &|r, o| {
+            let n = o.len();
+            for ((d, &v), &y) in o.iter_mut().zip(&x[r * n..][..n]).zip(&dy[r * n..][..n]) {
+                let t = (v / self.cap).tanh();
+                *d = y * (1.0 - t * t);
+            }
+        });
+        Ok(vec![dx
+            .into_tensor(xt.shape().to_vec())
+            .map_err(tensor_err)?])
+    }
+}
+
 /// `patch.AttentionGrad` (see the module docs).
 #[derive(Debug)]
 pub struct AttentionGrad {
     pub scale: f32,
+    pub softcap: Option<f32>,
     /// `layout = "bshd"`: Q, K, V, dO and the gradients have the sequence axis before the
     /// heads.
     pub seq_major: bool,
@@ -499,6 +588,7 @@ impl AttentionGrad {
         let forward = super::fused::Attention::from_attrs(attrs)?;
         Ok(AttentionGrad {
             scale: forward.scale,
+            softcap: forward.softcap,
             seq_major: forward.seq_major,
         })
     }
@@ -539,6 +629,7 @@ struct AttentionBackward<'a> {
     /// Query heads per KV head.
     group: usize,
     scale: f32,
+    softcap: Option<f32>,
 }
 
 impl AttentionBackward<'_> {
@@ -587,6 +678,8 @@ impl AttentionBackward<'_> {
         };
         let block = ROW_BLOCK.min(s);
         let (mut p_buf, mut dp_buf) = (vec![0f32; block * t], vec![0f32; block * t]);
+        // With softcapping: the capped scores' slope `1 − (c / cap)²` per score.
+        let mut slope_buf = vec![0f32; if self.softcap.is_some() { block * t } else { 0 }];
         for i0 in (0..s).step_by(ROW_BLOCK) {
             let rows = ROW_BLOCK.min(s - i0);
             let keys = (i0..i0 + rows).map(visible).max().unwrap_or(0);
@@ -601,6 +694,13 @@ impl AttentionBackward<'_> {
             general_mat_mul(self.scale, &qb, &kb.t(), 0.0, &mut p);
             for (r, mut row) in p.rows_mut().into_iter().enumerate() {
                 let row = row.as_slice_mut().expect("standard layout");
+                if let Some(cap) = self.softcap {
+                    super::fused::softcap_in_place(row, cap);
+                    for (sl, &c) in slope_buf[r * keys..(r + 1) * keys].iter_mut().zip(&*row) {
+                        let t = c / cap;
+                        *sl = 1.0 - t * t;
+                    }
+                }
                 if softmax_row(row, self.mask_row(batch, head, i0 + r)).is_none() {
                     row.fill(0.0);
                 }
@@ -614,6 +714,11 @@ impl AttentionBackward<'_> {
                 let sum: f32 = prow.iter().zip(dsrow.iter()).map(|(&a, &b)| a * b).sum();
                 for (x, &pj) in dsrow.iter_mut().zip(prow) {
                     *x = pj * (*x - sum);
+                }
+            }
+            if self.softcap.is_some() {
+                for (x, &sl) in ds.iter_mut().zip(&slope_buf[..rows * keys]) {
+                    *x *= sl;
                 }
             }
             general_mat_mul(
@@ -756,6 +861,7 @@ impl Op for AttentionGrad {
             sizes: (s, t, d, dv),
             group,
             scale: self.scale,
+            softcap: self.softcap,
         };
         // Head-major gradients per (batch, query head): dQ, and each query head's share of
         // its KV head's dK and dV (summed over the group below, so the items share nothing).
@@ -934,6 +1040,8 @@ mod tests {
             "RMSNormGrad",
             "SiluGrad",
             "SwiGLUGrad",
+            "GeGLUGrad",
+            "SoftcapGrad",
             "RotaryGrad",
             "AttentionGrad",
         ] {
@@ -1027,6 +1135,20 @@ mod tests {
             let inputs = [Some(g.clone()), Some(u.clone())];
             check("SwiGLU dG", &*swiglu, &inputs, cot, 0, &got[0], 1e-2, 400);
             check("SwiGLU dU", &*swiglu, &inputs, cot, 1, &got[1], 1e-2, 400);
+            let (geglu, geglu_grad) = (
+                build("GeGLU", &Attrs::new()),
+                build("GeGLUGrad", &Attrs::new()),
+            );
+            let got = eval(&*geglu_grad, &[Some(&g), Some(&u), Some(&dy)]);
+            check("GeGLU dG", &*geglu, &inputs, cot, 0, &got[0], 1e-2, 400);
+            check("GeGLU dU", &*geglu, &inputs, cot, 1, &got[1], 1e-2, 400);
+            for cap in [0.7f32, 30.0] {
+                let attrs = Attrs::new().with("cap", Attr::Float(cap));
+                let (fwd, grad) = (build("Softcap", &attrs), build("SoftcapGrad", &attrs));
+                let got = eval(&*grad, &[Some(&g), Some(&dy)]);
+                let what = format!("Softcap {cap}");
+                check(&what, &*fwd, &[Some(g.clone())], cot, 0, &got[0], 1e-2, 400);
+            }
         }
         // Large enough for the pool: the split ranges give what one range gives.
         let g = random(&[70, 1000], 7, 4.0);
@@ -1046,10 +1168,10 @@ mod tests {
             let sg = sigmoid(gv[i]);
             assert_eq!(
                 dg[i],
-                yv[i] * uv[i] * sg * (1.0 + gv[i] * (1.0 - sg)),
+                yv[i] * uv[i] * (sg * (1.0 + gv[i] * (1.0 - sg))),
                 "at {i}"
             );
-            assert_eq!(du[i], yv[i] * gv[i] * sg, "at {i}");
+            assert_eq!(du[i], yv[i] * (gv[i] * sg), "at {i}");
         }
         let other = random(&[5, 36], 10, 1.0);
         let g = random(&[5, 37], 11, 1.0);
@@ -1103,11 +1225,18 @@ mod tests {
             // Enough work for the pool.
             ("bshd", 1, 6, 2, 70, 80, 16, 16, 2),
         ];
-        for (layout, b, h, hk, s, t, d, dv, mask_kind) in cases {
+        // Each case plain and softcapped (a cap small enough to bend the scores).
+        let cases = cases
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, Some(0.9f32))]);
+        for ((layout, b, h, hk, s, t, d, dv, mask_kind), softcap) in cases {
             let scale = 0.4f32;
-            let attrs = Attrs::new()
+            let mut attrs = Attrs::new()
                 .with("scale", Attr::Float(scale))
                 .with("layout", Attr::String(layout.into()));
+            if let Some(cap) = softcap {
+                attrs = attrs.with("softcap", Attr::Float(cap));
+            }
             let (forward, grad) = (build("Attention", &attrs), build("AttentionGrad", &attrs));
             let seq = layout == "bshd";
             let shape = |heads: usize, n: usize, w: usize| {
@@ -1173,7 +1302,8 @@ mod tests {
             assert_eq!(got[2].shape(), v.shape());
             let inputs = [Some(q.clone()), Some(k), Some(v), mask];
             let cot = dout.as_slice::<f32>().unwrap();
-            let what = format!("Attention {layout} b {b} h {h} hk {hk} s {s} t {t} d {d}");
+            let what =
+                format!("Attention {layout} b {b} h {h} hk {hk} s {s} t {t} d {d} cap {softcap:?}");
             for (wrt, name) in [(0, "dQ"), (1, "dK"), (2, "dV")] {
                 let what = format!("{what} {name}");
                 check(&what, &*forward, &inputs, cot, wrt, &got[wrt], 5e-3, 300);

@@ -54,6 +54,7 @@ pub fn register(r: &mut OpRegistry) {
         }))
     });
     r.register("", "Slice", 13, |_, _| Ok(Arc::new(SliceOp)));
+    r.register("patch", "SliceGrad", 1, |_, _| Ok(Arc::new(SliceGrad)));
     r.register("", "Split", 13, |attrs, _| {
         let num_outputs = attrs.int("num_outputs")?;
         if let Some(n) = num_outputs {
@@ -1217,6 +1218,100 @@ impl Op for SliceOp {
     }
 }
 
+/// `patch.SliceGrad(X, dY, starts, ends, axes?, steps?) → dX`: the gradient of `Slice`
+/// (f32): zeros of X's shape with dY written where the slice read (the index operands as
+/// `Slice` takes them; X is read for its shape only).
+#[derive(Debug)]
+struct SliceGrad;
+
+impl SliceGrad {
+    fn operands<'a>(
+        inputs: &'a [Option<&'a Tensor>],
+    ) -> Result<(&'a Tensor, &'a Tensor, [Option<&'a Tensor>; 4]), OpError> {
+        arity(inputs, 4, 6)?;
+        let (x, dy) = (req(inputs, 0)?, req(inputs, 1)?);
+        Ok((
+            x,
+            dy,
+            [inputs[2], inputs[3], opt(inputs, 4), opt(inputs, 5)],
+        ))
+    }
+}
+
+impl Op for SliceGrad {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 4, 6)?;
+        let (x, dy) = (req(inputs, 0)?, req(inputs, 1)?);
+        if x.ty.dtype != DType::F32 || dy.ty.dtype != DType::F32 {
+            return Err(OpError::Invalid(format!(
+                "patch.SliceGrad: X {} and dY {} must be f32",
+                x.ty, dy.ty
+            )));
+        }
+        // dY has the shape the forward Slice gave.
+        let mut forward = vec![Some(InputFact {
+            ty: x.ty,
+            value: None,
+            sym: None,
+        })];
+        forward.extend(inputs[2..].iter().cloned());
+        let sliced = SliceOp.infer(&forward)?;
+        if sliced[0].ty.shape != dy.ty.shape {
+            return Err(OpError::Invalid(format!(
+                "patch.SliceGrad: dY {} is not the slice's shape {}",
+                dy.ty, sliced[0].ty
+            )));
+        }
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, OpError> {
+        let (x, dy, [starts, ends, axes, steps]) = SliceGrad::operands(inputs)?;
+        let ints = |t: Option<&Tensor>, i: usize| t.map(|t| ints_of(t, i)).transpose();
+        let dims = |t: Option<&Tensor>, i: usize| -> Result<Vec<Dim>, OpError> {
+            Ok(ints(t, i)?
+                .ok_or(OpError::MissingInput(i))?
+                .into_iter()
+                .map(Dim::constant)
+                .collect())
+        };
+        let spec = slice_spec(
+            x.rank(),
+            dims(starts, 2)?,
+            dims(ends, 3)?,
+            ints(axes, 4)?,
+            ints(steps, 5)?,
+        )?;
+        let mut per_axis: Vec<(i64, i64, i64)> =
+            x.shape().iter().map(|&d| (0, d as i64, 1)).collect();
+        for (a, s, e, k) in &spec.axes {
+            let (s, e) = (
+                s.as_const().expect("concrete start"),
+                e.as_const().expect("concrete end"),
+            );
+            per_axis[*a] = {
+                let (first, len) = slice_concrete(x.shape()[*a] as i64, s, e, *k);
+                (first, len, *k)
+            };
+        }
+        let mut dx = ArrayD::<f32>::zeros(x.shape());
+        let src = view::<f32>(dy)?;
+        let mut region = dx.slice_each_axis_mut(|ax| {
+            let (start, len, step) = per_axis[ax.axis.index()];
+            to_nd_slice(start, len, step)
+        });
+        if region.shape() != src.shape() {
+            return Err(OpError::Invalid(format!(
+                "patch.SliceGrad: dY {:?} is not the slice's shape {:?}",
+                src.shape(),
+                region.shape()
+            )));
+        }
+        region.assign(&src);
+        Ok(vec![Tensor::from_array(dx)])
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Split
 
@@ -1972,6 +2067,65 @@ mod tests {
         let out = run(&build("Transpose", Attrs::new(), 17), &[&b]);
         assert_eq!(out[0].as_slice::<bool>().unwrap(), &[true, false, true]);
         assert_eq!(out[0].shape(), &[3, 1]);
+    }
+
+    /// Slice is linear, so its gradient is its adjoint: `<Slice(X), dY> = <X, SliceGrad(X,
+    /// dY)>` on random values, for forward, strided, reversed and clamped slices over one and
+    /// two axes; a dY of the wrong shape is refused.
+    #[test]
+    fn slice_grad_is_the_adjoint_of_slice() {
+        let slice = build("Slice", Attrs::new(), 13);
+        let grad = registry()
+            .build("patch", "SliceGrad", 1, &Attrs::new(), "g")
+            .unwrap();
+        let shape = vec![3usize, 5, 7];
+        let n: usize = shape.iter().product();
+        let x = f32s(
+            shape.clone(),
+            (0..n).map(|i| ((i * 37 % 11) as f32) - 5.0).collect(),
+        );
+        for (starts, ends, axes, steps) in [
+            (vec![1], vec![4], vec![-1], vec![1]),
+            (vec![0], vec![7], vec![2], vec![2]),
+            (vec![-1], vec![-100], vec![1], vec![-2]),
+            (vec![1, 2], vec![3, 100], vec![0, 2], vec![1, 3]),
+        ] {
+            let args = [i64s(starts), i64s(ends), i64s(axes), i64s(steps)];
+            let y = &run(&slice, &[&x, &args[0], &args[1], &args[2], &args[3]])[0];
+            let m = y.len();
+            let dy = f32s(
+                y.shape().to_vec(),
+                (0..m).map(|i| ((i * 13 % 7) as f32) - 3.0).collect(),
+            );
+            let dx = &run(&grad, &[&x, &dy, &args[0], &args[1], &args[2], &args[3]])[0];
+            assert_eq!(dx.shape(), x.shape());
+            let dot = |a: &Tensor, b: &Tensor| -> f64 {
+                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+                a.iter()
+                    .zip(b)
+                    .map(|(p, q)| (*p as f64) * (*q as f64))
+                    .sum()
+            };
+            assert_eq!(dot(y, &dy), dot(&x, dx), "{:?}", y.shape());
+            let nonzero = dx
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .filter(|v| **v != 0.0)
+                .count();
+            assert!(nonzero <= m);
+        }
+        let wrong = f32s(vec![3, 5, 2], vec![1.0; 30]);
+        let args = [i64s(vec![1]), i64s(vec![4]), i64s(vec![-1])];
+        assert!(grad
+            .eval(&[
+                Some(&x),
+                Some(&wrong),
+                Some(&args[0]),
+                Some(&args[1]),
+                Some(&args[2])
+            ])
+            .is_err());
     }
 
     #[test]
