@@ -414,6 +414,7 @@ FIXTURE_SPECS = [
     ("gemma2_optimum_with_past", "gemma2", OPTIMUM, 18, False),
     ("gemma3_optimum_with_past", "gemma3", OPTIMUM, 18, False),
     ("phi3_optimum_with_past", "phi3", OPTIMUM, 18, False),
+    ("gpt2_optimum_with_past", "gpt2", OPTIMUM, 18, False),
     # The same models exported by transformers 5 (models/.venv-tf5, see make_fixtures.sh).
     ("llama_tf5_dynamo", "llama", "torch.onnx.export(dynamo=True)", 18, False),
     ("llama_tf5_torchscript", "llama", "torch.onnx.export(dynamo=False) [TorchScript]", 17, False),

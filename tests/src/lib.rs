@@ -22,7 +22,7 @@ pub const FIXTURES: [&str; 5] = [
 /// (sliding window), Gemma 2 (softcapping, GELU-tanh gated MLP, four norms per block, tied
 /// embedding), Gemma 3 (q/k norms, local and global layers), Phi-3 (fused qkv and gate_up
 /// projections); and LLaMA, Qwen3 and Gemma 3 exported through transformers 5 (`*_tf5_*`).
-pub const FAMILY_FIXTURES: [&str; 15] = [
+pub const FAMILY_FIXTURES: [&str; 16] = [
     "qwen3_dynamo",
     "mistral_dynamo",
     "gemma2_dynamo",
@@ -34,6 +34,7 @@ pub const FAMILY_FIXTURES: [&str; 15] = [
     "gemma2_optimum_with_past",
     "gemma3_optimum_with_past",
     "phi3_optimum_with_past",
+    "gpt2_optimum_with_past",
     "llama_tf5_dynamo",
     "llama_tf5_torchscript",
     "qwen3_tf5_dynamo",
@@ -41,13 +42,14 @@ pub const FAMILY_FIXTURES: [&str; 15] = [
 ];
 
 /// The fixtures exported with a KV cache (they also have the `greedy8` decode cases).
-pub const WITH_PAST_FIXTURES: [&str; 6] = [
+pub const WITH_PAST_FIXTURES: [&str; 7] = [
     "llama_optimum_with_past",
     "qwen3_optimum_with_past",
     "mistral_optimum_with_past",
     "gemma2_optimum_with_past",
     "gemma3_optimum_with_past",
     "phi3_optimum_with_past",
+    "gpt2_optimum_with_past",
 ];
 
 /// The golden cases every fixture has.

@@ -67,7 +67,18 @@ fn every_family_matches_onnx_runtime_imported_and_optimized() {
 #[test]
 fn every_family_fuses_its_norms_attention_rotary_and_gated_mlp() {
     // Per family (the fixture name's first word), whatever the exporter.
-    let want: [(&str, [(&str, usize); 6]); 6] = [
+    let want: [(&str, [(&str, usize); 6]); 7] = [
+        (
+            "gpt2",
+            [
+                ("RMSNorm", 0),
+                ("SwiGLU", 0),
+                ("GeGLU", 0),
+                ("Attention", 2),
+                ("Rotary", 0),
+                ("Softcap", 0),
+            ],
+        ),
         (
             "llama",
             [

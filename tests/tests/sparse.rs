@@ -382,7 +382,9 @@ fn the_loss_allocation_differentiates_the_model_and_caches_its_sensitivities() {
 /// The default method (tiles chosen by loss gradients, masks and weights learned through each
 /// block) runs on every family with past: its gradients reach through GeGLU, Softcap and
 /// softcapped attention (Gemma 2), q/k norms (Qwen3, Gemma 3) and sliced fused projections
-/// (Phi-3); the budget is met, every block is learned, none falls back to matrix-wise.
+/// (Phi-3); the budget is met, every block is learned, none falls back to matrix-wise except
+/// GPT-2, whose Conv1D projections are Gemms and whose blocks start at a LayerNorm: it meets
+/// the budget matrix by matrix and the report says why.
 #[test]
 fn the_default_method_learns_blocks_on_every_family() {
     for name in patch_tests::WITH_PAST_FIXTURES {
@@ -401,6 +403,11 @@ fn the_default_method_learns_blocks_on_every_family() {
             (achieved - 0.4).abs() <= 0.01,
             "{name}: achieved {achieved}"
         );
+        if name.starts_with("gpt2") {
+            let why = rep["blockwise_fallback"].as_str().unwrap_or_default();
+            assert!(why.contains("is a Gemm"), "{name}: {why}");
+            continue;
+        }
         assert!(
             rep["blockwise_fallback"].is_null(),
             "{name}: {}",
