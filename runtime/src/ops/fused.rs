@@ -17,9 +17,9 @@
 //!   query head `j` reads KV head `j / (h / hk)`), Mask additive and broadcastable to
 //!   `[b, h, s, t]`. A row whose scores are all `-inf` gives zeros (the exporters' `Where(IsNaN)`
 //!   after the softmax). From 16 query rows (prefill) each head is two GEMMs around a row-wise
-//!   softmax per block of 64 query rows, over the keys up to the last one the block can see
-//!   (so a causal mask halves the work); below (decode) rows run one by one and keys masked to
-//!   `-inf` are skipped.
+//!   softmax per block of 64 query rows, over the keys from the first to the last one the block
+//!   can see (so a causal mask halves the work and a sliding window bounds it); below (decode)
+//!   rows run one by one over the keys their masks leave visible, the others skipped.
 //!
 //!   With `layout = "bshd"` the same op reads Q as `[b, s, h, d]`, K and V as `[b, t, hk, d]`
 //!   and writes `[b, s, h, d]`: the exporters' head-layout transposes folded in (the
@@ -847,9 +847,13 @@ impl DecodeGroup<'_> {
             }
             prefetch_row(v.as_ptr().add(j * vs), vs);
         };
+        // Only the keys some row of the group can see are read (a sliding window, or padding,
+        // cuts both ends); the others stay `-inf`.
+        let (lo, hi) = visible_keys(&self.masks, t);
+        scores.fill(f32::NEG_INFINITY);
         // Four keys at a time: the four dot products of a query share one reduction.
-        let mut j = 0;
-        while j + 4 <= t {
+        let mut j = lo;
+        while j + 4 <= hi {
             for u in 0..4 {
                 prefetch(j + u);
             }
@@ -867,7 +871,7 @@ impl DecodeGroup<'_> {
             }
             j += 4;
         }
-        for j in j..t {
+        for j in j..hi {
             prefetch(j);
             let key = &k[j * ks..][..d];
             for (g, qi) in self.queries.iter().enumerate() {
@@ -927,6 +931,27 @@ impl DecodeGroup<'_> {
                 }
             }
         }
+    }
+}
+
+/// The keys `[lo, hi)` that any of `masks` (rows over `t` keys) leaves visible (not `-inf`);
+/// all of them when a row has no mask, `(0, 0)` when none is visible.
+fn visible_keys(masks: &[Option<(&[f32], usize)>], t: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (t, 0);
+    for m in masks {
+        let Some((m, stride)) = m else {
+            return (0, t);
+        };
+        let seen = |j: &usize| m[j * stride] != f32::NEG_INFINITY;
+        if let Some(first) = (0..t).find(seen) {
+            lo = lo.min(first);
+            hi = hi.max((0..t).rev().find(seen).map_or(0, |j| j + 1));
+        }
+    }
+    if lo >= hi {
+        (0, 0)
+    } else {
+        (lo, hi)
     }
 }
 
@@ -1116,19 +1141,14 @@ impl Op for Attention {
                 let qh = view(q, s, d, batch * qst[0] + head * qst[1], qst[2]);
                 let kh = view(k, t, d, batch * kst[0] + kv * kst[1], kst[2]);
                 let vh = view(v, t, dv, batch * vst[0] + kv * vst[1], vst[2]);
-                // Blocks of query rows attend only up to the last key any of their rows can
-                // see (a causal mask halves the work); the keys cut are `-inf` for every row
-                // of the block, so the softmax over the rest is the same.
-                let visible = |i: usize| match mask_row(batch, head, i) {
-                    None => t,
-                    Some((m, stride)) => (0..t)
-                        .rev()
-                        .find(|&j| m[j * stride] != f32::NEG_INFINITY)
-                        .map_or(0, |j| j + 1),
-                };
+                // Blocks of query rows attend only to the keys from the first to the last any
+                // of their rows can see (a causal mask halves the work, a sliding window cuts
+                // the start too); the keys cut are `-inf` for every row of the block, so the
+                // softmax over the rest is the same.
                 for i0 in (0..s).step_by(PREFILL_ROW_BLOCK) {
                     let rows = PREFILL_ROW_BLOCK.min(s - i0);
-                    let keys = (i0..i0 + rows).map(visible).max().unwrap_or(0);
+                    let masks: Vec<_> = (i0..i0 + rows).map(|i| mask_row(batch, head, i)).collect();
+                    let (k0, keys) = visible_keys(&masks, t);
                     let ob = &mut o[i0 * dv..(i0 + rows) * dv];
                     if keys == 0 {
                         ob.fill(0.0);
@@ -1136,17 +1156,18 @@ impl Op for Attention {
                     }
                     let qb = qh.slice(ndarray::s![i0..i0 + rows, ..]);
                     let (kb, vb) = (
-                        kh.slice(ndarray::s![..keys, ..]),
-                        vh.slice(ndarray::s![..keys, ..]),
+                        kh.slice(ndarray::s![k0..keys, ..]),
+                        vh.slice(ndarray::s![k0..keys, ..]),
                     );
-                    let mut scores = Array2::<f32>::zeros((rows, keys));
+                    let mut scores = Array2::<f32>::zeros((rows, keys - k0));
                     general_mat_mul(scale, &qb, &kb.t(), 0.0, &mut scores);
                     for (r, mut row) in scores.rows_mut().into_iter().enumerate() {
                         let row = row.as_slice_mut().expect("standard layout");
                         if let Some(cap) = softcap {
                             softcap_in_place(row, cap);
                         }
-                        if softmax_row(row, mask_row(batch, head, i0 + r)).is_none() {
+                        let mask = masks[r].map(|(m, st)| (&m[k0 * st..], st));
+                        if softmax_row(row, mask).is_none() {
                             row.fill(0.0);
                         }
                     }
@@ -1333,18 +1354,23 @@ mod tests {
 
     /// Against a plain f64 softmax attention: grouped heads, a causal mask broadcast over
     /// heads with one fully masked row (which must give zeros), a head size that is not a
-    /// multiple of 8, and enough rows for the threaded path; with and without softcapping
-    /// (decode and prefill paths).
+    /// multiple of 8, and enough rows for the threaded path; with and without softcapping, and
+    /// with a sliding window of 3 keys (decode and prefill paths).
     #[test]
     fn attention_matches_a_plain_reference() {
         let r = OpRegistry::onnx();
-        for ((b, h, hk, s, t, d), softcap) in [
+        for ((b, h, hk, s, t, d), softcap, window) in [
             (1usize, 4usize, 2usize, 3usize, 5usize, 13usize),
             (2, 6, 2, 200, 230, 64),
         ]
         .into_iter()
-        .flat_map(|shape| [(shape, None), (shape, Some(0.7f32))])
-        {
+        .flat_map(|shape| {
+            [
+                (shape, None, None),
+                (shape, Some(0.7f32), None),
+                (shape, None, Some(3usize)),
+            ]
+        }) {
             let q = random(&[b, h, s, d], 6);
             let k = random(&[b, hk, t, d], 7);
             let v = random(&[b, hk, t, d], 8);
@@ -1352,7 +1378,9 @@ mod tests {
             for bi in 0..b {
                 for i in 0..s {
                     for j in 0..t {
-                        if j > i + (t - s) || i == 1 {
+                        let last = i + (t - s);
+                        let outside = window.is_some_and(|w| j + w <= last);
+                        if j > last || i == 1 || outside {
                             m[(bi * s + i) * t + j] = f32::NEG_INFINITY;
                         }
                     }
