@@ -52,10 +52,10 @@ def run(cmd: list[str]) -> str:
 def patchrt_rows(out: str) -> dict[str, float]:
     rows = {}
     for line in out.splitlines():
-        parts = line.strip().lstrip("|").split()
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
         if len(parts) >= 2 and parts[0] in (f"prefill{CONTEXT}", f"decode{CONTEXT}"):
             try:
-                rows[parts[0]] = float(parts[1].strip("|"))
+                rows[parts[0]] = float(parts[1])
             except ValueError:
                 pass
     return rows

@@ -79,6 +79,8 @@ class WithPast:
             "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(ids.shape[0], 0),
             **past,
         }
+        # GPT-2's export has no position_ids input.
+        feed = {k: v for k, v in feed.items() if k in self.in_names}
         outs = self.sess.run(self.out_names, feed)
         logits = outs[self.out_names.index("logits")]
         present = {

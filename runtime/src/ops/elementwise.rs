@@ -12,7 +12,7 @@ use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
 use crate::tensor::{Element, Tensor};
 
-fn gelu(attrs: &Attrs, _opset: i64) -> Result<Arc<dyn Op>, OpError> {
+pub(super) fn gelu(attrs: &Attrs, _opset: i64) -> Result<Arc<dyn Op>, OpError> {
     let approximate = match attrs.string("approximate")?.unwrap_or("none") {
         "none" => false,
         "tanh" => true,
@@ -109,8 +109,7 @@ pub fn register(r: &mut OpRegistry) {
     r.register("", "Identity", 13, |_, _| Ok(Arc::new(Identity)));
     r.register("", "Clip", 13, |_, _| Ok(Arc::new(Clip)));
     r.register("", "Gelu", 20, gelu);
-    // The fusion pass's GELU, at any opset of the `patch` domain.
-    r.register("patch", "Gelu", 1, gelu);
+    // The fusion pass's `patch.Gelu` is registered with the fused ops.
 }
 
 fn binary_builder(op: Binary) -> super::OpBuilder {

@@ -54,6 +54,13 @@ pub fn register(r: &mut OpRegistry) {
         Ok(Arc::new(RmsNorm::from_attrs(attrs)?))
     });
     r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
+    // The fusion pass's GELU: the tanh form vectorized here, the exact (erf) one elementwise.
+    r.register("patch", "Gelu", 1, |attrs, opset| {
+        match attrs.string("approximate")? {
+            Some("tanh") => Ok(Arc::new(GeluTanh)),
+            _ => super::elementwise::gelu(attrs, opset),
+        }
+    });
     r.register("patch", "SwiGLU", 1, |_, _| {
         Ok(Arc::new(Gated { gate: Gate::Silu }))
     });
@@ -343,6 +350,38 @@ impl Op for Silu {
         for_each_row(&mut out, width.max(1), &|r, o| {
             let src = &x[r * o.len()..(r + 1) * o.len()];
             gated_row(Gate::Silu, o, src, None);
+        });
+        Ok(vec![out
+            .into_tensor(xt.shape().to_vec())
+            .map_err(tensor_err)?])
+    }
+}
+
+/// `patch.Gelu {approximate = "tanh"}`: `x · sigmoid(2·sqrt(2/π)·(x + 0.044715·x³))`, the
+/// tanh GELU, through the gated rows' vectorized `exp`.
+#[derive(Debug)]
+pub struct GeluTanh;
+
+impl Op for GeluTanh {
+    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
+        arity(inputs, 1, 1)?;
+        let x = req(inputs, 0)?;
+        require_f32("patch.Gelu", "X", x.ty)?;
+        Ok(vec![OutputFact::new(x.ty.clone())])
+    }
+
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outputs: &Outputs<'_>,
+    ) -> Result<Vec<Tensor>, OpError> {
+        arity(inputs, 1, 1)?;
+        let xt = req(inputs, 0)?;
+        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
+        let width = *xt.shape().last().unwrap_or(&1);
+        let mut out = outputs.f32(0, x.len());
+        for_each_row(&mut out, width.max(1), &|r, o| {
+            gated_row(Gate::GeluTanh, o, &x[r * o.len()..(r + 1) * o.len()], None);
         });
         Ok(vec![out
             .into_tensor(xt.shape().to_vec())
@@ -1446,8 +1485,8 @@ mod tests {
         }
     }
 
-    /// GeGLU and SwiGLU against f64 references (ragged widths, large magnitudes), and
-    /// Softcap, including values far beyond the cap.
+    /// GeGLU, SwiGLU and the tanh GELU against f64 references (ragged widths, large
+    /// magnitudes), and Softcap, including values far beyond the cap.
     #[test]
     fn gated_activations_and_softcap_match_f64_references() {
         let r = OpRegistry::onnx();
@@ -1474,6 +1513,24 @@ mod tests {
                 let want: Vec<f64> = gd.iter().zip(&ud).map(|(&a, &b)| act(a) * b).collect();
                 close(&got[0], &want, 1e-5);
             }
+            let tanh = Attrs::new().with("approximate", Attr::String("tanh".into()));
+            let fused = r.build("patch", "Gelu", 1, &tanh, "g").unwrap();
+            let got = fused.eval(&[Some(&g)]).unwrap();
+            close(
+                &got[0],
+                &gd.iter().map(|&x| gelu(x)).collect::<Vec<_>>(),
+                1e-5,
+            );
+            // The exact GELU stays the elementwise op (erf).
+            let exact = r.build("patch", "Gelu", 1, &Attrs::new(), "g").unwrap();
+            let got = exact.eval(&[Some(&g)]).unwrap();
+            let erf_gelu: Vec<f64> = gd
+                .iter()
+                .map(|&x| {
+                    0.5 * x * (1.0 + crate::ops::elementwise::erf(x / std::f64::consts::SQRT_2))
+                })
+                .collect();
+            close(&got[0], &erf_gelu, 1e-5);
             for cap in [0.5f32, 30.0] {
                 let attrs = Attrs::new().with("cap", Attr::Float(cap));
                 let fused = r.build("patch", "Softcap", 1, &attrs, "s").unwrap();
