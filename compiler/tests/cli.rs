@@ -88,6 +88,21 @@ fn errors_are_one_clear_line_and_a_failure_status() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    // A model folder instead of the model file is named as such, with the fix.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_string_lossy().into_owned();
+    for args in [
+        vec!["inspect", d.as_str()],
+        vec!["compile", d.as_str(), "-o", "/tmp/never-written.patch"],
+    ] {
+        let (ok, _, err) = patchc(&args);
+        assert!(!ok);
+        let want = format!(
+            "error: `{d}` is a directory; give the model file in it (for example `{d}/model.onnx`)"
+        );
+        assert!(err.contains(&want), "{err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+    }
 }
 
 #[test]

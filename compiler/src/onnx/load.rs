@@ -30,6 +30,8 @@ pub enum LoadError {
     },
     #[error("`{path}` is empty")]
     Empty { path: PathBuf },
+    #[error("`{path}` is a directory; give the model file in it (for example `{}`)", path.join("model.onnx").display())]
+    Directory { path: PathBuf },
     #[error("tensor `{tensor}`: {msg}")]
     Tensor { tensor: String, msg: String },
     #[error("tensor `{tensor}`: external data file `{file}`: {msg}")]
@@ -75,6 +77,9 @@ fn map_file(path: &Path) -> Result<Bytes, LoadError> {
 /// Reads and decodes the model at `path` (tensors stay in the memory-mapped file).
 pub fn load_model(path: impl AsRef<Path>) -> Result<OnnxModel, LoadError> {
     let path = path.as_ref().to_path_buf();
+    if path.is_dir() {
+        return Err(LoadError::Directory { path });
+    }
     let file_bytes = map_file(&path)?;
     if file_bytes.is_empty() {
         return Err(LoadError::Empty { path });
