@@ -141,6 +141,9 @@ fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
         let flag = format!("--sparsity={bad}");
         let (ok, _, err) = patchc(&["compile", &fixture("gpt2"), "-o", &out_s, &flag]);
         assert!(!ok && err.contains("within [0, 0.5]"), "{bad}: {err}");
+        // Written as two arguments, a negative value is a value too, not an unknown flag.
+        let (ok, _, err) = patchc(&["compile", &fixture("gpt2"), "-o", &out_s, "--sparsity", bad]);
+        assert!(!ok && err.contains("within [0, 0.5]"), "{bad}: {err}");
     }
     let (ok, _, err) = patchc(&[
         "compile",

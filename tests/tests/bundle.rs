@@ -98,6 +98,15 @@ fn truncation_is_detected() {
         let err = load(&path).unwrap_err();
         assert!(err.contains("truncated"), "{keep} bytes: {err}");
     }
+    // Bytes appended after the data section are refused as well, naming how many.
+    let mut grown = bytes.clone();
+    grown.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&path, &grown).unwrap();
+    let err = load(&path).unwrap_err();
+    assert!(
+        err.contains("has 4096 bytes after its end") && err.contains("appended"),
+        "{err}"
+    );
 }
 
 #[test]

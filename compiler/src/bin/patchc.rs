@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// Global sparsity in [0, 0.5]: the fraction of prunable weights set to zero.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         sparsity: f64,
         /// Element type of the packed weights: f32, bf16 or f16 (activations stay f32).
         #[arg(long, default_value = "f32", value_parser = parse_weights)]

@@ -67,6 +67,15 @@ pub enum BundleError {
         expected: u64,
         actual: u64,
     },
+    #[error(
+        "`{path}` has {} bytes after its end: the header announces {expected} bytes but the file has {actual} (something was appended to it)",
+        actual - expected
+    )]
+    TrailingBytes {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("`{path}` is corrupt: checksum {computed:08x} does not match the stored {stored:08x}")]
     Checksum {
         path: PathBuf,
@@ -255,6 +264,13 @@ pub fn load_bundle(
     }
     if data_end > file_len {
         return Err(BundleError::Truncated {
+            path: path.into(),
+            expected: data_end,
+            actual: file_len,
+        });
+    }
+    if data_end < file_len {
+        return Err(BundleError::TrailingBytes {
             path: path.into(),
             expected: data_end,
             actual: file_len,
