@@ -109,6 +109,9 @@ pub enum CompileError {
     SparsityRange(f64),
     #[error("unknown pass `{0}` (passes: {passes}, or `all` for --dump-after)", passes = PASS_NAMES.join(", "))]
     UnknownPass(String),
+    /// A tokenizer that cannot be read, or that the model cannot embed.
+    #[error("tokenizer `{path}`: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
     /// Token metadata found beside the model that the graph cannot honour.
     #[error("generation metadata in `{dir}`: {msg}")]
     Generation { dir: PathBuf, msg: String },
@@ -287,6 +290,23 @@ fn generation_metadata(dir: &Path) -> Result<Generation, CompileError> {
     Ok(gen)
 }
 
+/// A tokenizer.json the runtime can load, with no more tokens than the model has ids (fewer is
+/// common: vocabularies are padded).
+fn check_tokenizer(json: &[u8], vocab: Option<usize>) -> Result<(), String> {
+    use patch_runtime::llm::LlmError;
+    let tok = patch_runtime::llm::text::TextTokenizer::from_bytes(json).map_err(|e| match e {
+        LlmError::Tokenizer(msg) => msg,
+        other => other.to_string(),
+    })?;
+    match vocab {
+        Some(v) if tok.vocab_size() > v => Err(format!(
+            "it has {} tokens but the model's logits have {v}: the tokenizer belongs to another model",
+            tok.vocab_size()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The token ids of `gen` against the model's vocabulary (when the graph states it), and a
 /// BOS asked for by `add_bos_token` that has an id.
 fn check_generation(gen: &Generation, vocab: Option<usize>) -> Result<(), String> {
@@ -372,6 +392,14 @@ pub fn compile(
         .map(read)
         .transpose()?
         .map(Bytes::from);
+    if let (Some(path), Some(json)) = (&tokenizer_path, &tokenizer_json) {
+        check_tokenizer(json, patch_passes::hybrid::vocab_size(&graph)).map_err(|msg| {
+            CompileError::Tokenizer {
+                path: path.clone(),
+                msg,
+            }
+        })?;
+    }
     let generation = generation_metadata(&dir)?;
     check_generation(&generation, patch_passes::hybrid::vocab_size(&graph)).map_err(|msg| {
         CompileError::Generation {

@@ -240,3 +240,32 @@ fn bos_follows_the_tokenizer_configuration_and_bad_ids_are_refused() {
         assert!(!out.exists());
     }
 }
+
+/// A tokenizer that cannot be read, or that has more tokens than the model has ids, is refused
+/// at compile time (it would fail, or index past the logits, only at run time), naming the file.
+#[test]
+fn unreadable_or_foreign_tokenizers_are_refused_at_compile_time() {
+    for (tokenizer, says) in [
+        ("not json".to_string(), "cannot read tokenizer.json"),
+        (
+            patch_tests::word_tokenizer_json(600),
+            "it has 600 tokens but the model's logits have 512",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = patch_tests::stage_fixture("llama_optimum_with_past", dir.path());
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer).unwrap();
+        let out = dir.path().join("m.patch");
+        let options = patch_compiler::pipeline::CompileOptions::new(model, out.clone());
+        let msg = patch_compiler::pipeline::compile(&options, &OpRegistry::onnx())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(says), "{msg}");
+        assert!(
+            msg.starts_with("tokenizer `") && msg.contains("tokenizer.json`"),
+            "{msg}"
+        );
+        assert_eq!(msg.matches("tokenizer:").count(), 0, "{msg}");
+        assert!(!out.exists());
+    }
+}
