@@ -71,19 +71,24 @@ PAD_TOKEN_ID = 0
 
 COMMON_TOKENS = dict(pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2)
 
+# The size every LLaMA-like fixture shares: 2 layers, 4 query heads over 2 KV heads.
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=192,
+    vocab_size=512,
+    max_position_embeddings=256,
+    initializer_range=INIT_RANGE,
+    **COMMON_TOKENS,
+)
+
 
 def llama_config() -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
+        **TINY,
         tie_word_embeddings=False,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
@@ -101,17 +106,9 @@ def gpt2_config() -> GPT2Config:
 
 def qwen2_config() -> Qwen2Config:
     return Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
+        **TINY,
         tie_word_embeddings=False,
         use_sliding_window=False,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
@@ -123,35 +120,19 @@ SLIDING_WINDOW = 4
 def qwen3_config() -> Qwen3Config:
     """q and k RMSNorms per head, explicit head_dim."""
     return Qwen3Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         head_dim=16,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
         tie_word_embeddings=False,
         use_sliding_window=False,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
 def mistral_config() -> MistralConfig:
     """Sliding-window attention on every layer."""
     return MistralConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
+        **TINY,
         tie_word_embeddings=False,
         sliding_window=SLIDING_WINDOW,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
@@ -159,59 +140,35 @@ def gemma2_config() -> Gemma2Config:
     """GELU-tanh gated MLP, sqrt(hidden) embedding scale, four (1 + w) norms per block, tied
     embedding, attention and final logit softcapping, sliding-window and global layers."""
     return Gemma2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         head_dim=16,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
         query_pre_attn_scalar=16,
         sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],
         attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
 def gemma3_config() -> Gemma3TextConfig:
     """Gemma 2's block plus q/k norms, no softcapping, a local rotary base on sliding layers."""
     return Gemma3TextConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         head_dim=16,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
         query_pre_attn_scalar=16,
         sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],
         rope_local_base_freq=10000.0,
         rope_theta=1000000.0,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 
 def phi3_config() -> Phi3Config:
     """Fused qkv and gate_up projections."""
     return Phi3Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=192,
-        vocab_size=512,
-        max_position_embeddings=256,
+        **TINY,
         original_max_position_embeddings=256,
         tie_word_embeddings=False,
-        initializer_range=INIT_RANGE,
-        **COMMON_TOKENS,
     )
 
 

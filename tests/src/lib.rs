@@ -122,6 +122,44 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Tolerance of the interpreter against ONNX Runtime on every output (f32 throughout).
+pub const ORT_TOLERANCE: f32 = 1e-4;
+
+/// Runs every golden case of fixture `name` through `graph` (`what` names the graph in
+/// messages) and checks each output against ONNX Runtime's within [`ORT_TOLERANCE`], the input
+/// order, the output count, and the logits' argmax.
+pub fn check_against_ort(name: &str, graph: &Graph, what: &str) {
+    for case in CASES {
+        let golden = read_case(&fixture_dir(name).join("cases").join(case));
+        for ((want_name, _), (id, _)) in golden.inputs.iter().zip(graph.inputs()) {
+            assert_eq!(
+                want_name,
+                &graph.value(*id).name,
+                "{name}/{case}: input order"
+            );
+        }
+        let inputs: Vec<_> = golden.inputs.iter().map(|(_, t)| t.clone()).collect();
+        let got = patch_runtime::interp::run(graph, &inputs)
+            .unwrap_or_else(|e| panic!("{name}/{case} ({what}): {e}"));
+        assert_eq!(
+            got.len(),
+            golden.outputs.len(),
+            "{name}/{case}: output count"
+        );
+        for ((out_name, want), got) in golden.outputs.iter().zip(&got) {
+            let err = max_abs_diff(got, want);
+            println!("{name:<26} {what:<9} {case:<15} {out_name:<18} max_abs_err {err:.3e}");
+            assert!(
+                err <= ORT_TOLERANCE,
+                "{name}/{case}/{out_name} ({what}): max abs error {err} > {ORT_TOLERANCE}"
+            );
+            if out_name == "logits" {
+                assert_eq!(argmax_last(got), argmax_last(want), "{name}/{case}: argmax");
+            }
+        }
+    }
+}
+
 /// Argmax over the last axis, for every leading position.
 pub fn argmax_last(t: &Tensor) -> Vec<usize> {
     let n = *t.shape().last().expect("rank >= 1");

@@ -53,11 +53,15 @@ pub fn register(r: &mut OpRegistry) {
     r.register("patch", "RMSNorm", 1, |attrs, _| {
         Ok(Arc::new(RmsNorm::from_attrs(attrs)?))
     });
-    r.register("patch", "Silu", 1, |_, _| Ok(Arc::new(Silu)));
+    r.register("patch", "Silu", 1, |_, _| {
+        Ok(Arc::new(Activation { gate: Gate::Silu }))
+    });
     // The fusion pass's GELU: the tanh form vectorized here, the exact (erf) one elementwise.
     r.register("patch", "Gelu", 1, |attrs, opset| {
         match attrs.string("approximate")? {
-            Some("tanh") => Ok(Arc::new(GeluTanh)),
+            Some("tanh") => Ok(Arc::new(Activation {
+                gate: Gate::GeluTanh,
+            })),
             _ => super::elementwise::gelu(attrs, opset),
         }
     });
@@ -325,48 +329,28 @@ impl Op for RmsNorm {
     }
 }
 
-/// `patch.Silu`: `x · sigmoid(x)`.
+/// `patch.Silu` (`x · sigmoid(x)`) and `patch.Gelu {approximate = "tanh"}` (`x ·
+/// sigmoid(2·sqrt(2/π)·(x + 0.044715·x³))`): a gate without its second operand, through the
+/// gated rows' vectorized `exp`.
 #[derive(Debug)]
-pub struct Silu;
+pub struct Activation {
+    gate: Gate,
+}
 
-impl Op for Silu {
-    fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
-        arity(inputs, 1, 1)?;
-        let x = req(inputs, 0)?;
-        require_f32("patch.Silu", "X", x.ty)?;
-        Ok(vec![OutputFact::new(x.ty.clone())])
-    }
-
-    fn eval_into(
-        &self,
-        inputs: &[Option<&Tensor>],
-        outputs: &Outputs<'_>,
-    ) -> Result<Vec<Tensor>, OpError> {
-        arity(inputs, 1, 1)?;
-        let xt = req(inputs, 0)?;
-        let x = xt.as_slice::<f32>().map_err(tensor_err)?;
-        let width = *xt.shape().last().unwrap_or(&1);
-        let mut out = outputs.f32(0, x.len());
-        for_each_row(&mut out, width.max(1), &|r, o| {
-            let src = &x[r * o.len()..(r + 1) * o.len()];
-            gated_row(Gate::Silu, o, src, None);
-        });
-        Ok(vec![out
-            .into_tensor(xt.shape().to_vec())
-            .map_err(tensor_err)?])
+impl Activation {
+    fn name(&self) -> &'static str {
+        match self.gate {
+            Gate::Silu => "patch.Silu",
+            Gate::GeluTanh => "patch.Gelu",
+        }
     }
 }
 
-/// `patch.Gelu {approximate = "tanh"}`: `x · sigmoid(2·sqrt(2/π)·(x + 0.044715·x³))`, the
-/// tanh GELU, through the gated rows' vectorized `exp`.
-#[derive(Debug)]
-pub struct GeluTanh;
-
-impl Op for GeluTanh {
+impl Op for Activation {
     fn infer(&self, inputs: &[Option<InputFact<'_>>]) -> Result<Vec<OutputFact>, OpError> {
         arity(inputs, 1, 1)?;
         let x = req(inputs, 0)?;
-        require_f32("patch.Gelu", "X", x.ty)?;
+        require_f32(self.name(), "X", x.ty)?;
         Ok(vec![OutputFact::new(x.ty.clone())])
     }
 
@@ -381,7 +365,7 @@ impl Op for GeluTanh {
         let width = *xt.shape().last().unwrap_or(&1);
         let mut out = outputs.f32(0, x.len());
         for_each_row(&mut out, width.max(1), &|r, o| {
-            gated_row(Gate::GeluTanh, o, &x[r * o.len()..(r + 1) * o.len()], None);
+            gated_row(self.gate, o, &x[r * o.len()..(r + 1) * o.len()], None);
         });
         Ok(vec![out
             .into_tensor(xt.shape().to_vec())
