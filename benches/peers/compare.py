@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Side:
     decode: list[float] = field(default_factory=list)
     prefill: list[float] = field(default_factory=list)
     bandwidth: list[float] = field(default_factory=list)
+    failure: str | None = None  # why this side stopped being measured (a crash, a timeout)
 
 
 def median(xs: list[float]) -> float | None:
@@ -59,11 +61,24 @@ def gguf_tensor_bytes(path: Path) -> float:
     return float(sum(int(t.n_bytes) for t in reader.tensors))
 
 
+class SideFailed(RuntimeError):
+    """One side's tool failed; the other sides go on and the table says why."""
+
+    def __init__(self, short: str, detail: str):
+        super().__init__(detail)
+        self.short = short
+
+
 def run(cmd: list[str], timeout: float) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SideFailed(f"timed out after {timeout:.0f} s", f"`{' '.join(cmd)}` timed out")
     if p.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` exited {p.returncode}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+        how = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               else f"exit {p.returncode}")
+        raise SideFailed(
+            how, f"`{' '.join(cmd)}` {how}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
         )
     return p.stdout + p.stderr
 
@@ -156,12 +171,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     for r in range(a.rounds):
         for s in sides:
-            if s.kind == "llama.cpp":
-                llama_round(s, a.llama_bench, a)
-            elif s.kind == "patchrt":
-                patchrt_round(s, a.patchrt, a)
-            else:
-                ort_round(s, a)
+            if s.failure:
+                continue
+            try:
+                if s.kind == "llama.cpp":
+                    llama_round(s, a.llama_bench, a)
+                elif s.kind == "patchrt":
+                    patchrt_round(s, a.patchrt, a)
+                else:
+                    ort_round(s, a)
+            except SideFailed as e:
+                s.failure = e.short
+                print(f"{s.kind} {s.label}: {e}\n(this side is left out of later rounds)",
+                      file=sys.stderr, flush=True)
         print(f"round {r + 1}/{a.rounds} done ({time.time() - t0:.0f} s)", file=sys.stderr,
               flush=True)
 
@@ -179,6 +201,9 @@ def main(argv=None) -> int:
           "| decode / llama.cpp | prefill / llama.cpp |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in sides:
+        if s.failure and not s.decode:
+            print(f"| {s.kind} | {s.label} | failed: {s.failure} | - | - | - | - | - | - |")
+            continue
         d, p = median(s.decode), median(s.prefill)
         spread = lambda xs: f"±{50 * (max(xs) - min(xs)) / statistics.median(xs):.0f}%" if xs else "-"
         b = bound(s)

@@ -115,7 +115,7 @@ fi
 
 ort_args=()
 [ "$ort" = 1 ] && ort_args=(--onnx "$ONNX")
-log "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; ISA: $(grep -o -w -E 'avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+log "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; ISA: $(grep -o -w -E 'avx512_bf16|avx512_fp16|avx512f|avx2|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 "$VENV/bin/python" "$ROOT/benches/peers/compare.py" --threads "$threads" --rounds "$rounds" \
   --llama-bench "$LLAMA/llama-bench" --patchrt "$PATCHRT" "${gguf_args[@]}" "${ort_args[@]}" \
   "${bundle_args[@]}" --json "$WORK/last-run.json"

@@ -9,6 +9,10 @@ use half::{bf16, f16};
 use crate::dispatch::{threads_from_env, SimdPath};
 use crate::format::{PackedWeight, TileKind, WeightDtype};
 use crate::pool::ThreadPool;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+#[cfg(target_arch = "x86_64")]
+use crate::tiles::TileSimd;
 use crate::{scalar, KernelError};
 
 pub(crate) const DT_F32: u8 = 0;
@@ -360,12 +364,14 @@ impl CpuKernels {
                 match self.path {
                     #[cfg(target_arch = "x86_64")]
                     SimdPath::Avx512Bf16 if !job.xb.is_null() => {
-                        crate::avx512::run_tile_bf16_dot(&job, nvec)
+                        crate::avx512bf16::run_tile_bf16_dot(&job, nvec)
                     }
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx512 | SimdPath::Avx512Bf16 => crate::avx512::run_tile(&job, nvec),
+                    SimdPath::Avx512 | SimdPath::Avx512Bf16 => {
+                        <Avx512 as TileSimd>::run_tile(&job, nvec)
+                    }
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx2 => crate::avx2::run_tile(&job, nvec),
+                    SimdPath::Avx2 => <Avx2 as TileSimd>::run_tile(&job, nvec),
                     _ => {}
                 }
                 let done = nvec * lanes;
@@ -395,7 +401,7 @@ fn round_to_bf16(path: SimdPath, x: &[f32]) -> Vec<u16> {
     #[cfg(target_arch = "x86_64")]
     if path == SimdPath::Avx512Bf16 {
         // SAFETY: the path is only constructed on CPUs that support it.
-        unsafe { crate::avx512::round_to_bf16(x, &mut out) };
+        unsafe { crate::avx512bf16::round_to_bf16(x, &mut out) };
         return out;
     }
     let _ = path;

@@ -10,9 +10,7 @@
 //! included.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
+mod avx512bf16;
 pub mod bandwidth;
 mod cpu;
 pub mod cuda;
@@ -22,6 +20,8 @@ pub mod pool;
 pub mod reference;
 mod scalar;
 pub mod simd;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 pub use cpu::{matmul, CpuKernels, GroupProduct};
 pub use dispatch::SimdPath;
