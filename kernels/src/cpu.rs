@@ -363,11 +363,13 @@ impl CpuKernels {
                 };
                 match self.path {
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx512Bf16 if !job.xb.is_null() => {
+                    SimdPath::Amx if !job.xb.is_null() => crate::amx::run_tile(&job, nvec),
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx512Bf16 | SimdPath::Amx if !job.xb.is_null() => {
                         crate::avx512bf16::run_tile_bf16_dot(&job, nvec)
                     }
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx512 | SimdPath::Avx512Bf16 => {
+                    SimdPath::Avx512 | SimdPath::Avx512Bf16 | SimdPath::Amx => {
                         <Avx512 as TileSimd>::run_tile(&job, nvec)
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -399,7 +401,7 @@ impl CpuKernels {
 fn round_to_bf16(path: SimdPath, x: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; x.len()];
     #[cfg(target_arch = "x86_64")]
-    if path == SimdPath::Avx512Bf16 {
+    if matches!(path, SimdPath::Avx512Bf16 | SimdPath::Amx) {
         // SAFETY: the path is only constructed on CPUs that support it.
         unsafe { crate::avx512bf16::round_to_bf16(x, &mut out) };
         return out;

@@ -28,6 +28,10 @@ pub enum SimdPath {
     /// [`BF16_DOT_MIN_ROWS`] rows round X to bf16 and use `vdpbf16ps` (two products per
     /// lane, f32 accumulation); everything else runs exactly as on `Avx512`.
     Avx512Bf16,
+    /// [`SimdPath::Avx512Bf16`] plus AMX-BF16: those same bf16 GEMMs run on the tile
+    /// registers (`tdpbf16ps`, 16 x 16 outputs per instruction), 2:4 tiles expanded to dense
+    /// first; everything else runs exactly as on `Avx512Bf16`.
+    Amx,
 }
 
 /// Rows from which the [`SimdPath::Avx512Bf16`] path rounds X to bf16. Below it the product
@@ -35,11 +39,12 @@ pub enum SimdPath {
 pub const BF16_DOT_MIN_ROWS: usize = 16;
 
 impl SimdPath {
-    pub const ALL: [SimdPath; 4] = [
+    pub const ALL: [SimdPath; 5] = [
         SimdPath::Scalar,
         SimdPath::Avx2,
         SimdPath::Avx512,
         SimdPath::Avx512Bf16,
+        SimdPath::Amx,
     ];
 
     /// Whether this CPU can run the path.
@@ -65,6 +70,8 @@ impl SimdPath {
             SimdPath::Avx512Bf16 => {
                 SimdPath::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16")
             }
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Amx => SimdPath::Avx512Bf16.is_supported() && crate::amx::supported(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -72,10 +79,15 @@ impl SimdPath {
 
     /// The best path this CPU supports.
     pub fn detect() -> SimdPath {
-        [SimdPath::Avx512Bf16, SimdPath::Avx512, SimdPath::Avx2]
-            .into_iter()
-            .find(|p| p.is_supported())
-            .unwrap_or(SimdPath::Scalar)
+        [
+            SimdPath::Amx,
+            SimdPath::Avx512Bf16,
+            SimdPath::Avx512,
+            SimdPath::Avx2,
+        ]
+        .into_iter()
+        .find(|p| p.is_supported())
+        .unwrap_or(SimdPath::Scalar)
     }
 
     /// Every path this CPU supports, scalar first.
@@ -105,14 +117,16 @@ impl SimdPath {
         match self {
             SimdPath::Scalar => 1,
             SimdPath::Avx2 => 8,
-            SimdPath::Avx512 | SimdPath::Avx512Bf16 => 16,
+            SimdPath::Avx512 | SimdPath::Avx512Bf16 | SimdPath::Amx => 16,
         }
     }
 
     /// Whether a product of `m` rows on `dtype` weights rounds X to bf16 on this path (the
     /// scalar twin of such a product is the scalar path on the rounded X).
     pub fn rounds_activations(self, m: usize, dtype: crate::WeightDtype) -> bool {
-        self == SimdPath::Avx512Bf16 && dtype == crate::WeightDtype::Bf16 && m >= BF16_DOT_MIN_ROWS
+        matches!(self, SimdPath::Avx512Bf16 | SimdPath::Amx)
+            && dtype == crate::WeightDtype::Bf16
+            && m >= BF16_DOT_MIN_ROWS
     }
 }
 
@@ -123,6 +137,7 @@ impl fmt::Display for SimdPath {
             SimdPath::Avx2 => "avx2",
             SimdPath::Avx512 => "avx512",
             SimdPath::Avx512Bf16 => "avx512bf16",
+            SimdPath::Amx => "amx",
         })
     }
 }
@@ -135,6 +150,7 @@ impl FromStr for SimdPath {
             "avx2" => Ok(SimdPath::Avx2),
             "avx512" | "avx-512" => Ok(SimdPath::Avx512),
             "avx512bf16" | "avx512-bf16" | "avx-512-bf16" => Ok(SimdPath::Avx512Bf16),
+            "amx" | "amx-bf16" | "amxbf16" => Ok(SimdPath::Amx),
             _ => Err(KernelError::UnknownPath(s.to_string())),
         }
     }

@@ -10,6 +10,8 @@
 //! included.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 pub mod bandwidth;
 mod cpu;
@@ -34,7 +36,7 @@ pub use half::{bf16, f16};
 /// Errors from running a kernel.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum KernelError {
-    #[error("unknown kernel path {0:?} (expected scalar, avx2, avx512 or avx512bf16)")]
+    #[error("unknown kernel path {0:?} (expected scalar, avx2, avx512, avx512bf16 or amx)")]
     UnknownPath(String),
     #[error("kernel path {0} is not supported by this CPU")]
     UnsupportedPath(SimdPath),

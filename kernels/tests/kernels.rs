@@ -362,3 +362,25 @@ fn a_group_of_products_equals_the_products_one_by_one() {
         }
     }
 }
+
+/// bf16 GEMMs on every AMX block shape (2 x 2, 2 x 1, 1 x 2, 1 x 1 accumulator tiles), with
+/// rows past a multiple of 16, K past a multiple of 32, 2:4 tiles expanded, and more than
+/// one row chunk. On CPUs without AMX this checks the other paths on the same shapes.
+#[test]
+fn bf16_gemms_on_every_amx_block_shape() {
+    let mut seed = 700;
+    for &(m, k, n, tile) in &[
+        (16, 32, 16, TileShape::new(32, 16).unwrap()),
+        (32, 64, 32, TileShape::new(64, 32).unwrap()),
+        (48, 96, 48, TileShape::new(32, 48).unwrap()),
+        (47, 100, 80, TileShape::default()),
+        (100, 576, 200, TileShape::default()),
+        (300, 130, 64, TileShape::new(64, 64).unwrap()),
+    ] {
+        for mix in [Mix::AllDense, Mix::AllSparse, Mix::Mixed] {
+            let w = packed_of(WeightDtype::Bf16, k, n, tile, mix, seed);
+            check_paths(m, &w, seed % 2 == 0, 1 + seed as usize % 2, seed);
+            seed += 1;
+        }
+    }
+}
