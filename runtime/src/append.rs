@@ -18,32 +18,37 @@ use bytes::Bytes;
 /// Alignment of every buffer: a cache line, enough for any element type and for SIMD loads.
 const ALIGN: usize = 64;
 
+/// Invariants: `committed <= claimed <= capacity`; bytes below `committed` are initialized and
+/// never written again; bytes in `[committed, claimed)` are being written by the one appender
+/// that claimed them; bytes past `claimed` are uninitialized and nothing reads them.
 pub struct AppendBuffer {
     ptr: NonNull<u8>,
     capacity: usize,
+    claimed: AtomicUsize,
     committed: AtomicUsize,
 }
 
 // SAFETY: the buffer is plain bytes. The committed prefix is only read; bytes past it are
-// written only by the one caller whose compare-and-swap claimed them, before any view of them
-// exists.
+// written only by the one caller whose compare-and-swap claimed them, and become visible
+// (committed) only after they are written.
 unsafe impl Send for AppendBuffer {}
 unsafe impl Sync for AppendBuffer {}
 
 impl AppendBuffer {
-    /// An empty buffer of `capacity` bytes. The memory is zero-allocated, so the operating
-    /// system backs large buffers with pages only as appends touch them: a cache sized for the
-    /// whole context costs what it holds.
-    pub fn with_capacity(capacity: usize) -> Arc<AppendBuffer> {
-        let layout = Layout::from_size_align(capacity.max(1), ALIGN).expect("capacity overflows");
+    /// An empty buffer of `capacity` bytes, or `None` when the allocator cannot provide them.
+    /// The memory is left uninitialized (nothing reads past the committed length), so the
+    /// operating system backs a large buffer with pages only as appends touch them: a cache
+    /// sized for the whole context costs what it holds, not a zero-fill of all of it.
+    pub fn with_capacity(capacity: usize) -> Option<Arc<AppendBuffer>> {
+        let layout = Layout::from_size_align(capacity.max(1), ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        Arc::new(AppendBuffer {
+        let ptr = NonNull::new(unsafe { alloc::alloc(layout) })?;
+        Some(Arc::new(AppendBuffer {
             ptr,
             capacity,
+            claimed: AtomicUsize::new(0),
             committed: AtomicUsize::new(0),
-        })
+        }))
     }
 
     /// Where the buffer starts (a tensor viewing a prefix starts here).
@@ -69,10 +74,14 @@ impl AppendBuffer {
         if end > self.capacity {
             return false;
         }
-        if self
-            .committed
-            .compare_exchange(at, end, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        // Only at the committed end: an appender holds a view of the first `at` bytes, so
+        // every earlier claim has been written and published, and `claimed == at` unless
+        // another appender got there first.
+        if at != self.committed.load(Ordering::Acquire)
+            || self
+                .claimed
+                .compare_exchange(at, end, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
             return false;
         }
@@ -81,6 +90,8 @@ impl AppendBuffer {
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(at), src.len());
         }
+        // Published only now: a view of these bytes cannot exist before they are written.
+        self.committed.store(end, Ordering::Release);
         true
     }
 
@@ -137,7 +148,7 @@ mod tests {
 
     #[test]
     fn appends_in_place_only_at_the_committed_end() {
-        let buf = AppendBuffer::with_capacity(16);
+        let buf = AppendBuffer::with_capacity(16).unwrap();
         assert!(buf.try_append(0, &[1, 2, 3, 4]));
         let first = buf.prefix(4);
         assert!(buf.try_append(4, &[5, 6]));
@@ -152,8 +163,47 @@ mod tests {
     }
 
     #[test]
+    fn an_impossible_capacity_is_refused_not_aborted() {
+        assert!(AppendBuffer::with_capacity(usize::MAX / 2).is_none());
+        assert!(AppendBuffer::with_capacity(1 << 60).is_none());
+    }
+
+    /// A reader that sees a committed length sees the bytes under it, whole: appenders write
+    /// records of one repeated byte while readers check every record they can view.
+    #[test]
+    fn committed_bytes_are_written_before_they_are_visible() {
+        let buf = AppendBuffer::with_capacity(64 * 4000).unwrap();
+        std::thread::scope(|s| {
+            for t in 1..3u8 {
+                let buf = &buf;
+                s.spawn(move || {
+                    let mut done = 0;
+                    while done < 2000 {
+                        let at = buf.committed();
+                        if buf.try_append(at, &[t; 64]) {
+                            done += 1;
+                        }
+                    }
+                });
+            }
+            let buf = &buf;
+            s.spawn(move || {
+                while buf.committed() < 64 * 4000 {
+                    let view = buf.prefix(buf.committed());
+                    for rec in view.chunks(64) {
+                        assert!(
+                            rec[0] != 0 && rec.iter().all(|&b| b == rec[0]),
+                            "torn record"
+                        );
+                    }
+                }
+            });
+        });
+    }
+
+    #[test]
     fn racing_appenders_claim_disjoint_bytes() {
-        let buf = AppendBuffer::with_capacity(4 * 1000);
+        let buf = AppendBuffer::with_capacity(4 * 1000).unwrap();
         std::thread::scope(|s| {
             for t in 0..4u8 {
                 let buf = &buf;

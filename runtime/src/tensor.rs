@@ -169,7 +169,12 @@ impl Tensor {
         let bytes = capacity
             .checked_mul(dtype.size_of())
             .ok_or_else(|| RuntimeError::Tensor(format!("{capacity} elements overflow")))?;
-        let buf = AppendBuffer::with_capacity(bytes);
+        let buf = AppendBuffer::with_capacity(bytes).ok_or_else(|| {
+            RuntimeError::Tensor(format!(
+                "cannot allocate {bytes} bytes for an appendable tensor of {capacity} {dtype} \
+                 elements"
+            ))
+        })?;
         Ok(Tensor {
             dtype,
             shape,
@@ -218,7 +223,10 @@ impl Tensor {
                 });
             }
         }
-        let buf = AppendBuffer::with_capacity(total.saturating_mul(2).max(64));
+        let room = total.saturating_mul(2).max(64);
+        let buf = AppendBuffer::with_capacity(room)
+            .or_else(|| AppendBuffer::with_capacity(total.max(64)))
+            .ok_or_else(|| bad(format!("cannot allocate {total} bytes")))?;
         let appended = buf.try_append(0, &self.data) && buf.try_append(head_len, &tail.data);
         debug_assert!(appended, "a fresh buffer has room for both");
         Ok(Tensor {
