@@ -2,6 +2,12 @@
 # patchrt against llama.cpp and ONNX Runtime on SmolLM2-135M, side by side in one run.
 #
 #   bash benches/peers/compare.sh [--threads N] [--rounds R] [--hybrid S=BUNDLE ...] [--no-ort]
+#                                 [--isa avx2]
+#
+# `--isa avx2` restricts both sides to AVX2 + FMA + F16C on an AVX-512 host (llama.cpp built with
+# GGML_NATIVE=OFF and only those flags, patchrt with PATCH_KERNEL_PATH=avx2, ONNX Runtime left
+# out since it picks its own ISA): a stand-in for an AVX2-only CPU on the same memory system,
+# not a measurement of one.
 #
 # One command from a clone: builds patchrt and patchc (release), prepares the model
 # (models/smollm2-135m/prepare.sh), finds llama.cpp (LLAMA_CPP_BIN=DIR holding llama-bench and
@@ -19,6 +25,7 @@ WORK="$ROOT/benches/peers/build"
 threads=2
 rounds=5
 ort=1
+isa=native
 hybrid=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,11 +33,22 @@ while [ $# -gt 0 ]; do
     --rounds) rounds="$2"; shift 2 ;;
     --hybrid) hybrid+=("$2"); shift 2 ;;
     --no-ort) ort=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --isa) isa="$2"; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 log() { echo "compare.sh: $*" >&2; }
+case "$isa" in
+  native) LLAMA_FLAGS=(-DGGML_NATIVE=ON); LLAMA_NAME=llama ;;
+  avx2)
+    LLAMA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+    LLAMA_NAME=llama-avx2
+    export PATCH_KERNEL_PATH=avx2
+    ort=0
+    ;;
+  *) echo "compare.sh: --isa is native or avx2, not $isa" >&2; exit 2 ;;
+esac
 mkdir -p "$WORK/models"
 
 log "building patchrt and patchc (release)"
@@ -55,7 +73,7 @@ if [ "$(cat "$VENV/.reqs" 2>/dev/null)" != "${REQS[*]}" ]; then
 fi
 
 # llama.cpp: given, built before, or built now (only the two tools this bench needs).
-LLAMA="${LLAMA_CPP_BIN:-$WORK/llama/bin}"
+LLAMA="${LLAMA_CPP_BIN:-$WORK/$LLAMA_NAME/bin}"
 if [ ! -x "$LLAMA/llama-bench" ] || [ ! -x "$LLAMA/llama-quantize" ]; then
   [ -n "${LLAMA_CPP_BIN:-}" ] && { echo "compare.sh: no llama-bench / llama-quantize in $LLAMA_CPP_BIN" >&2; exit 1; }
   VERSION=0.3.36
@@ -67,15 +85,15 @@ if [ ! -x "$LLAMA/llama-bench" ] || [ ! -x "$LLAMA/llama-quantize" ]; then
       --no-binary llama-cpp-python -d "$SRCDIR/dl" "llama-cpp-python==$VERSION"
     tar xzf "$SRCDIR/dl/llama_cpp_python-$VERSION.tar.gz" -C "$SRCDIR"
   fi
-  log "building llama-bench and llama-quantize (GGML_NATIVE: this host's ISA)"
+  log "building llama-bench and llama-quantize (${LLAMA_FLAGS[*]})"
   PATH="$VENV/bin:$PATH" cmake -S "$SRCDIR/llama_cpp_python-$VERSION/vendor/llama.cpp" \
-    -B "$SRCDIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -B "$SRCDIR/build-$LLAMA_NAME" -G Ninja -DCMAKE_BUILD_TYPE=Release "${LLAMA_FLAGS[@]}" \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  PATH="$VENV/bin:$PATH" ninja -C "$SRCDIR/build" -j"$(nproc)" llama-bench llama-quantize >/dev/null
+  PATH="$VENV/bin:$PATH" ninja -C "$SRCDIR/build-$LLAMA_NAME" -j"$(nproc)" llama-bench llama-quantize >/dev/null
   mkdir -p "$LLAMA"
-  ln -sf "$SRCDIR/build/bin/llama-bench" "$LLAMA/llama-bench"
-  ln -sf "$SRCDIR/build/bin/llama-quantize" "$LLAMA/llama-quantize"
+  ln -sf "$SRCDIR/build-$LLAMA_NAME/bin/llama-bench" "$LLAMA/llama-bench"
+  ln -sf "$SRCDIR/build-$LLAMA_NAME/bin/llama-quantize" "$LLAMA/llama-quantize"
 fi
 
 gguf_args=()
@@ -115,6 +133,7 @@ fi
 
 ort_args=()
 [ "$ort" = 1 ] && ort_args=(--onnx "$ONNX")
+[ "$isa" = avx2 ] && log "both sides restricted to AVX2 + FMA + F16C (PATCH_KERNEL_PATH=avx2)"
 log "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; ISA: $(grep -o -w -E 'avx512_bf16|avx512_fp16|avx512f|avx2|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 "$VENV/bin/python" "$ROOT/benches/peers/compare.py" --threads "$threads" --rounds "$rounds" \
   --llama-bench "$LLAMA/llama-bench" --patchrt "$PATCHRT" "${gguf_args[@]}" "${ort_args[@]}" \
