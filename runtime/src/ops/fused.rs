@@ -42,8 +42,8 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 use patch_kernels::simd;
 
 use super::{
-    arity, for_each_row, for_each_row_split, norm_axis, opt, req, InputFact, Op, OpError,
-    OpRegistry, OutputFact, Outputs,
+    arity, for_each_part_balanced, for_each_row, for_each_row_split, norm_axis, opt, req,
+    InputFact, Op, OpError, OpRegistry, OutputFact, Outputs,
 };
 use crate::dtype::DType;
 use crate::ir::{Attrs, TensorType};
@@ -1147,7 +1147,23 @@ impl Op for Attention {
             } else {
                 &mut out
             };
-            for_each_row(head_major, s * dv, &|bh, o| {
+            // Work items: (batch·head, first row, rows) of every block of query rows, spread
+            // over the pool by their cost (a causal block sees the past keys and its prefix of
+            // the prompt, so later blocks cost more; heads alone would split 9 heads 5:4).
+            let items: Vec<(usize, usize, usize)> = (0..b * h)
+                .flat_map(|bh| {
+                    (0..s)
+                        .step_by(PREFILL_ROW_BLOCK)
+                        .map(move |i0| (bh, i0, PREFILL_ROW_BLOCK.min(s - i0)))
+                })
+                .collect();
+            let lens: Vec<usize> = items.iter().map(|&(_, _, rows)| rows * dv).collect();
+            let costs: Vec<f64> = items
+                .iter()
+                .map(|&(_, i0, rows)| (rows * (t.saturating_sub(s) + i0 + rows)) as f64)
+                .collect();
+            for_each_part_balanced(head_major, &lens, &costs, &|item, ob| {
+                let (bh, i0, rows) = items[item];
                 let (batch, head) = (bh / h, bh % h);
                 let kv = head / group;
                 /// `rows × cols` starting at `at`, rows `stride` apart.
@@ -1168,14 +1184,12 @@ impl Op for Attention {
                 // of their rows can see (a causal mask halves the work, a sliding window cuts
                 // the start too); the keys cut are `-inf` for every row of the block, so the
                 // softmax over the rest is the same.
-                for i0 in (0..s).step_by(PREFILL_ROW_BLOCK) {
-                    let rows = PREFILL_ROW_BLOCK.min(s - i0);
+                {
                     let masks: Vec<_> = (i0..i0 + rows).map(|i| mask_row(batch, head, i)).collect();
                     let (k0, keys) = visible_keys(&masks, t);
-                    let ob = &mut o[i0 * dv..(i0 + rows) * dv];
                     if keys == 0 {
                         ob.fill(0.0);
-                        continue;
+                        return;
                     }
                     let qb = qh.slice(ndarray::s![i0..i0 + rows, ..]);
                     let (kb, vb) = (

@@ -245,6 +245,57 @@ pub(crate) fn for_each_row_split(
     });
 }
 
+/// One part of [`for_each_part_balanced`]'s output: its index and its elements.
+type Part<'a> = (usize, &'a mut [f32]);
+
+/// Runs `span(index, part)` for consecutive parts of `out` (lengths `lens`, summing to at
+/// most `out.len()`) on the kernels' pool, each thread taking a run of consecutive parts of
+/// about equal total `costs` (for work whose cost per part differs, as causal attention's row
+/// blocks do). Parts are independent.
+pub(crate) fn for_each_part_balanced(
+    out: &mut [f32],
+    lens: &[usize],
+    costs: &[f64],
+    span: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    debug_assert_eq!(lens.len(), costs.len());
+    let mut parts: Vec<Part<'_>> = Vec::with_capacity(lens.len());
+    let mut rest: &mut [f32] = out;
+    for (i, &len) in lens.iter().enumerate() {
+        let (head, tail) = rest.split_at_mut(len);
+        parts.push((i, head));
+        rest = tail;
+    }
+    let pool = patch_kernels::CpuKernels::global()
+        .ok()
+        .filter(|p| p.threads() > 1 && parts.len() > 1);
+    let Some(pool) = pool else {
+        for (i, o) in parts {
+            span(i, o);
+        }
+        return;
+    };
+    let threads = pool.threads();
+    let total: f64 = costs.iter().sum();
+    // Thread t takes the parts whose cost midpoint falls in its share [t, t + 1) · total / threads.
+    let mut groups: Vec<Vec<Part<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut before = 0.0;
+    for (i, o) in parts {
+        let mid = before + costs[i] / 2.0;
+        before += costs[i];
+        let t = ((mid / total.max(f64::MIN_POSITIVE)) * threads as f64) as usize;
+        groups[t.min(threads - 1)].push((i, o));
+    }
+    let groups: Vec<std::sync::Mutex<Vec<Part<'_>>>> =
+        groups.into_iter().map(std::sync::Mutex::new).collect();
+    pool.run_on_threads(&|t| {
+        let mut mine = groups[t].lock().unwrap_or_else(|e| e.into_inner());
+        for (i, o) in mine.iter_mut() {
+            span(*i, o);
+        }
+    });
+}
+
 pub type OpBuilder = fn(&Attrs, i64) -> Result<Arc<dyn Op>, OpError>;
 
 #[derive(Clone, Copy)]
