@@ -145,7 +145,13 @@ unsafe fn dense(job: &TileJob, w: *const u8, ws: usize, nvec: usize) {
                 let mt = if rows16 - r >= 2 * TILE_ROWS { 2 } else { 1 };
                 let a = job.xb.add(r * job.xs) as *const u8;
                 let y = job.y.add(r * job.ys + v * TILE_COLS) as *mut u8;
-                block(mt, nt, a, xs_bytes, b, ws, y, ys_bytes, ksteps);
+                let (sa, sy) = (xs_bytes, ys_bytes);
+                match (mt, nt) {
+                    (2, 2) => block::<2, 2>(a, sa, b, ws, y, sy, ksteps),
+                    (2, _) => block::<2, 1>(a, sa, b, ws, y, sy, ksteps),
+                    (_, 2) => block::<1, 2>(a, sa, b, ws, y, sy, ksteps),
+                    _ => block::<1, 1>(a, sa, b, ws, y, sy, ksteps),
+                }
                 r += mt * TILE_ROWS;
             }
             v += nt;
@@ -177,17 +183,44 @@ unsafe fn dense(job: &TileJob, w: *const u8, ws: usize, nvec: usize) {
     }
 }
 
-/// One block of `mt` x `nt` accumulator tiles (16 rows x 16 columns each) over `ksteps` steps
-/// of 32 K: `a` at X's first row and K, `b` at W's first K-pair row and column, `y` at the
-/// block's first output; strides in bytes.
+/// `tileloadd` / `tilestored` / `tdpbf16ps` on named tile registers, one instruction each
+/// (tile register names must be literal in `asm!`).
+macro_rules! tile_load {
+    ($tmm:literal, $p:expr, $stride:expr) => {
+        asm!(
+            concat!("tileloadd ", $tmm, ", [{p} + {s}*1]"),
+            p = in(reg) $p, s = in(reg) $stride, options(nostack, readonly),
+        )
+    };
+}
+macro_rules! tile_store {
+    ($tmm:literal, $p:expr, $stride:expr) => {
+        asm!(
+            concat!("tilestored [{p} + {s}*1], ", $tmm),
+            p = in(reg) $p, s = in(reg) $stride, options(nostack),
+        )
+    };
+}
+macro_rules! tile_dot {
+    ($c:literal, $a:literal, $b:literal) => {
+        asm!(
+            concat!("tdpbf16ps ", $c, ", ", $a, ", ", $b),
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// One block of `MT` x `NT` accumulator tiles (16 rows x 16 columns each; `MT`, `NT` ≤ 2)
+/// over `ksteps` steps of 32 K: `a` at X's first row and K, `b` at W's first K-pair row and
+/// column, `y` at the block's first output; strides in bytes. Accumulators: tmm0 (rows 0-15,
+/// cols 0-15), tmm1 (rows 0-15, cols 16-31), tmm2 (rows 16-31, cols 0-15), tmm3 (rows 16-31,
+/// cols 16-31); X tiles tmm4 / tmm5, W tiles tmm6 / tmm7. A step reads 16 X rows of 64 bytes
+/// (32 bf16 K) and 16 W K-pair rows of 64 bytes.
 ///
 /// # Safety
 /// The full tile configuration is loaded; the pointers cover the block.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    mt: usize,
-    nt: usize,
+unsafe fn block<const MT: usize, const NT: usize>(
     a: *const u8,
     sa: usize,
     b: *const u8,
@@ -196,113 +229,50 @@ unsafe fn block(
     sy: usize,
     ksteps: usize,
 ) {
-    // Accumulators: tmm0 (rows 0-15, cols 0-15), tmm1 (rows 0-15, cols 16-31), tmm2 (rows
-    // 16-31, cols 0-15), tmm3 (rows 16-31, cols 16-31); X tiles tmm4 / tmm5, W tiles tmm6 /
-    // tmm7. A step: 16 X rows of 64 bytes (32 bf16 K) and 16 W K-pair rows of 64 bytes.
-    let (a1, b1, y1) = (a.add(TILE_ROWS * sa), b.add(64), y.add(64));
-    let y2 = y.add(TILE_ROWS * sy);
+    let (two_rows, two_cols) = (MT == 2, NT == 2);
+    let (a1, b1) = (a.add(TILE_ROWS * sa), b.add(64));
+    let (y1, y2) = (y.add(64), y.add(TILE_ROWS * sy));
     let y3 = y2.add(64);
-    match (mt, nt) {
-        (2, 2) => {
-            asm!(
-                "tileloadd tmm0, [{y0} + {sy}*1]",
-                "tileloadd tmm1, [{y1} + {sy}*1]",
-                "tileloadd tmm2, [{y2} + {sy}*1]",
-                "tileloadd tmm3, [{y3} + {sy}*1]",
-                y0 = in(reg) y, y1 = in(reg) y1, y2 = in(reg) y2, y3 = in(reg) y3,
-                sy = in(reg) sy, options(nostack, readonly),
-            );
-            for k in 0..ksteps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a.add(k * 64), a1 = in(reg) a1.add(k * 64),
-                    b0 = in(reg) b.add(k * TILE_ROWS * sb), b1 = in(reg) b1.add(k * TILE_ROWS * sb),
-                    sa = in(reg) sa, sb = in(reg) sb, options(nostack, readonly),
-                );
-            }
-            asm!(
-                "tilestored [{y0} + {sy}*1], tmm0",
-                "tilestored [{y1} + {sy}*1], tmm1",
-                "tilestored [{y2} + {sy}*1], tmm2",
-                "tilestored [{y3} + {sy}*1], tmm3",
-                y0 = in(reg) y, y1 = in(reg) y1, y2 = in(reg) y2, y3 = in(reg) y3,
-                sy = in(reg) sy, options(nostack),
-            );
+    tile_load!("tmm0", y, sy);
+    if two_cols {
+        tile_load!("tmm1", y1, sy);
+    }
+    if two_rows {
+        tile_load!("tmm2", y2, sy);
+    }
+    if two_rows && two_cols {
+        tile_load!("tmm3", y3, sy);
+    }
+    for k in 0..ksteps {
+        let (ak, bk) = (k * 64, k * TILE_ROWS * sb);
+        tile_load!("tmm4", a.add(ak), sa);
+        tile_load!("tmm6", b.add(bk), sb);
+        if two_cols {
+            tile_load!("tmm7", b1.add(bk), sb);
         }
-        (2, 1) => {
-            asm!(
-                "tileloadd tmm0, [{y0} + {sy}*1]",
-                "tileloadd tmm2, [{y2} + {sy}*1]",
-                y0 = in(reg) y, y2 = in(reg) y2, sy = in(reg) sy, options(nostack, readonly),
-            );
-            for k in 0..ksteps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    a0 = in(reg) a.add(k * 64), a1 = in(reg) a1.add(k * 64),
-                    b0 = in(reg) b.add(k * TILE_ROWS * sb),
-                    sa = in(reg) sa, sb = in(reg) sb, options(nostack, readonly),
-                );
-            }
-            asm!(
-                "tilestored [{y0} + {sy}*1], tmm0",
-                "tilestored [{y2} + {sy}*1], tmm2",
-                y0 = in(reg) y, y2 = in(reg) y2, sy = in(reg) sy, options(nostack),
-            );
+        tile_dot!("tmm0", "tmm4", "tmm6");
+        if two_rows {
+            tile_load!("tmm5", a1.add(ak), sa);
         }
-        (1, 2) => {
-            asm!(
-                "tileloadd tmm0, [{y0} + {sy}*1]",
-                "tileloadd tmm1, [{y1} + {sy}*1]",
-                y0 = in(reg) y, y1 = in(reg) y1, sy = in(reg) sy, options(nostack, readonly),
-            );
-            for k in 0..ksteps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a0 = in(reg) a.add(k * 64),
-                    b0 = in(reg) b.add(k * TILE_ROWS * sb), b1 = in(reg) b1.add(k * TILE_ROWS * sb),
-                    sa = in(reg) sa, sb = in(reg) sb, options(nostack, readonly),
-                );
-            }
-            asm!(
-                "tilestored [{y0} + {sy}*1], tmm0",
-                "tilestored [{y1} + {sy}*1], tmm1",
-                y0 = in(reg) y, y1 = in(reg) y1, sy = in(reg) sy, options(nostack),
-            );
+        if two_cols {
+            tile_dot!("tmm1", "tmm4", "tmm7");
         }
-        _ => {
-            asm!(
-                "tileloadd tmm0, [{y0} + {sy}*1]",
-                y0 = in(reg) y, sy = in(reg) sy, options(nostack, readonly),
-            );
-            for k in 0..ksteps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    a0 = in(reg) a.add(k * 64), b0 = in(reg) b.add(k * TILE_ROWS * sb),
-                    sa = in(reg) sa, sb = in(reg) sb, options(nostack, readonly),
-                );
-            }
-            asm!(
-                "tilestored [{y0} + {sy}*1], tmm0",
-                y0 = in(reg) y, sy = in(reg) sy, options(nostack),
-            );
+        if two_rows {
+            tile_dot!("tmm2", "tmm5", "tmm6");
         }
+        if two_rows && two_cols {
+            tile_dot!("tmm3", "tmm5", "tmm7");
+        }
+    }
+    tile_store!("tmm0", y, sy);
+    if two_cols {
+        tile_store!("tmm1", y1, sy);
+    }
+    if two_rows {
+        tile_store!("tmm2", y2, sy);
+    }
+    if two_rows && two_cols {
+        tile_store!("tmm3", y3, sy);
     }
 }
 

@@ -365,7 +365,7 @@ impl CpuKernels {
                     #[cfg(target_arch = "x86_64")]
                     SimdPath::Amx if !job.xb.is_null() => crate::amx::run_tile(&job, nvec),
                     #[cfg(target_arch = "x86_64")]
-                    SimdPath::Avx512Bf16 | SimdPath::Amx if !job.xb.is_null() => {
+                    SimdPath::Avx512Bf16 if !job.xb.is_null() => {
                         crate::avx512bf16::run_tile_bf16_dot(&job, nvec)
                     }
                     #[cfg(target_arch = "x86_64")]

@@ -7,8 +7,13 @@
 //! column, the two kept values of a group of four K rows, and one metadata word per column
 //! holds eight groups' nibbles (bits 1:0 index the first kept row, bits 3:2 the second).
 //!
-//! * Dense block ([`dense`]): per K-pair, one load of `LANES` column pairs split into even-k
-//!   and odd-k vectors, two FMAs per row with broadcast activations.
+//! * Dense block, bf16 ([`dense`]): per K-pair, one load of `LANES` column pairs split into
+//!   even-k and odd-k vectors (two integer ops, which are also the bf16 -> f32 conversion),
+//!   two FMAs per row with broadcast activations.
+//! * Dense block, f32 / f16 ([`dense_pairs`], GEMV and GEMM): a column's stored (even-k,
+//!   odd-k) pair times the broadcast pair `(x[2kp], x[2kp + 1])` as stored, so no even/odd
+//!   split runs per K-pair: the lanes of an accumulator hold interleaved partial sums of
+//!   `LANES / 2` columns, added pairwise once at the end ([`TileSimd::add_pair_sums`]).
 //! * 2:4 block ([`sparse`]): per group, one load of `LANES` kept-value pairs and, every eight
 //!   groups, `LANES` metadata words; [`TileSimd::select`] (`vpermilps`, which works inside
 //!   128-bit lanes) picks `x[4g + i0]` and `x[4g + i1]` per column from the low two bits of
@@ -21,11 +26,6 @@
 //!   L1-resident array and the tile is read front to back, with the next lines prefetched
 //!   ([`gemv_dense_streamed`], [`gemv_sparse_streamed`]): the only way with 16 registers,
 //!   and on AVX-512 the faster one for narrow (bf16 / f16) dense tiles.
-//! * f32 / f16 GEMV multiplies a column's stored (even-k, odd-k) pair by the broadcast pair
-//!   `(x[2kp], x[2kp + 1])` as stored, so no even/odd split runs per K-pair: the lanes of an
-//!   accumulator hold interleaved partial sums of `LANES / 2` columns, added pairwise once at
-//!   the end ([`TileSimd::add_pair_sums`]). bf16 tiles keep the split, which is two integer
-//!   ops that are also the bf16 -> f32 conversion.
 //!
 //! The scalar twin of every kernel here is [`crate::scalar::tile`]; the property tests in
 //! `kernels/tests/kernels.rs` run each width against it on random ragged shapes.
@@ -75,11 +75,11 @@ pub(crate) trait TileSimd: F32Simd {
     type I: Copy;
     /// The one-row strategy of this width for tiles of dtype `dt`, dense or 2:4.
     fn gemv(dt: u8, sparse: bool) -> Gemv;
-    /// GEMM register blocks (rows, vectors of columns) for dense and 2:4 tiles.
+    /// GEMM register blocks (rows, vectors of columns): [`dense`] (bf16), [`dense_pairs`]
+    /// (f32 / f16) and [`sparse`].
     const GEMM_BLOCK_DENSE: (usize, usize);
+    const GEMM_BLOCK_PAIRS: (usize, usize);
     const GEMM_BLOCK_SPARSE: (usize, usize);
-    /// The GEMM block of [`dense_pairs`] on f32 / f16 tiles, where it beats [`dense`].
-    const GEMM_BLOCK_PAIRS: Option<(usize, usize)>;
 
     /// Loads `LANES` column pairs at `p` and returns (even-k values, odd-k values) as f32.
     unsafe fn split<const DT: u8>(p: *const u8) -> (Self::V, Self::V);
@@ -539,14 +539,16 @@ unsafe fn run<S: TileSimd, const DT: u8>(job: &TileJob, nvec: usize) {
         }
         return;
     }
-    // f32 / f16 dense tiles multiply stored pairs (no split) where the width has the
-    // registers for two accumulators per vector.
-    let pairs = !job.sparse && DT != DT_BF16 && (job.rows == 1 || S::GEMM_BLOCK_PAIRS.is_some());
-    let block = match (job.rows, job.sparse, S::GEMM_BLOCK_PAIRS) {
-        (1, _, _) => (1, GEMV_REGISTER_VECTORS),
-        (_, true, _) => S::GEMM_BLOCK_SPARSE,
-        (_, false, Some(b)) if pairs => b,
-        _ => S::GEMM_BLOCK_DENSE,
+    // f32 / f16 dense tiles multiply stored pairs (no split).
+    let pairs = !job.sparse && DT != DT_BF16;
+    let block = if job.rows == 1 {
+        (1, GEMV_REGISTER_VECTORS)
+    } else if job.sparse {
+        S::GEMM_BLOCK_SPARSE
+    } else if pairs {
+        S::GEMM_BLOCK_PAIRS
+    } else {
+        S::GEMM_BLOCK_DENSE
     };
     for_each_block(job, nvec, S::LANES, block, |xo, y, col, mr, nv| {
         let x = job.x.add(xo);
@@ -593,13 +595,12 @@ impl TileSimd for Avx2 {
     fn gemv(_dt: u8, _sparse: bool) -> Gemv {
         Gemv::Streamed
     }
-    // 16 ymm registers: 4 rows x 16 columns of accumulators (dense), 4 x 8 (2:4, whose
-    // metadata and selected activations take registers too).
+    // 16 ymm registers. bf16: 4 rows x 16 columns of accumulators. f32 / f16: 4 rows x 8
+    // columns, 8 accumulators, 2 weight vectors and the X pair (on SPR 5-15% faster than the
+    // split 4 x 16 block). 2:4: 4 x 8 (its metadata and selected activations take registers).
     const GEMM_BLOCK_DENSE: (usize, usize) = (4, 2);
+    const GEMM_BLOCK_PAIRS: (usize, usize) = (4, 1);
     const GEMM_BLOCK_SPARSE: (usize, usize) = (4, 1);
-    // 4 rows x 8 columns: 8 accumulators, 2 weight vectors and the X pair (on SPR 5-15% faster
-    // than the split 4 x 16 block on f32 / f16 tiles).
-    const GEMM_BLOCK_PAIRS: Option<(usize, usize)> = Some((4, 1));
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -692,12 +693,12 @@ impl TileSimd for Avx512 {
             Gemv::Streamed
         }
     }
-    // 32 zmm registers: 8 rows x 32 columns; the weight block stays in L1 across rows.
+    // 32 zmm registers. bf16 and 2:4: 8 rows x 32 columns. f32 / f16: 6 rows x 32 columns,
+    // 24 accumulators, 4 weight vectors and the X pair (10-20% faster than the split 8 x 32
+    // block on f32, 5-10% on f16; 8 x 16 was slower than both).
     const GEMM_BLOCK_DENSE: (usize, usize) = (8, 2);
+    const GEMM_BLOCK_PAIRS: (usize, usize) = (6, 2);
     const GEMM_BLOCK_SPARSE: (usize, usize) = (8, 2);
-    // 6 rows x 32 columns: 24 accumulators, 4 weight vectors and the X pair (10-20% faster than
-    // the split 8 x 32 block on f32, 5-10% on f16; 8 x 16 was slower than both).
-    const GEMM_BLOCK_PAIRS: Option<(usize, usize)> = Some((6, 2));
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]

@@ -168,19 +168,23 @@ mod tests {
         assert!(AppendBuffer::with_capacity(1 << 60).is_none());
     }
 
-    /// A reader that sees a committed length sees the bytes under it, whole: appenders write
-    /// records of one repeated byte while readers check every record they can view.
+    /// Appenders race for the end while a reader views what is committed: every record a
+    /// view shows is whole (its bytes written before they became visible), and in the end every
+    /// appender's records are there, each claimed by one thread.
     #[test]
-    fn committed_bytes_are_written_before_they_are_visible() {
-        let buf = AppendBuffer::with_capacity(64 * 4000).unwrap();
+    fn racing_appenders_claim_disjoint_bytes_that_readers_see_whole() {
+        const REC: usize = 64;
+        const PER_THREAD: usize = 1000;
+        let total = 4 * PER_THREAD * REC;
+        let buf = AppendBuffer::with_capacity(total).unwrap();
+        let whole = |rec: &[u8]| rec[0] != 0 && rec.iter().all(|&b| b == rec[0]);
         std::thread::scope(|s| {
-            for t in 1..3u8 {
+            for t in 1..=4u8 {
                 let buf = &buf;
                 s.spawn(move || {
                     let mut done = 0;
-                    while done < 2000 {
-                        let at = buf.committed();
-                        if buf.try_append(at, &[t; 64]) {
+                    while done < PER_THREAD {
+                        if buf.try_append(buf.committed(), &[t; REC]) {
                             done += 1;
                         }
                     }
@@ -188,43 +192,16 @@ mod tests {
             }
             let buf = &buf;
             s.spawn(move || {
-                while buf.committed() < 64 * 4000 {
+                while buf.committed() < total {
                     let view = buf.prefix(buf.committed());
-                    for rec in view.chunks(64) {
-                        assert!(
-                            rec[0] != 0 && rec.iter().all(|&b| b == rec[0]),
-                            "torn record"
-                        );
-                    }
+                    assert!(view.chunks(REC).all(whole), "a torn record in a view");
                 }
             });
         });
-    }
-
-    #[test]
-    fn racing_appenders_claim_disjoint_bytes() {
-        let buf = AppendBuffer::with_capacity(4 * 1000).unwrap();
-        std::thread::scope(|s| {
-            for t in 0..4u8 {
-                let buf = &buf;
-                s.spawn(move || {
-                    let mut done = 0;
-                    while done < 250 {
-                        let at = buf.committed();
-                        if buf.try_append(at, &[t; 4]) {
-                            done += 1;
-                        }
-                    }
-                });
-            }
-        });
-        let all = buf.prefix(4000);
-        // Every 4-byte record was written whole by one thread.
-        for rec in all.chunks(4) {
-            assert!(rec.iter().all(|&b| b == rec[0]), "{rec:?}");
-        }
-        for t in 0..4u8 {
-            assert_eq!(all.chunks(4).filter(|r| r[0] == t).count(), 250);
+        let all = buf.prefix(total);
+        assert!(all.chunks(REC).all(whole), "a torn record");
+        for t in 1..=4u8 {
+            assert_eq!(all.chunks(REC).filter(|r| r[0] == t).count(), PER_THREAD);
         }
     }
 }
