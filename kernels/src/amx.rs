@@ -174,6 +174,7 @@ unsafe fn dense(job: &TileJob, w: *const u8, ws: usize, nvec: usize) {
         col0: 0,
         y: job.y.add(r0 * job.ys),
         ys: job.ys,
+        streamed: false,
     };
     if kfull < job.kpad {
         crate::avx512bf16::run_tile_bf16_dot(&sub(job.rows, 0, kfull, job.kpad - kfull), nvec);

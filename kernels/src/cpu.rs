@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-use crate::dispatch::{threads_from_env, SimdPath};
+use crate::dispatch::{threads_from_env, GemvPolicy, SimdPath};
 use crate::format::{PackedWeight, TileKind, WeightDtype};
 use crate::pool::ThreadPool;
 #[cfg(target_arch = "x86_64")]
@@ -45,6 +45,9 @@ pub(crate) struct TileJob {
     pub col0: usize,
     pub y: *mut f32,
     pub ys: usize,
+    /// A one-row job streams its accumulators through L1 ([`GemvPolicy::Streamed`]);
+    /// false for every job of more rows.
+    pub streamed: bool,
 }
 
 /// Walks a tile job in register blocks: for every group of at most `nv_max` vectors of
@@ -102,6 +105,7 @@ impl SharedOut {
 /// CPU kernels bound to one SIMD path and one thread pool.
 pub struct CpuKernels {
     path: SimdPath,
+    gemv: GemvPolicy,
     pool: ThreadPool,
 }
 
@@ -109,6 +113,7 @@ impl std::fmt::Debug for CpuKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuKernels")
             .field("path", &self.path)
+            .field("gemv", &self.gemv)
             .field("threads", &self.threads())
             .finish()
     }
@@ -125,8 +130,20 @@ impl CpuKernels {
         }
         Ok(CpuKernels {
             path,
+            gemv: GemvPolicy::Tuned,
             pool: ThreadPool::new(threads),
         })
+    }
+
+    /// The same kernels with one-row products on `gemv` (the default is
+    /// [`GemvPolicy::Tuned`]; the others exist to measure and test both strategies).
+    pub fn with_gemv(mut self, gemv: GemvPolicy) -> Self {
+        self.gemv = gemv;
+        self
+    }
+
+    pub fn gemv(&self) -> GemvPolicy {
+        self.gemv
     }
 
     /// Path from `PATCH_KERNEL_PATH` (else detected), threads from `PATCH_THREADS` (else all).
@@ -342,9 +359,10 @@ impl CpuKernels {
             }
             for i in 0..w.tile_map().k_tiles() {
                 let t = w.tile(i, j);
+                let sparse = t.kind == TileKind::Sparse24;
                 let mut job = TileJob {
                     dtype,
-                    sparse: t.kind == TileKind::Sparse24,
+                    sparse,
                     x: xs.as_ptr().add(mc * kp + t.k0),
                     xb: xb.map_or(std::ptr::null(), |b| b.as_ptr().add(mc * kp + t.k0)),
                     xs: kp,
@@ -356,6 +374,7 @@ impl CpuKernels {
                     col0: c0,
                     y: y.add(mc * n + n0 + c0),
                     ys: n,
+                    streamed: rows == 1 && self.gemv.streams(self.path, w.dtype(), sparse),
                 };
                 let nvec = match self.path {
                     SimdPath::Scalar => 0,

@@ -34,6 +34,104 @@ pub enum SimdPath {
     Amx,
 }
 
+/// How one-row products (decode) keep their accumulators. Both strategies compute the same
+/// sums in the same order per output; they differ only in speed, which depends on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemvPolicy {
+    /// The strategy measured fastest for the CPU's vendor, path and tile kind
+    /// ([`GemvPolicy::strategy`]).
+    Tuned,
+    /// Accumulators in registers, a few vectors of columns per pass over the tile.
+    Registers,
+    /// Accumulators in an L1 array, the tile read front to back once.
+    Streamed,
+}
+
+impl GemvPolicy {
+    pub const ALL: [GemvPolicy; 3] = [
+        GemvPolicy::Tuned,
+        GemvPolicy::Registers,
+        GemvPolicy::Streamed,
+    ];
+
+    /// Whether a one-row product on `path` over a tile of `dtype` (2:4 when `sparse`)
+    /// streams its accumulators through L1. `Tuned` follows kernel-bench at M = 1
+    /// (docs/KERNELS.md): on Intel (Sapphire Rapids) streaming is 10-20% faster on dense
+    /// bf16 / f16 tiles with AVX-512 and on every tile with AVX2; on AMD (Zen 4), where a
+    /// 512-bit store takes two cycles, registers are 2-2.5x faster on dense AVX-512 tiles
+    /// and equal or faster on 2:4 ones, and with AVX2 registers win on dense tiles and
+    /// streaming on 2:4 ones.
+    pub fn streams(self, path: SimdPath, dtype: crate::WeightDtype, sparse: bool) -> bool {
+        match self {
+            GemvPolicy::Registers => false,
+            GemvPolicy::Streamed => true,
+            GemvPolicy::Tuned => {
+                let intel = cpu_vendor() == CpuVendor::Intel;
+                match path {
+                    SimdPath::Scalar => false,
+                    SimdPath::Avx2 => intel || sparse,
+                    SimdPath::Avx512 | SimdPath::Avx512Bf16 | SimdPath::Amx => {
+                        intel && !sparse && dtype != crate::WeightDtype::F32
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for GemvPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GemvPolicy::Tuned => "tuned",
+            GemvPolicy::Registers => "registers",
+            GemvPolicy::Streamed => "streamed",
+        })
+    }
+}
+
+impl FromStr for GemvPolicy {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
+        GemvPolicy::ALL
+            .into_iter()
+            .find(|p| p.to_string() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| KernelError::UnknownGemvPolicy(s.to_string()))
+    }
+}
+
+/// The CPU maker, from CPUID leaf 0 (the kernels' tuning differs between them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuVendor {
+    Intel,
+    Amd,
+    Other,
+}
+
+/// This CPU's maker (`Other` off x86), read once (CPUID traps to the hypervisor in a VM).
+pub fn cpu_vendor() -> CpuVendor {
+    static VENDOR: std::sync::OnceLock<CpuVendor> = std::sync::OnceLock::new();
+    *VENDOR.get_or_init(read_cpu_vendor)
+}
+
+fn read_cpu_vendor() -> CpuVendor {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 0 exists on every x86-64 CPU.
+        let id = std::arch::x86_64::__cpuid(0);
+        let mut name = [0u8; 12];
+        for (i, r) in [id.ebx, id.edx, id.ecx].into_iter().enumerate() {
+            name[4 * i..4 * i + 4].copy_from_slice(&r.to_le_bytes());
+        }
+        match &name {
+            b"GenuineIntel" => CpuVendor::Intel,
+            b"AuthenticAMD" => CpuVendor::Amd,
+            _ => CpuVendor::Other,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    CpuVendor::Other
+}
+
 /// Rows from which the [`SimdPath::Avx512Bf16`] path rounds X to bf16. Below it the product
 /// is bound by reading the weight, so f32 activations cost nothing and stay exact.
 pub const BF16_DOT_MIN_ROWS: usize = 16;
@@ -178,6 +276,7 @@ pub fn threads_from_env() -> Result<usize, KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::WeightDtype;
 
     #[test]
     fn parse_paths() {
@@ -189,5 +288,36 @@ mod tests {
         ));
         assert!(SimdPath::available().contains(&SimdPath::Scalar));
         assert!(SimdPath::detect().is_supported());
+    }
+
+    #[test]
+    fn gemv_policies_parse_and_resolve() {
+        for p in GemvPolicy::ALL {
+            assert_eq!(p.to_string().parse::<GemvPolicy>().unwrap(), p);
+        }
+        assert!(matches!(
+            "fast".parse::<GemvPolicy>(),
+            Err(KernelError::UnknownGemvPolicy(_))
+        ));
+        let dtypes = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16];
+        for path in SimdPath::ALL {
+            for dtype in dtypes {
+                for sparse in [false, true] {
+                    assert!(GemvPolicy::Streamed.streams(path, dtype, sparse));
+                    assert!(!GemvPolicy::Registers.streams(path, dtype, sparse));
+                }
+            }
+        }
+        // The scalar path has one strategy; f32 and 2:4 AVX-512 tiles stay in registers on
+        // every vendor.
+        assert!(!GemvPolicy::Tuned.streams(SimdPath::Scalar, WeightDtype::Bf16, false));
+        assert!(!GemvPolicy::Tuned.streams(SimdPath::Avx512, WeightDtype::F32, false));
+        assert!(!GemvPolicy::Tuned.streams(SimdPath::Avx512, WeightDtype::Bf16, true));
+        assert!(GemvPolicy::Tuned.streams(SimdPath::Avx2, WeightDtype::Bf16, true));
+        let intel = cpu_vendor() == CpuVendor::Intel;
+        assert_eq!(
+            GemvPolicy::Tuned.streams(SimdPath::Avx512, WeightDtype::Bf16, false),
+            intel
+        );
     }
 }

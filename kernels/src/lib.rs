@@ -26,7 +26,7 @@ pub mod simd;
 mod tiles;
 
 pub use cpu::{matmul, CpuKernels, GroupProduct};
-pub use dispatch::SimdPath;
+pub use dispatch::{cpu_vendor, CpuVendor, GemvPolicy, SimdPath};
 pub use format::{
     magnitude_24_mask, pack, PackError, PackedWeight, TileInfo, TileKind, TileMap, TileShape,
     WeightDtype, WeightElement,
@@ -38,6 +38,8 @@ pub use half::{bf16, f16};
 pub enum KernelError {
     #[error("unknown kernel path {0:?} (expected scalar, avx2, avx512, avx512bf16 or amx)")]
     UnknownPath(String),
+    #[error("unknown GEMV policy {0:?} (expected tuned, registers or streamed)")]
+    UnknownGemvPolicy(String),
     #[error("kernel path {0} is not supported by this CPU")]
     UnsupportedPath(SimdPath),
     #[error("bad thread count {0:?} (expected a positive integer)")]

@@ -18,14 +18,16 @@
 //!   groups, `LANES` metadata words; [`TileSimd::select`] (`vpermilps`, which works inside
 //!   128-bit lanes) picks `x[4g + i0]` and `x[4g + i1]` per column from the low two bits of
 //!   the word shifted by `4q` and `4q + 2`.
-//! * GEMV (one row of X): a width picks one of two strategies per tile kind ([`Gemv`],
-//!   [`TileSimd::gemv`]). In registers, the accumulators of up to [`GEMV_REGISTER_VECTORS`]
+//! * GEMV (one row of X): one of two strategies per job ([`crate::GemvPolicy`], chosen per
+//!   CPU vendor, path and tile kind by the driver and handed over in `TileJob::streamed`).
+//!   In registers, the accumulators of up to [`GEMV_REGISTER_VECTORS`]
 //!   vectors stay in registers over the whole tile ([`dense_pairs`] for f32 / f16, the
 //!   blocks above with one row for bf16 and 2:4), and the tile is read in strips that many
 //!   vectors wide. Streamed, the accumulators of up to [`GEMV_CHUNK`] vectors live in an
 //!   L1-resident array and the tile is read front to back, with the next lines prefetched
-//!   ([`gemv_dense_streamed`], [`gemv_sparse_streamed`]): the only way with 16 registers,
-//!   and on AVX-512 the faster one for narrow (bf16 / f16) dense tiles.
+//!   ([`gemv_dense_streamed`], [`gemv_sparse_streamed`]): on Intel the faster one for narrow
+//!   (bf16 / f16) dense tiles, on AMD (two cycles per 512-bit store) the slower one on
+//!   AVX-512.
 //!
 //! The scalar twin of every kernel here is [`crate::scalar::tile`]; the property tests in
 //! `kernels/tests/kernels.rs` run each width against it on random ragged shapes.
@@ -50,18 +52,10 @@ const fn elem_size(dt: u8) -> usize {
     }
 }
 
-/// How a width runs a one-row product.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Gemv {
-    /// Accumulators in registers, up to [`GEMV_REGISTER_VECTORS`] vectors of columns at once.
-    Registers,
-    /// Accumulators in an L1 array, the tile read front to back.
-    Streamed,
-}
-
-/// Vectors of columns a [`Gemv::Registers`] pass covers (16 accumulators on f32 / f16).
+/// Vectors of columns a one-row pass with its accumulators in registers covers (16
+/// accumulators on f32 / f16).
 pub(crate) const GEMV_REGISTER_VECTORS: usize = 8;
-/// Vectors of columns whose accumulators one [`Gemv::Streamed`] pass keeps.
+/// Vectors of columns whose accumulators one streamed one-row pass keeps.
 const GEMV_CHUNK: usize = 16;
 /// K-pairs of one streamed dense block: a column group's accumulators stay in registers over
 /// the block and go through the L1 array once per block.
@@ -73,8 +67,6 @@ const GEMV_KBLOCK: usize = 8;
 pub(crate) trait TileSimd: F32Simd {
     /// 32-bit integer vectors of `LANES` lanes (metadata words).
     type I: Copy;
-    /// The one-row strategy of this width for tiles of dtype `dt`, dense or 2:4.
-    fn gemv(dt: u8, sparse: bool) -> Gemv;
     /// GEMM register blocks (rows, vectors of columns): [`dense`] (bf16), [`dense_pairs`]
     /// (f32 / f16) and [`sparse`].
     const GEMM_BLOCK_DENSE: (usize, usize);
@@ -520,7 +512,7 @@ macro_rules! dispatch_block {
 unsafe fn run<S: TileSimd, const DT: u8>(job: &TileJob, nvec: usize) {
     let esz = elem_size(DT);
     let row_bytes = job.nw * 2 * esz;
-    if job.rows == 1 && S::gemv(DT, job.sparse) == Gemv::Streamed {
+    if job.streamed {
         let w = job.vals.add(job.col0 * 2 * esz);
         if job.sparse {
             let meta = job.meta.add(job.col0);
@@ -591,10 +583,6 @@ unsafe fn run<S: TileSimd, const DT: u8>(job: &TileJob, nvec: usize) {
 
 impl TileSimd for Avx2 {
     type I = __m256i;
-    #[inline(always)]
-    fn gemv(_dt: u8, _sparse: bool) -> Gemv {
-        Gemv::Streamed
-    }
     // 16 ymm registers. bf16: 4 rows x 16 columns of accumulators. f32 / f16: 4 rows x 8
     // columns, 8 accumulators, 2 weight vectors and the X pair (on SPR 5-15% faster than the
     // split 4 x 16 block). 2:4: 4 x 8 (its metadata and selected activations take registers).
@@ -683,16 +671,6 @@ impl TileSimd for Avx2 {
 
 impl TileSimd for Avx512 {
     type I = __m512i;
-    /// Measured (kernel-bench, SPR, one and two threads): streaming is 10-20% faster on
-    /// dense bf16 and f16 tiles, registers 10-15% faster on f32 and on 2:4 tiles.
-    #[inline(always)]
-    fn gemv(dt: u8, sparse: bool) -> Gemv {
-        if sparse || dt == DT_F32 {
-            Gemv::Registers
-        } else {
-            Gemv::Streamed
-        }
-    }
     // 32 zmm registers. bf16 and 2:4: 8 rows x 32 columns. f32 / f16: 6 rows x 32 columns,
     // 24 accumulators, 4 weight vectors and the X pair (10-20% faster than the split 8 x 32
     // block on f32, 5-10% on f16; 8 x 16 was slower than both).

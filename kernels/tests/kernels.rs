@@ -3,8 +3,8 @@
 
 use patch_kernels::reference::gemm_f32;
 use patch_kernels::{
-    bf16, f16, magnitude_24_mask, pack, CpuKernels, GroupProduct, KernelError, PackError,
-    PackedWeight, SimdPath, TileKind, TileMap, TileShape, WeightDtype, WeightElement,
+    bf16, f16, magnitude_24_mask, pack, CpuKernels, GemvPolicy, GroupProduct, KernelError,
+    PackError, PackedWeight, SimdPath, TileKind, TileMap, TileShape, WeightDtype, WeightElement,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -138,8 +138,11 @@ fn check_paths(m: usize, w: &PackedWeight, with_bias: bool, threads: usize, seed
             twin[i]
         );
     }
-    for path in SimdPath::available() {
-        let kern = CpuKernels::new(path, threads).unwrap();
+    for (path, gemv) in SimdPath::available()
+        .into_iter()
+        .flat_map(|p| GemvPolicy::ALL.map(|g| (p, g)))
+    {
+        let kern = CpuKernels::new(path, threads).unwrap().with_gemv(gemv);
         let mut got = vec![f32::NAN; m * n];
         kern.matmul(m, &x, w, bias.as_deref(), &mut got).unwrap();
         let (twin, what) = if path.rounds_activations(m, w.dtype()) {
@@ -151,7 +154,7 @@ fn check_paths(m: usize, w: &PackedWeight, with_bias: bool, threads: usize, seed
             let tol = 1e-5 * (mag[i] + 1.0);
             assert!(
                 (got[i] - twin[i]).abs() <= tol,
-                "{path} ({threads} threads) vs {what} at row {} col {} ({m}x{k}x{n}, {:?}): {} vs {}",
+                "{path} (GEMV {gemv}, {threads} threads) vs {what} at row {} col {} ({m}x{k}x{n}, {:?}): {} vs {}",
                 i / n,
                 i % n,
                 w.dtype(),

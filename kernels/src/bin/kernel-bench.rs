@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release -p patch-kernels --bin kernel-bench -- \
 //!     [--shapes smol|llama|all|KxN,..] [--m 1,16,128,512] [--threads 1,2] \
-//!     [--dtypes f32,bf16,f16] [--sparsity 0,25,35,45,50] [--reps 9] [--path avx512bf16]
+//!     [--dtypes f32,bf16,f16] [--sparsity 0,25,35,45,50] [--reps 9] [--path avx512bf16] \
+//!     [--gemv tuned|registers|streamed]
 //! ```
 //!
 //! Every variant of one (shape, dtype, M, threads) cell is timed interleaved with the dense
@@ -15,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use patch_kernels::{
-    bandwidth, bf16, f16, magnitude_24_mask, pack, CpuKernels, PackedWeight, SimdPath, TileMap,
-    TileShape, WeightDtype, WeightElement,
+    bandwidth, bf16, f16, magnitude_24_mask, pack, CpuKernels, GemvPolicy, PackedWeight, SimdPath,
+    TileMap, TileShape, WeightDtype, WeightElement,
 };
 
 struct Args {
@@ -27,6 +28,7 @@ struct Args {
     sparsity: Vec<u32>,
     reps: usize,
     path: SimdPath,
+    gemv: GemvPolicy,
 }
 
 const SMOL: [(usize, usize); 4] = [(576, 576), (576, 192), (576, 1536), (1536, 576)];
@@ -45,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         sparsity: vec![0, 25, 35, 45, 50],
         reps: 9,
         path: SimdPath::from_env().map_err(|e| e.to_string())?,
+        gemv: GemvPolicy::Tuned,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -71,6 +74,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--path" => {
                 a.path = val
+                    .parse()
+                    .map_err(|e: patch_kernels::KernelError| e.to_string())?
+            }
+            "--gemv" => {
+                a.gemv = val
                     .parse()
                     .map_err(|e: patch_kernels::KernelError| e.to_string())?
             }
@@ -184,7 +192,14 @@ fn main() {
     let kernels: Vec<(usize, CpuKernels)> = args
         .threads
         .iter()
-        .map(|&t| (t, CpuKernels::new(args.path, t).expect("kernels")))
+        .map(|&t| {
+            (
+                t,
+                CpuKernels::new(args.path, t)
+                    .expect("kernels")
+                    .with_gemv(args.gemv),
+            )
+        })
         .collect();
     let bw: Vec<(usize, f64)> = kernels
         .iter()
@@ -198,8 +213,10 @@ fn main() {
         .collect();
     let peak = fma_peak();
     println!(
-        "# kernel-bench: path {}, reps {}, machine: {} threads available",
+        "# kernel-bench: path {}, GEMV {} ({:?} CPU), reps {}, machine: {} threads available",
         args.path,
+        args.gemv,
+        patch_kernels::cpu_vendor(),
         args.reps,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
