@@ -264,6 +264,11 @@ impl CpuKernels {
             return Ok(());
         }
         let used = self.threads().min(total).max(1);
+        // Threads take runs of units of equal cost (bytes read), not of equal count: a 2:4
+        // tile column reads about half of a dense one, and a hybrid matrix has both.
+        let bounds = balanced_bounds(products, &unit_counts, used, |dtype, kind, kpad| {
+            self.column_cost(m, dtype, kind, kpad)
+        });
         let outs: Vec<SharedOut> = products
             .iter_mut()
             .map(|p| SharedOut(p.y.as_mut_ptr()))
@@ -275,7 +280,7 @@ impl CpuKernels {
             if t >= used {
                 return;
             }
-            let (u0, u1) = (total * t / used, total * (t + 1) / used);
+            let (u0, u1) = (bounds[t], bounds[t + 1]);
             let mut base = 0;
             for (pi, p) in products.iter().enumerate() {
                 let (w, bias, out) = (p.w, p.bias, &outs[pi]);
@@ -318,6 +323,27 @@ impl CpuKernels {
             self.pool.run(&work);
         }
         Ok(())
+    }
+
+    /// The relative cost of one column of a tile in a product of `m` rows: its bytes (values,
+    /// plus the metadata of a 2:4 tile) for a one-row product, which reading the weight
+    /// bounds; its multiply-adds for more rows (a 2:4 tile does half, at about 0.8 of the
+    /// dense tile's time in kernel-bench; AMX expands it to dense first).
+    fn column_cost(&self, m: usize, dtype: WeightDtype, kind: TileKind, kpad: usize) -> u64 {
+        let kpad = kpad as u64;
+        let amx = self.path == SimdPath::Amx && self.path.rounds_activations(m, dtype);
+        match kind {
+            TileKind::Dense if m > 1 => 5 * kpad,
+            TileKind::Sparse24 if m > 1 => {
+                if amx {
+                    5 * kpad
+                } else {
+                    4 * kpad
+                }
+            }
+            TileKind::Dense => kpad * dtype.size() as u64,
+            TileKind::Sparse24 => kpad / 2 * dtype.size() as u64 + kpad / 8,
+        }
     }
 
     /// Computes columns `c0..c1` of tile column `j` for all rows.
@@ -415,6 +441,58 @@ impl CpuKernels {
     }
 }
 
+/// Unit boundaries `b[0] = 0 ≤ b[1] ≤ … ≤ b[used] = total` over the units of `products`
+/// (laid end to end, `unit_counts` per product) that give each of `used` threads about the
+/// same cost, `column_cost(dtype, kind, kpad)` per column of a tile.
+fn balanced_bounds(
+    products: &[GroupProduct<'_>],
+    unit_counts: &[usize],
+    used: usize,
+    column_cost: impl Fn(WeightDtype, TileKind, usize) -> u64,
+) -> Vec<usize> {
+    let total: usize = unit_counts.iter().sum();
+    if used <= 1 {
+        return vec![0, total];
+    }
+    let mut costs: Vec<u64> = Vec::with_capacity(total);
+    for (p, &count) in products.iter().zip(unit_counts) {
+        let map = p.w.tile_map();
+        if map.k_tiles() == 0 {
+            costs.extend(std::iter::repeat_n(1, count));
+            continue;
+        }
+        for j in 0..map.n_tiles() {
+            let column: u64 = (0..map.k_tiles())
+                .map(|i| {
+                    let t = p.w.tile(i, j);
+                    column_cost(p.w.dtype(), t.kind, t.kpad)
+                })
+                .sum::<u64>()
+                .max(1);
+            let nw = p.w.tile(0, j).nw;
+            for u in 0..nw.div_ceil(UNIT) {
+                costs.push(column * (UNIT.min(nw - u * UNIT)) as u64);
+            }
+        }
+    }
+    let sum: u64 = costs.iter().sum();
+    let mut bounds = Vec::with_capacity(used + 1);
+    bounds.push(0);
+    let mut acc = 0u64;
+    let mut unit = 0;
+    for t in 1..used {
+        let target = sum * t as u64 / used as u64;
+        // The first unit whose cost midpoint lies past the target starts thread t.
+        while unit < costs.len() && 2 * acc + costs[unit] <= 2 * target {
+            acc += costs[unit];
+            unit += 1;
+        }
+        bounds.push(unit);
+    }
+    bounds.push(total);
+    bounds
+}
+
 /// `x` rounded to nearest-even bf16 bits (SIMD where the path has the conversion; NaN
 /// stays NaN, subnormals may flush to zero there).
 fn round_to_bf16(path: SimdPath, x: &[f32]) -> Vec<u16> {
@@ -441,4 +519,64 @@ pub fn matmul(
     y: &mut [f32],
 ) -> Result<(), KernelError> {
     CpuKernels::global()?.matmul(m, x, w, bias, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{magnitude_24_mask, pack, TileMap, TileShape};
+
+    /// A 512 x 512 f32 weight whose first half of tile columns is 2:4 and second half dense
+    /// (clumped, as learned maps are): an equal count of units would give the second thread
+    /// about 1.9x the bytes of the first.
+    fn clumped() -> PackedWeight {
+        let (k, n) = (512, 512);
+        let tile = TileShape::default();
+        let (kt, nt) = tile.grid(k, n);
+        let kinds = (0..kt * nt)
+            .map(|t| {
+                if t % nt < nt / 2 {
+                    TileKind::Sparse24
+                } else {
+                    TileKind::Dense
+                }
+            })
+            .collect();
+        let map = TileMap::from_kinds(kt, nt, kinds).unwrap();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mask = magnitude_24_mask(&w, k, n, tile, &map).unwrap();
+        pack(&w, k, n, tile, &map, Some(&mask)).unwrap()
+    }
+
+    #[test]
+    fn threads_get_runs_of_equal_bytes_not_equal_counts() {
+        let w = clumped();
+        let mut y = vec![0f32; 512];
+        let products = [GroupProduct {
+            w: &w,
+            bias: None,
+            y: &mut y,
+        }];
+        let units = vec![512 / UNIT];
+        let kern = CpuKernels::new(SimdPath::Scalar, 1).unwrap();
+        let cost = |dtype, kind, kpad| kern.column_cost(1, dtype, kind, kpad);
+        let bounds = balanced_bounds(&products, &units, 2, cost);
+        assert_eq!((bounds[0], bounds[2]), (0, 32));
+        // A sparse unit costs 128 · 4 / 2 + 16 = 272 bytes per column of each tile, a dense
+        // one 512: the first thread takes the 16 sparse units and about four dense ones.
+        let bytes =
+            |u: std::ops::Range<usize>| -> u64 { u.map(|u| if u < 16 { 272 } else { 512 }).sum() };
+        let (a, b) = (bytes(0..bounds[1]), bytes(bounds[1]..32));
+        assert!(a.abs_diff(b) <= 512, "{bounds:?}: {a} vs {b} bytes");
+        assert!(bounds[1] > 16, "{bounds:?}");
+        // Many threads: monotone, every unit once.
+        let bounds = balanced_bounds(&products, &units, 7, cost);
+        assert_eq!(bounds.len(), 8);
+        assert!(bounds.windows(2).all(|p| p[0] <= p[1]));
+        assert_eq!((bounds[0], bounds[7]), (0, 32));
+        // More rows: multiply-adds, a 2:4 unit at 0.8 of a dense one.
+        let cost = |dtype, kind, kpad| kern.column_cost(64, dtype, kind, kpad);
+        let bounds = balanced_bounds(&products, &units, 2, cost);
+        assert!((17..=18).contains(&bounds[1]), "{bounds:?}");
+    }
 }
