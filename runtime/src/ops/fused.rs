@@ -873,6 +873,13 @@ impl DecodeGroup<'_> {
         // Only the keys some row of the group can see are read (a sliding window, or padding,
         // cuts both ends); the others stay `-inf`.
         let (lo, hi) = visible_keys(&self.masks, t);
+        // Every line this group reads is requested into L2 up front: the reads are a few
+        // hundred strided rows from DRAM, and one row's latency at a time (even 16 rows
+        // ahead) left the call latency-bound.
+        for j in lo..hi {
+            prefetch_row_l2(k.as_ptr().add(j * ks), d);
+            prefetch_row_l2(v.as_ptr().add(j * vs), dv);
+        }
         scores.fill(f32::NEG_INFINITY);
         // Four keys at a time: the four dot products of a query share one reduction.
         let mut j = lo;
@@ -993,6 +1000,22 @@ fn prefetch_row(p: *const f32, floats: usize) {
         // SAFETY: a prefetch never faults and reads nothing architecturally.
         unsafe {
             core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(line) as *const i8,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, floats);
+}
+
+/// [`prefetch_row`] into L2 only.
+#[inline(always)]
+fn prefetch_row_l2(p: *const f32, floats: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..floats).step_by(16) {
+        // SAFETY: a prefetch never faults and reads nothing architecturally.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
                 p.wrapping_add(line) as *const i8,
             )
         };
