@@ -122,48 +122,73 @@ fn save_cache(
 }
 
 /// Reads the statistics of a calibration cache whatever its key (for tools that inspect or
-/// cross-check them; compiles use the key-checked read). `None` if it is unreadable or names
-/// values `graph` does not have.
+/// cross-check them; compiles use the key-checked read). `None` if it is missing, unreadable
+/// or names values `graph` does not have.
 pub fn read_cache(path: &Path, graph: &Graph) -> Option<Calibration> {
-    load_cache(path, None, graph).map(|c| c.0)
+    load_cache(path, None, graph).ok().flatten().map(|c| c.0)
 }
 
-/// Reads a cache written by [`save_cache`] if its key is `key` (any key for `None`); `None`
-/// otherwise (a stale or unreadable cache is recomputed, never trusted).
+/// Reads a cache written by [`save_cache`] if its key is `key` (any key for `None`):
+/// `Ok(None)` when there is no file, `Err(why)` when it cannot be used (another key, a
+/// malformed or truncated file, values `graph` does not have, non-finite statistics). A
+/// cache that is not used is recomputed, never trusted.
 fn load_cache(
     path: &Path,
     key: Option<&str>,
     graph: &Graph,
-) -> Option<(Calibration, CachedSensitivity)> {
-    let b = std::fs::read(path).ok()?;
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(at..at.checked_add(n)?)?;
-        at += n;
-        Some(s)
+) -> Result<Option<(Calibration, CachedSensitivity)>, String> {
+    let b = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot be read ({e})")),
     };
-    if take(8)? != CACHE_MAGIC {
-        return None;
+    let mut at = 0usize;
+    let truncated = || "is truncated or malformed".to_string();
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let s = at
+            .checked_add(n)
+            .and_then(|end| b.get(at..end))
+            .ok_or_else(truncated)?;
+        at += n;
+        Ok(s)
+    };
+    if take(8).ok() != Some(&CACHE_MAGIC[..]) {
+        return Err("is not a calibration cache (no PATCHCAL header)".into());
     }
     let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes")) as usize;
     let klen = u64_of(take(8)?);
     let stored = take(klen)?;
     if key.is_some_and(|key| stored != key.as_bytes()) {
-        return None;
+        return Err(format!(
+            "was made from other inputs ({})",
+            String::from_utf8_lossy(stored)
+        ));
     }
     let count = u64_of(take(8)?);
     let mut calib = Calibration::default();
     for _ in 0..count {
         let nlen = u64_of(take(8)?);
-        let name = std::str::from_utf8(take(nlen)?).ok()?.to_string();
+        let name = std::str::from_utf8(take(nlen)?)
+            .map_err(|_| truncated())?
+            .to_string();
         let k = u64_of(take(8)?);
         let rows = u64_of(take(8)?);
-        let raw = take(k.checked_mul(k)?.checked_mul(8)?)?;
-        let h = raw
+        let bytes = k
+            .checked_mul(k)
+            .and_then(|e| e.checked_mul(8))
+            .ok_or_else(truncated)?;
+        let h: Vec<f64> = take(bytes)?
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        let id = graph.value_by_name(&name)?;
+        if h.iter().any(|v| !v.is_finite()) {
+            return Err(format!(
+                "holds a non-finite value in the statistics of `{name}`"
+            ));
+        }
+        let id = graph.value_by_name(&name).ok_or_else(|| {
+            format!("names the activation `{name}`, which the model does not have")
+        })?;
         calib
             .grams
             .insert(id, patch_passes::calibration::Gram { k, h, rows });
@@ -175,20 +200,70 @@ fn load_cache(
         by_weight: HashMap::new(),
     };
     if !sens.loss.is_finite() {
-        return None;
+        return Err("holds a non-finite dense loss".into());
     }
     for _ in 0..u64_of(take(8)?) {
         let nlen = u64_of(take(8)?);
-        let name = std::str::from_utf8(take(nlen)?).ok()?.to_string();
+        let name = std::str::from_utf8(take(nlen)?)
+            .map_err(|_| truncated())?
+            .to_string();
         let n = u64_of(take(8)?);
-        let raw = take(n.checked_mul(8)?)?;
-        let f: Vec<f64> = raw.chunks_exact(8).map(f64_of).collect();
+        let f: Vec<f64> = take(n.checked_mul(8).ok_or_else(truncated)?)?
+            .chunks_exact(8)
+            .map(f64_of)
+            .collect();
         if f.iter().any(|v| !v.is_finite() || *v < 0.0) {
-            return None;
+            return Err(format!(
+                "holds a negative or non-finite sensitivity of `{name}`"
+            ));
         }
         sens.by_weight.insert(name, f);
     }
-    Some((calib, sens))
+    if at != b.len() {
+        return Err(format!("has {} bytes past its end", b.len() - at));
+    }
+    Ok(Some((calib, sens)))
+}
+
+/// Checks cached statistics against the MatMuls they are for: every target's input has a
+/// Gram matrix as wide as the target's K, accumulated over at least one row, and every
+/// cached sensitivity has one entry per output channel of its weight.
+fn check_cached(
+    calib: &Calibration,
+    sens: &CachedSensitivity,
+    graph: &Graph,
+    targets: &[WeightMatMul],
+) -> Result<(), String> {
+    for t in targets {
+        let Some(x) = graph.node(t.node_id).inputs[0] else {
+            continue;
+        };
+        let name = &graph.value(x).name;
+        let g = calib
+            .grams
+            .get(&x)
+            .ok_or_else(|| format!("has no statistics for `{name}`, the input of `{}`", t.node))?;
+        if g.k != t.k || g.h.len() != t.k * t.k {
+            return Err(format!(
+                "holds a {}-wide Gram matrix for `{name}`, where `{}` multiplies a {}-wide input",
+                g.k, t.node, t.k
+            ));
+        }
+        if g.rows == 0 {
+            return Err(format!("holds statistics of no rows for `{name}`"));
+        }
+        if let Some(f) = sens.by_weight.get(&t.weight) {
+            if f.len() != t.n {
+                return Err(format!(
+                    "holds {} sensitivities for `{}`, which has {} output channels",
+                    f.len(),
+                    t.weight,
+                    t.n
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +335,9 @@ pub struct Calibrated {
     pub blocks: Vec<BlockOutcome>,
     /// Why block-wise learning did not run although it was asked for.
     pub blockwise_fallback: Option<String>,
+    /// Why the calibration cache that was given could not be used (it was recomputed and
+    /// written again), completing "the calibration cache `PATH` ...".
+    pub cache_rejected: Option<String>,
     /// The allocation `patch` used (None when no tiles were chosen: another method, or 50%).
     pub allocation: Option<Allocation>,
     /// Why the asked-for allocation was replaced by `relative`.
@@ -360,6 +438,7 @@ pub fn calibrate(
     let mut calib = Calibration::default();
     let mut calib_tokens = 0;
     let mut blockwise_fallback = None;
+    let mut cache_rejected = None;
     let mut allocation_fallback = None;
     let mut sensitivity: Option<CachedSensitivity> = None;
     let mut block_by_weight: HashMap<String, u64> = HashMap::new();
@@ -418,10 +497,18 @@ pub fn calibrate(
             options.seq,
             targets.len()
         );
-        let cached = options
-            .cache
-            .as_deref()
-            .and_then(|c| load_cache(c, Some(&key), &fused));
+        let cached = match options.cache.as_deref() {
+            Some(c) => load_cache(c, Some(&key), &fused).and_then(|loaded| match loaded {
+                Some((calib, sens)) => check_cached(&calib, &sens, &fused, &fused_targets)
+                    .map(|()| Some((calib, sens))),
+                None => Ok(None),
+            }),
+            None => Ok(None),
+        };
+        let cached = cached.unwrap_or_else(|why| {
+            cache_rejected = Some(why);
+            None
+        });
         let model = LanguageModel::new(BundleContents {
             graph: fused.clone(),
             tokenizer_json: Some(tok_json.clone()),
@@ -754,6 +841,7 @@ pub fn calibrate(
         calib_tokens,
         blocks: block_outcomes,
         blockwise_fallback,
+        cache_rejected,
         allocation,
         allocation_fallback,
         sensitivity: sensitivity.map(|s| (s.windows, s.loss)),

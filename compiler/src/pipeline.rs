@@ -522,6 +522,7 @@ pub fn compile(
                 "curve": b.curve,
             })).collect::<Vec<_>>(),
             "blockwise_fallback": c.blockwise_fallback,
+            "cache_rejected": c.cache_rejected,
             "allocation": c.allocation.map(|a| a.name()),
             "allocation_fallback": c.allocation_fallback,
             "sensitivity": c.sensitivity.map(|(windows, loss)| json!({

@@ -416,3 +416,91 @@ fn the_default_method_learns_blocks_on_every_family() {
         assert_eq!(rep["blockwise"].as_array().map(Vec::len), Some(2), "{name}");
     }
 }
+
+/// A calibration cache whose key matches is still checked against the model before use: a
+/// non-finite statistic, a Gram matrix of the wrong width, a truncated file or another file
+/// type is named in the report and recomputed (the bundle equals the one made without it),
+/// never trusted or a panic.
+#[test]
+fn a_calibration_cache_that_does_not_fit_the_model_is_named_and_recomputed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = setup("llama_optimum_with_past", dir.path(), 400);
+    let cache = dir.path().join("calib.cache");
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        let mut o = options(&model, &out, &calib, 0.35, Method::Patch);
+        o.calib.cache = Some(cache.clone());
+        o.calib.allocation = Allocation::Relative;
+        o.calib.blockwise = None;
+        pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
+        (load(&out).to_text(), sparse_report(&out))
+    };
+    let (reference, first) = run("first.patch");
+    assert!(
+        first["cache_rejected"].is_null(),
+        "{}",
+        first["cache_rejected"]
+    );
+    let good = std::fs::read(&cache).unwrap();
+    // The layout of the first Gram entry: magic, key, count, then name, k, rows, k² f64.
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize;
+    let key_end = 16 + u64_at(&good, 8);
+    let name_len = u64_at(&good, key_end + 8);
+    let name_at = key_end + 16;
+    let name = std::str::from_utf8(&good[name_at..name_at + name_len])
+        .unwrap()
+        .to_string();
+    let k_at = name_at + name_len;
+    let k = u64_at(&good, k_at);
+    let h_at = k_at + 16;
+
+    let mut nan = good.clone();
+    nan[h_at..h_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
+    let mut narrow = good[..k_at].to_vec();
+    narrow.extend_from_slice(&((k / 2) as u64).to_le_bytes());
+    narrow.extend_from_slice(&good[k_at + 8..h_at]);
+    narrow.extend_from_slice(&good[h_at..h_at + (k / 2) * (k / 2) * 8]);
+    narrow.extend_from_slice(&good[h_at + k * k * 8..]);
+    type Expected = Box<dyn Fn(&str) -> bool>;
+    let cases: Vec<(&str, Vec<u8>, Expected)> = vec![
+        (
+            "nan",
+            nan,
+            Box::new(move |m: &str| {
+                m == format!("holds a non-finite value in the statistics of `{name}`")
+            }),
+        ),
+        (
+            "narrow",
+            narrow,
+            Box::new(move |m: &str| {
+                m.starts_with(&format!("holds a {}-wide Gram matrix for `", k / 2))
+                    && m.ends_with(&format!("` multiplies a {k}-wide input"))
+            }),
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            Box::new(|m: &str| m == "is truncated or malformed"),
+        ),
+        (
+            "other file",
+            b"{\"not\": \"a cache\"}".to_vec(),
+            Box::new(|m: &str| m == "is not a calibration cache (no PATCHCAL header)"),
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        std::fs::write(&cache, &bytes).unwrap();
+        let (text, report) = run(&format!("{what}.patch"));
+        let why = report["cache_rejected"].as_str().unwrap_or_default();
+        assert!(expected(why), "{what}: {why:?}");
+        assert_eq!(text, reference, "{what}: the recomputed statistics differ");
+        // Written again: the next compile uses it.
+        assert_eq!(
+            std::fs::read(&cache).unwrap(),
+            good,
+            "{what}: not rewritten"
+        );
+    }
+}

@@ -203,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Without a terminal, progress goes to stderr as plain lines.
             let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
             let last_line = std::sync::Mutex::new((String::new(), std::time::Instant::now()));
+            let calib_cache_path = calib_cache.clone();
             let options = pipeline::CompileOptions {
                 tokenizer,
                 sparsity,
@@ -291,6 +292,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             sp["blockwise_svg"].as_str().unwrap_or("?")
                         );
                     }
+                }
+                if let (Some(why), Some(path)) = (
+                    sp.get("cache_rejected").and_then(|w| w.as_str()),
+                    calib_cache_path.as_deref(),
+                ) {
+                    eprintln!(
+                        "note: the calibration cache `{}` {why}; it was recomputed and written again",
+                        path.display()
+                    );
                 }
                 if let Some(why) = sp.get("blockwise_fallback").and_then(|w| w.as_str()) {
                     eprintln!("block-wise learning not run, matrix-wise masks kept: {why}");
