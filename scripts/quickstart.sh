@@ -97,10 +97,11 @@ for b in "$DENSE" "$HYBRID"; do
 done
 
 step 7 "perplexity of each on the first $EVAL_TOKENS tokens of the Brown evaluation split"
-ppl() {
-  "$PATCHRT" eval "$1" "${thread_args[@]}" --text "$EVAL_TEXT" --seq 512 --tokens "$EVAL_TOKENS" \
-    --no-verify | tee /dev/stderr | sed -n 's/.*perplexity \([0-9.]*\).*/\1/p' | tail -n 1
-}
+for b in "$DENSE" "$HYBRID"; do
+  "$PATCHRT" eval "$b" "${thread_args[@]}" --text "$EVAL_TEXT" --seq 512 --tokens "$EVAL_TOKENS" \
+    --no-verify | tee "$b.eval.txt"
+done
+ppl() { sed -n 's/^perplexity \([0-9.]*\).*/\1/p' "$1.eval.txt" | tail -n 1; }
 PPL_DENSE=$(ppl "$DENSE")
 PPL_HYBRID=$(ppl "$HYBRID")
 

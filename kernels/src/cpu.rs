@@ -454,40 +454,42 @@ fn balanced_bounds(
     if used <= 1 {
         return vec![0, total];
     }
-    let mut costs: Vec<u64> = Vec::with_capacity(total);
-    for (p, &count) in products.iter().zip(unit_counts) {
-        let map = p.w.tile_map();
-        if map.k_tiles() == 0 {
-            costs.extend(std::iter::repeat_n(1, count));
-            continue;
-        }
-        for j in 0..map.n_tiles() {
-            let column: u64 = (0..map.k_tiles())
-                .map(|i| {
-                    let t = p.w.tile(i, j);
-                    column_cost(p.w.dtype(), t.kind, t.kpad)
-                })
-                .sum::<u64>()
-                .max(1);
-            let nw = p.w.tile(0, j).nw;
-            for u in 0..nw.div_ceil(UNIT) {
-                costs.push(column * (UNIT.min(nw - u * UNIT)) as u64);
-            }
-        }
-    }
-    let sum: u64 = costs.iter().sum();
+    // The cost of every unit in order, generated twice (a decode step makes hundreds of
+    // these calls; the LM head alone has thousands of units, not worth an allocation).
+    let costs = || {
+        products.iter().zip(unit_counts).flat_map(|(p, &count)| {
+            let map = p.w.tile_map();
+            let tiles = if map.k_tiles() == 0 { 0 } else { map.n_tiles() };
+            let flat = std::iter::repeat_n(1, if tiles == 0 { count } else { 0 });
+            let per_tile = (0..tiles).flat_map(|j| {
+                let column: u64 = (0..map.k_tiles())
+                    .map(|i| {
+                        let t = p.w.tile(i, j);
+                        column_cost(p.w.dtype(), t.kind, t.kpad)
+                    })
+                    .sum::<u64>()
+                    .max(1);
+                let nw = p.w.tile(0, j).nw;
+                (0..nw.div_ceil(UNIT)).map(move |u| column * UNIT.min(nw - u * UNIT) as u64)
+            });
+            flat.chain(per_tile)
+        })
+    };
+    let sum: u64 = costs().sum();
     let mut bounds = Vec::with_capacity(used + 1);
     bounds.push(0);
-    let mut acc = 0u64;
-    let mut unit = 0;
-    for t in 1..used {
-        let target = sum * t as u64 / used as u64;
-        // The first unit whose cost midpoint lies past the target starts thread t.
-        while unit < costs.len() && 2 * acc + costs[unit] <= 2 * target {
-            acc += costs[unit];
-            unit += 1;
+    let (mut acc, mut unit, mut t) = (0u64, 0usize, 1usize);
+    for c in costs() {
+        // The first unit whose cost midpoint lies past thread t's share starts thread t.
+        while t < used && 2 * acc + c > 2 * (sum * t as u64 / used as u64) {
+            bounds.push(unit);
+            t += 1;
         }
-        bounds.push(unit);
+        acc += c;
+        unit += 1;
+    }
+    while bounds.len() < used {
+        bounds.push(total);
     }
     bounds.push(total);
     bounds

@@ -593,7 +593,7 @@ fn argmax(v: &[f32]) -> u32 {
         .0 as u32
 }
 
-/// The real model, compiled as `patchc compile` does by default (fused, dense f32), keeps its
+/// The real model, compiled as `patchc compile --weights f32` does (fused, dense f32), keeps its
 /// forward pass on the device too. Needs the prepared SmolLM2 (skipped with a message without
 /// it, unless `PATCH_REQUIRE_MODELS=1`).
 #[test]

@@ -49,8 +49,11 @@ enum Command {
         /// Global sparsity in [0, 0.5]: the fraction of prunable weights set to zero.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         sparsity: f64,
-        /// Element type of the packed weights: f32, bf16 or f16 (activations stay f32).
-        #[arg(long, default_value = "f32", value_parser = parse_weights)]
+        /// Element type of the packed weights: bf16, f16 or f32 (activations stay f32). bf16,
+        /// the default, is the fastest at equal quality on every CPU measured (AVX2, AVX-512,
+        /// AMX): half the bytes of f32 per decode step, and bf16 dot products for prompts where
+        /// the CPU has them; f32 keeps the model's weights exactly.
+        #[arg(long, default_value = "bf16", value_parser = parse_weights)]
         weights: WeightDtype,
         /// Tile shape KxN of the hybrid format (K a multiple of 4).
         #[arg(long, default_value = "128x128", value_parser = parse_tile)]
