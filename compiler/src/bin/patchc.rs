@@ -52,7 +52,8 @@ enum Command {
         /// Element type of the packed weights: bf16, f16 or f32 (activations stay f32). bf16,
         /// the default, is the fastest at equal quality on every CPU measured (AVX2, AVX-512,
         /// AMX): half the bytes of f32 per decode step, and bf16 dot products for prompts where
-        /// the CPU has them; f32 keeps the model's weights exactly.
+        /// the CPU has them (SmolLM2 on 16,384 Brown tokens: perplexity 39.1180, f32 39.1165);
+        /// f32 keeps the model's weights exactly.
         #[arg(long, default_value = "bf16", value_parser = parse_weights)]
         weights: WeightDtype,
         /// Tile shape KxN of the hybrid format (K a multiple of 4).
