@@ -1038,81 +1038,153 @@ fn short_name(name: &str) -> &str {
 /// N across; dark cells stayed dense, light cells are 2:4. `sizes[i]` (pruned, all weights of
 /// `maps[i]`) gives each row's sparsity, printed under its label.
 pub fn tile_map_svg(maps: &[NamedMap], sizes: &[(usize, usize)], title: &str) -> String {
+    const DENSE: &str = "#1f4e79";
+    const SPARSE: &str = "#bdd7ee";
+    // Monospace advance at font size 9 (0.6 em), so that labels never overlap.
+    let text_w = |t: &str, size: f64| t.chars().count() as f64 * size * 0.6;
     let cell = 6.0;
-    let gap = 14.0;
-    let label_w = 70.0;
-    // (block, its maps, (pruned, all weights)).
-    type Row<'a> = (Option<u64>, Vec<&'a NamedMap>, (usize, usize));
+    let gap = 12.0;
+    let label_w = text_w("100.0% sparse", 9.0) + 10.0;
+    // (block, its maps with their (pruned, all weights), the block's (pruned, all)).
+    type Row<'a> = (
+        Option<u64>,
+        Vec<(&'a NamedMap, (usize, usize))>,
+        (usize, usize),
+    );
     let mut rows: Vec<Row<'_>> = Vec::new();
     for (i, m) in maps.iter().enumerate() {
         let b = block_of(&m.0);
         let size = sizes.get(i).copied().unwrap_or((0, 0));
         match rows.last_mut() {
             Some((rb, v, total)) if *rb == b && b.is_some() => {
-                v.push(m);
+                v.push((m, size));
                 total.0 += size.0;
                 total.1 += size.1;
             }
-            _ => rows.push((b, vec![m], size)),
+            _ => rows.push((b, vec![(m, size)], size)),
         }
     }
-    let row_w =
-        |v: &[&NamedMap]| -> f64 { v.iter().map(|(_, m)| m.n_tiles() as f64 * cell + gap).sum() };
-    let row_h = |v: &[&NamedMap]| -> f64 {
+    // Column `c` of every row is as wide as the widest of its maps and labels.
+    let columns = rows.iter().map(|(_, v, _)| v.len()).max().unwrap_or(0);
+    let col_w: Vec<f64> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|(_, v, _)| v.get(c))
+                .map(|((name, m), _)| {
+                    (m.n_tiles() as f64 * cell).max(text_w(short_name(name), 9.0))
+                })
+                .fold(text_w("100%", 8.0), f64::max)
+                + gap
+        })
+        .collect();
+    let col_x: Vec<f64> = col_w
+        .iter()
+        .scan(label_w, |x, w| {
+            let at = *x;
+            *x += w;
+            Some(at)
+        })
+        .collect();
+    // A map's rows of tiles, then a line for its sparsity.
+    let row_h = |v: &[(&NamedMap, (usize, usize))]| -> f64 {
         v.iter()
-            .map(|(_, m)| m.k_tiles() as f64 * cell)
-            .fold(0.0, f64::max)
-            + 8.0
+            .map(|((_, m), _)| m.k_tiles() as f64 * cell)
+            .fold(text_w("x", 9.0) * 2.5, f64::max)
+            + 22.0
     };
-    let width = label_w + rows.iter().map(|(_, v, _)| row_w(v)).fold(0.0, f64::max) + 10.0;
-    let header = 44.0;
+    let (title_lines, subtitle) = match title.split_once(": ") {
+        Some((model, rest)) => (vec![model.to_string()], rest.to_string()),
+        None => (Vec::new(), title.to_string()),
+    };
+    let legend = "dense tile    2:4 tile    one row per block, K down, N across";
+    let grid_w = label_w + col_w.iter().sum::<f64>();
+    let width = [
+        grid_w,
+        title_lines
+            .iter()
+            .map(|t| text_w(t, 11.0))
+            .fold(0.0, f64::max),
+        text_w(&subtitle, 11.0),
+        text_w(legend, 9.0) + 30.0,
+    ]
+    .into_iter()
+    .fold(0.0, f64::max)
+        + 12.0;
+    let header = 70.0;
     let height = header + rows.iter().map(|(_, v, _)| row_h(v)).sum::<f64>() + 10.0;
-    let mut s = svg_header(
-        width,
-        height,
-        9,
-        title,
-        "dark: dense tile, light: 2:4 tile; one row per block (its sparsity under the label), K down, N across",
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="monospace" font-size="9">"##
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let mut y = 14.0;
+    for line in title_lines.iter().chain(std::iter::once(&subtitle)) {
+        let _ = writeln!(
+            s,
+            r##"<text x="6" y="{y}" font-size="11">{}</text>"##,
+            svg_escape(line)
+        );
+        y += 14.0;
+    }
+    // The legend: a swatch of each kind before its name.
+    let _ = writeln!(
+        s,
+        r##"<rect x="6" y="{}" width="8" height="8" fill="{DENSE}"/><text x="18" y="{}">dense tile</text>"##,
+        y - 7.0,
+        y
+    );
+    let sparse_x = 18.0 + text_w("dense tile    ", 9.0);
+    let _ = writeln!(
+        s,
+        r##"<rect x="{sparse_x:.1}" y="{}" width="8" height="8" fill="{SPARSE}"/><text x="{:.1}" y="{}">2:4 tile</text>"##,
+        y - 7.0,
+        sparse_x + 12.0,
+        y
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{y}">one row per block, K down, N across</text>"##,
+        sparse_x + 12.0 + text_w("2:4 tile    ", 9.0)
     );
     if let Some((_, first, _)) = rows.first() {
-        let mut x = label_w;
-        for (name, m) in first {
+        for (c, ((name, _), _)) in first.iter().enumerate() {
             let _ = writeln!(
                 s,
-                r##"<text x="{x}" y="{}">{}</text>"##,
-                header - 4.0,
+                r##"<text x="{:.1}" y="{}">{}</text>"##,
+                col_x[c],
+                header - 6.0,
                 svg_escape(short_name(name))
             );
-            x += m.n_tiles() as f64 * cell + gap;
         }
     }
     let mut y = header;
     for (b, v, (pruned, all)) in &rows {
         let label = match b {
             Some(b) => format!("block {b}"),
-            None => svg_escape(short_name(&v[0].0)),
+            None => svg_escape(short_name(&v[0].0 .0)),
         };
-        let _ = writeln!(s, r##"<text x="4" y="{}">{label}</text>"##, y + 8.0);
+        let _ = writeln!(s, r##"<text x="6" y="{}">{label}</text>"##, y + 8.0);
         if *all > 0 {
             let _ = writeln!(
                 s,
-                r##"<text x="4" y="{}">{:.1}% sparse</text>"##,
+                r##"<text x="6" y="{}">{:.1}% sparse</text>"##,
                 y + 19.0,
                 100.0 * *pruned as f64 / *all as f64
             );
         }
-        let mut x = label_w;
-        for (_, m) in v {
+        for (c, ((_, m), (mp, ma))) in v.iter().enumerate() {
+            let x = col_x[c];
             for i in 0..m.k_tiles() {
                 for j in 0..m.n_tiles() {
                     let fill = if m.get(i, j) == TileKind::Dense {
-                        "#1f4e79"
+                        DENSE
                     } else {
-                        "#bdd7ee"
+                        SPARSE
                     };
                     let _ = writeln!(
                         s,
-                        r##"<rect x="{}" y="{}" width="{}" height="{}" fill="{fill}"/>"##,
+                        r##"<rect x="{:.1}" y="{}" width="{}" height="{}" fill="{fill}"/>"##,
                         x + j as f64 * cell,
                         y + i as f64 * cell,
                         cell - 1.0,
@@ -1120,7 +1192,14 @@ pub fn tile_map_svg(maps: &[NamedMap], sizes: &[(usize, usize)], title: &str) ->
                     );
                 }
             }
-            x += m.n_tiles() as f64 * cell + gap;
+            if *ma > 0 {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{x:.1}" y="{}" font-size="8" fill="#555">{:.0}%</text>"##,
+                    y + m.k_tiles() as f64 * cell + 9.0,
+                    100.0 * *mp as f64 / *ma as f64
+                );
+            }
         }
         y += row_h(v);
     }
@@ -1146,10 +1225,40 @@ mod tests {
             ),
             ("/model/layers.1/self_attn/q_proj/MatMul".to_string(), m),
         ];
-        let svg = tile_map_svg(&maps, &[(10, 40), (30, 40), (0, 40)], "t");
+        let title = "/some/long/path/to/a/model/directory/model_with_past.onnx: patch at sparsity 0.4 (achieved 0.3980), 128x128 tiles";
+        let svg = tile_map_svg(&maps, &[(10, 40), (30, 40), (0, 40)], title);
         assert!(svg.contains("block 0") && svg.contains("block 1") && svg.contains(">q_proj<"));
         assert!(svg.contains(">50.0% sparse<") && svg.contains(">0.0% sparse<"));
-        assert_eq!(svg.matches("<rect").count(), 1 + 3 * 6);
+        // Every matrix's own sparsity under its map.
+        assert!(svg.contains(">25%<") && svg.contains(">75%<") && svg.contains(">0%<"));
+        // Background, two legend swatches, 3 maps of 2 x 3 tiles.
+        assert_eq!(svg.matches("<rect").count(), 1 + 2 + 3 * 6);
+        // The title is split after the model and the picture is wide enough for each line at
+        // 6.6 px per character (monospace at 11 px), so nothing is clipped.
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .and_then(|w| w.split('"').next())
+            .and_then(|w| w.parse().ok())
+            .unwrap();
+        assert!(svg.contains(">patch at sparsity 0.4 (achieved 0.3980), 128x128 tiles<"));
+        assert!(
+            width >= 6.6 * "/some/long/path/to/a/model/directory/model_with_past.onnx".len() as f64
+        );
+        // Column labels do not overlap: each starts after the previous one ends.
+        let label_x = |label: &str| -> f64 {
+            let at = svg.find(&format!(">{label}<")).unwrap();
+            let tag = &svg[svg[..at].rfind("<text").unwrap()..at];
+            tag.split("x=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(label_x("down_proj") >= label_x("q_proj") + 5.4 * "q_proj".len() as f64);
         assert_eq!(block_of("/model/layers.12/mlp"), Some(12));
     }
 }
