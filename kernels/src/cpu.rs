@@ -24,6 +24,9 @@ const UNIT: usize = 16;
 /// Rows of X processed per pass over a weight column panel (keeps the X panel in L2).
 const ROW_CHUNK: usize = 256;
 
+/// The process-wide kernels ([`CpuKernels::global`]).
+static GLOBAL: OnceLock<Result<CpuKernels, KernelError>> = OnceLock::new();
+
 /// One tile's worth of work for a kernel.
 ///
 /// Contract: `x` points at `X[m0, tile.k0]` of an X whose rows hold at least
@@ -151,13 +154,31 @@ impl CpuKernels {
         Self::new(SimdPath::from_env()?, threads_from_env()?)
     }
 
-    /// The process-wide instance, built once by [`from_env`](Self::from_env).
+    /// The process-wide instance: the one [`init_global`](Self::init_global) set, else
+    /// built once by [`from_env`](Self::from_env) on first use.
     pub fn global() -> Result<&'static CpuKernels, KernelError> {
-        static GLOBAL: OnceLock<Result<CpuKernels, KernelError>> = OnceLock::new();
         GLOBAL
             .get_or_init(CpuKernels::from_env)
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// Sets the process-wide instance to `path` with `threads` threads, before anything
+    /// uses it (a tool's `--threads`); once it exists, the instance in use is returned if it
+    /// has that path and thread count, and [`KernelError::GlobalInUse`] otherwise.
+    pub fn init_global(path: SimdPath, threads: usize) -> Result<&'static CpuKernels, KernelError> {
+        let kernels = GLOBAL
+            .get_or_init(|| CpuKernels::new(path, threads))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        if kernels.path == path && kernels.threads() == threads {
+            Ok(kernels)
+        } else {
+            Err(KernelError::GlobalInUse {
+                path: kernels.path,
+                threads: kernels.threads(),
+            })
+        }
     }
 
     pub fn path(&self) -> SimdPath {

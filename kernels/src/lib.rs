@@ -42,6 +42,8 @@ pub enum KernelError {
     UnknownGemvPolicy(String),
     #[error("kernel path {0} is not supported by this CPU")]
     UnsupportedPath(SimdPath),
+    #[error("the process-wide kernels already run on {path} with {threads} threads")]
+    GlobalInUse { path: SimdPath, threads: usize },
     #[error("bad thread count {0:?} (expected a positive integer)")]
     BadThreads(String),
     #[error("matmul [{m}, {k}] x [{k}, {n}]: {what} has {got} elements, expected {expected}")]

@@ -21,6 +21,28 @@ pub fn run(graph: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError
     Plan::new(graph)?.run(inputs)
 }
 
+/// What a [`Plan`] optimizes; every field on by default. Turning one off is for measuring
+/// what it buys (the outputs are the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Outputs go into the static memory plan's slots (else every op allocates its outputs).
+    pub memory_plan: bool,
+    /// Sibling hybrid products (Q/K/V, gate/up) run as one dispatch.
+    pub sibling_groups: bool,
+    /// A run asking for the last positions' logits computes only those rows of the LM head.
+    pub cut_logit_rows: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            memory_plan: true,
+            sibling_groups: true,
+            cut_logit_rows: true,
+        }
+    }
+}
+
 /// A graph prepared for repeated runs: constants aligned once, for every node the values
 /// whose last use it is, so that each run touches only a flat value array, the sibling
 /// hybrid products scheduled together, and the activations' buffers planned
@@ -42,8 +64,9 @@ pub struct Plan {
     use_slots: bool,
     /// Position of the node that computes the logits row by row from its first input (the LM
     /// head), when a run can ask for the last positions' logits only
-    /// ([`Plan::run_last_positions`]).
+    /// ([`Plan::run_last_positions`]); `None` when `cut_logit_rows` is off.
     logits_head: Option<usize>,
+    cut_logit_rows: bool,
     /// The value array of the last run, empty, kept for the next (one run at a time gets it;
     /// concurrent runs allocate their own).
     idle_env: Mutex<Vec<Option<Tensor>>>,
@@ -88,8 +111,8 @@ impl Profile {
 
 /// Scheduling of one node. `patch.HybridMatMul`s that read the same activation and have only
 /// constants besides it (Q/K/V, gate/up) run as one kernel dispatch when the first of them is
-/// reached; the others then only hand over their result. `PATCH_SIBLINGS=0` turns this off
-/// (to measure it).
+/// reached; the others then only hand over their result. `PlanOptions::sibling_groups` turns
+/// this off (to measure it).
 #[derive(Debug)]
 enum Sched {
     Alone,
@@ -136,11 +159,8 @@ fn sibling_schedule(graph: &Graph, consts: &[Option<Tensor>]) -> Vec<Sched> {
 
 /// Position of the node that computes `graph`'s logits output row by row from a `[b, s, h]`
 /// first input, and nothing else reads: `patch.HybridMatMul` without a residual, or a `MatMul`
-/// by a constant matrix, scheduled alone. `None` under `PATCH_LOGIT_ROWS=0`.
+/// by a constant matrix, scheduled alone.
 fn logits_head(graph: &Graph, consts: &[Option<Tensor>], sched: &[Sched]) -> Option<usize> {
-    if std::env::var("PATCH_LOGIT_ROWS").is_ok_and(|v| v == "0") {
-        return None;
-    }
     let (logits, _) = graph
         .outputs()
         .iter()
@@ -249,19 +269,24 @@ pub struct OpTime {
 }
 
 impl Plan {
+    /// A plan with every optimization on ([`PlanOptions::default`]).
     pub fn new(graph: &Graph) -> Result<Plan, RuntimeError> {
+        Plan::with_options(graph, PlanOptions::default())
+    }
+
+    pub fn with_options(graph: &Graph, options: PlanOptions) -> Result<Plan, RuntimeError> {
         let mut consts = vec![None; graph.value_count()];
         for (id, t) in graph.consts() {
             consts[id.0 as usize] = Some(t.to_aligned());
         }
         let frees = frees_after_last_use(graph, |v| consts[v].is_some());
-        let sched = if std::env::var("PATCH_SIBLINGS").is_ok_and(|v| v == "0") {
-            graph.nodes().map(|_| Sched::Alone).collect()
-        } else {
+        let sched = if options.sibling_groups {
             sibling_schedule(graph, &consts)
+        } else {
+            graph.nodes().map(|_| Sched::Alone).collect()
         };
         let (memory, slots, out_slots) = plan_memory(graph, &consts, &sched);
-        let logits_head = logits_head(graph, &consts, &sched);
+        let logits_head = logits_head(graph, &consts, &sched).filter(|_| options.cut_logit_rows);
         let checks = (0..graph.value_count())
             .map(|v| {
                 let shape = &graph.value(crate::ValueId(v as u32)).ty.shape;
@@ -275,7 +300,8 @@ impl Plan {
             memory,
             slots,
             out_slots,
-            use_slots: !std::env::var("PATCH_ARENA").is_ok_and(|v| v == "0"),
+            use_slots: options.memory_plan,
+            cut_logit_rows: options.cut_logit_rows,
             logits_head,
             idle_env: Mutex::default(),
             sched,
@@ -284,8 +310,8 @@ impl Plan {
         })
     }
 
-    /// Turns the memory plan's buffers on (the default, unless `PATCH_ARENA=0`) or off (every
-    /// op allocates its outputs; to measure it).
+    /// Turns the memory plan's buffers on (the default) or off (every op allocates its
+    /// outputs; to measure it).
     pub fn set_memory_plan(&mut self, on: bool) {
         self.use_slots = on;
     }
@@ -305,8 +331,7 @@ impl Plan {
         }
     }
 
-    /// Turns the joint scheduling of sibling hybrid products on (the default, unless
-    /// `PATCH_SIBLINGS=0`) or off.
+    /// Turns the joint scheduling of sibling hybrid products on (the default) or off.
     pub fn set_sibling_groups(&mut self, on: bool) {
         self.sched = if on {
             sibling_schedule(&self.graph, &self.consts)
@@ -315,7 +340,22 @@ impl Plan {
         };
         (self.memory, self.slots, self.out_slots) =
             plan_memory(&self.graph, &self.consts, &self.sched);
-        self.logits_head = logits_head(&self.graph, &self.consts, &self.sched);
+        self.logits_head =
+            logits_head(&self.graph, &self.consts, &self.sched).filter(|_| self.cut_logit_rows);
+    }
+
+    /// Turns the LM head on the kept rows only on (the default) or off (every prompt row's
+    /// logits, as the graph says; to measure it).
+    pub fn set_cut_logit_rows(&mut self, on: bool) {
+        self.cut_logit_rows = on;
+        self.logits_head = logits_head(&self.graph, &self.consts, &self.sched).filter(|_| on);
+    }
+
+    /// Applies `options` (what [`Plan::with_options`] would have built).
+    pub fn set_options(&mut self, options: PlanOptions) {
+        self.set_memory_plan(options.memory_plan);
+        self.cut_logit_rows = options.cut_logit_rows;
+        self.set_sibling_groups(options.sibling_groups);
     }
 
     /// The number of sibling groups scheduled as one dispatch.
@@ -441,7 +481,7 @@ impl Plan {
     /// True when [`run_last_positions`](Self::run_last_positions) computes only the asked
     /// positions' logits (the logits come from a product row by row of a `[b, s, h]` input:
     /// `patch.HybridMatMul` without a residual, or a `MatMul` by a constant matrix) and
-    /// `PATCH_LOGIT_ROWS=0` did not turn it off.
+    /// `PlanOptions::cut_logit_rows` did not turn it off.
     pub fn cuts_logits(&self) -> bool {
         self.logits_head.is_some()
     }

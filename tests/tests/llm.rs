@@ -377,3 +377,42 @@ fn text_generation_equals_transformers_greedy_tokens() {
         );
     }
 }
+
+/// The plan's options, which tools turn off to measure what each buys, change how a run is
+/// done and never what it computes: a plan built with all of them off, and one switched off
+/// after it was built, give the default plan's outputs exactly.
+#[test]
+fn plan_options_change_the_work_not_the_outputs() {
+    let off = interp::PlanOptions {
+        memory_plan: false,
+        sibling_groups: false,
+        cut_logit_rows: false,
+    };
+    for name in FIXTURES {
+        let g = rewritten(name, WeightDtype::F32);
+        let default = interp::Plan::new(&g).unwrap();
+        let built_off = interp::Plan::with_options(&g, off).unwrap();
+        let mut switched = interp::Plan::new(&g).unwrap();
+        switched.set_options(off);
+        for plan in [&built_off, &switched] {
+            assert_eq!(plan.sibling_groups(), 0, "{name}");
+            assert!(!plan.cuts_logits(), "{name}");
+        }
+        assert!(name == "gpt2" || default.sibling_groups() > 0, "{name}");
+        let c = read_case(&fixture_dir(name).join("cases").join("seq7"));
+        let inputs: Vec<Tensor> = c.inputs.iter().map(|(_, t)| t.clone()).collect();
+        let want = default.run(&inputs).unwrap();
+        for plan in [&built_off, &switched] {
+            for (a, b) in want.iter().zip(&plan.run(&inputs).unwrap()) {
+                assert_eq!(a.as_slice::<f32>().ok(), b.as_slice::<f32>().ok(), "{name}");
+            }
+        }
+        switched.set_options(interp::PlanOptions::default());
+        assert_eq!(
+            switched.sibling_groups(),
+            default.sibling_groups(),
+            "{name}"
+        );
+        assert_eq!(switched.cuts_logits(), default.cuts_logits(), "{name}");
+    }
+}

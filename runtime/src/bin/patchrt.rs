@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use patch_kernels::CpuKernels;
 use patch_runtime::bundle::{self, LoadOptions};
+use patch_runtime::interp::PlanOptions;
 use patch_runtime::llm::text::render_chat;
 use patch_runtime::llm::{
     bench, eval, Backend, ChatMessage, LanguageModel, LlmError, SamplingOptions,
@@ -44,6 +45,16 @@ struct RunOpts {
     /// its driver, and NVRTC on the library path).
     #[arg(long, default_value = "cpu")]
     backend: Backend,
+    /// Measuring aids: turn off the static memory plan (every op allocates its outputs).
+    #[arg(long, hide_short_help = true)]
+    no_memory_plan: bool,
+    /// Measuring aids: dispatch sibling products (Q/K/V, gate/up) one by one.
+    #[arg(long, hide_short_help = true)]
+    no_sibling_groups: bool,
+    /// Measuring aids: compute every prompt row's logits, as the graph says, instead of the
+    /// rows the generation keeps.
+    #[arg(long, hide_short_help = true)]
+    all_logit_rows: bool,
 }
 
 #[derive(Subcommand)]
@@ -129,8 +140,8 @@ fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, St
         if t > cpus {
             eprintln!("note: --threads {t} is more than the {cpus} CPUs this process may use; using {cpus}");
         }
-        // Read once, when the kernels first start; nothing has started them yet.
-        std::env::set_var("PATCH_THREADS", t.min(cpus).to_string());
+        let path = patch_kernels::SimdPath::from_env().map_err(|e| e.to_string())?;
+        CpuKernels::init_global(path, t.min(cpus)).map_err(|e| e.to_string())?;
     }
     CpuKernels::global().map_err(|e| e.to_string())?;
     let t = Instant::now();
@@ -144,6 +155,11 @@ fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, St
     .map_err(|e| e.to_string())?;
     let mut model = LanguageModel::with_backend(b.contents, opts.backend)
         .map_err(|e| format!("{}: {e}", opts.bundle.display()))?;
+    model.set_plan_options(PlanOptions {
+        memory_plan: !opts.no_memory_plan,
+        sibling_groups: !opts.no_sibling_groups,
+        cut_logit_rows: !opts.all_logit_rows,
+    });
     model.set_profiling(opts.profile);
     eprintln!(
         "loaded {} in {:.2} s on {} ({} layers, vocab {}, {})",

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use crate::bundle::{BundleContents, Generation};
 use crate::dtype::DType;
 use crate::error::RuntimeError;
-use crate::interp::Plan;
+use crate::interp::{Plan, PlanOptions};
 use crate::ir::{Graph, InputRole, OutputRole};
 use crate::tensor::Tensor;
 
@@ -440,6 +440,11 @@ impl LanguageModel {
     /// outputs), on the CPU.
     pub fn set_memory_plan(&mut self, on: bool) {
         self.plan.set_memory_plan(on);
+    }
+
+    /// Sets what the CPU plan optimizes ([`PlanOptions`]; all on by default).
+    pub fn set_plan_options(&mut self, options: PlanOptions) {
+        self.plan.set_options(options);
     }
 
     /// How the memory plan's slots have served the forward passes so far.
