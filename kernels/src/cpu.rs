@@ -396,6 +396,9 @@ impl CpuKernels {
         };
         let vals = w.values().as_ptr();
         let meta = w.meta().as_ptr();
+        // The one-row strategy per tile kind, resolved once for the panel.
+        let streams = |sparse| self.gemv.streams(self.path, w.dtype(), sparse);
+        let (stream_dense, stream_sparse) = (streams(false), streams(true));
         for mc in (0..m).step_by(ROW_CHUNK) {
             let rows = ROW_CHUNK.min(m - mc);
             for r in mc..mc + rows {
@@ -421,7 +424,7 @@ impl CpuKernels {
                     col0: c0,
                     y: y.add(mc * n + n0 + c0),
                     ys: n,
-                    streamed: rows == 1 && self.gemv.streams(self.path, w.dtype(), sparse),
+                    streamed: rows == 1 && if sparse { stream_sparse } else { stream_dense },
                 };
                 let nvec = match self.path {
                     SimdPath::Scalar => 0,

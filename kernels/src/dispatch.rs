@@ -39,7 +39,7 @@ pub enum SimdPath {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemvPolicy {
     /// The strategy measured fastest for the CPU's vendor, path and tile kind
-    /// ([`GemvPolicy::strategy`]).
+    /// ([`GemvPolicy::streams`]).
     Tuned,
     /// Accumulators in registers, a few vectors of columns per pass over the tile.
     Registers,

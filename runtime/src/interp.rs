@@ -64,8 +64,9 @@ pub struct Plan {
     use_slots: bool,
     /// Position of the node that computes the logits row by row from its first input (the LM
     /// head), when a run can ask for the last positions' logits only
-    /// ([`Plan::run_last_positions`]); `None` when `cut_logit_rows` is off.
+    /// ([`Plan::run_last_positions`]).
     logits_head: Option<usize>,
+    /// Whether such a run uses `logits_head` ([`PlanOptions::cut_logit_rows`]).
     cut_logit_rows: bool,
     /// The value array of the last run, empty, kept for the next (one run at a time gets it;
     /// concurrent runs allocate their own).
@@ -286,7 +287,7 @@ impl Plan {
             graph.nodes().map(|_| Sched::Alone).collect()
         };
         let (memory, slots, out_slots) = plan_memory(graph, &consts, &sched);
-        let logits_head = logits_head(graph, &consts, &sched).filter(|_| options.cut_logit_rows);
+        let logits_head = logits_head(graph, &consts, &sched);
         let checks = (0..graph.value_count())
             .map(|v| {
                 let shape = &graph.value(crate::ValueId(v as u32)).ty.shape;
@@ -340,15 +341,12 @@ impl Plan {
         };
         (self.memory, self.slots, self.out_slots) =
             plan_memory(&self.graph, &self.consts, &self.sched);
-        self.logits_head =
-            logits_head(&self.graph, &self.consts, &self.sched).filter(|_| self.cut_logit_rows);
+        self.logits_head = logits_head(&self.graph, &self.consts, &self.sched);
     }
 
-    /// Turns the LM head on the kept rows only on (the default) or off (every prompt row's
-    /// logits, as the graph says; to measure it).
-    pub fn set_cut_logit_rows(&mut self, on: bool) {
-        self.cut_logit_rows = on;
-        self.logits_head = logits_head(&self.graph, &self.consts, &self.sched).filter(|_| on);
+    /// The LM head's position when runs cut it to the asked rows.
+    fn cut_head(&self) -> Option<usize> {
+        self.logits_head.filter(|_| self.cut_logit_rows)
     }
 
     /// Applies `options` (what [`Plan::with_options`] would have built).
@@ -483,7 +481,7 @@ impl Plan {
     /// `patch.HybridMatMul` without a residual, or a `MatMul` by a constant matrix) and
     /// `PlanOptions::cut_logit_rows` did not turn it off.
     pub fn cuts_logits(&self) -> bool {
-        self.logits_head.is_some()
+        self.cut_head().is_some()
     }
 
     fn run_rows(
@@ -540,7 +538,7 @@ impl Plan {
         if self.use_slots {
             // A cut LM head writes `last_positions` rows, not the planned size: its slot is
             // left to grow to what it writes.
-            let cut_slot = match (last_positions, self.logits_head) {
+            let cut_slot = match (last_positions, self.cut_head()) {
                 (Some(_), Some(pos)) => self.out_slots[pos].first().copied().flatten(),
                 _ => None,
             };
@@ -563,7 +561,7 @@ impl Plan {
             let cut_input;
             let mut refs = self.input_refs(node, &env)?;
             // The LM head on the last positions only (its output is checked against them).
-            let cut_from = match (last_positions, self.logits_head == Some(pos), refs[0]) {
+            let cut_from = match (last_positions, self.cut_head() == Some(pos), refs[0]) {
                 (Some(k), true, Some(x)) if x.rank() == 3 && k < x.shape()[1] => {
                     cut_input = x.last_positions(k).map_err(|e| {
                         let e = crate::OpError::Invalid(e.to_string());

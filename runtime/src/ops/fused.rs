@@ -866,9 +866,9 @@ impl DecodeGroup<'_> {
         // head of the position), so the other heads' passes over these rows find them cached.
         let prefetch = |j: usize| {
             if j + PREFETCH_ROWS < t {
-                prefetch_row(k.as_ptr().add((j + PREFETCH_ROWS) * ks), ks);
+                prefetch_row::<false>(k.as_ptr().add((j + PREFETCH_ROWS) * ks), ks);
             }
-            prefetch_row(v.as_ptr().add(j * vs), vs);
+            prefetch_row::<false>(v.as_ptr().add(j * vs), vs);
         };
         // Only the keys some row of the group can see are read (a sliding window, or padding,
         // cuts both ends); the others stay `-inf`.
@@ -877,8 +877,8 @@ impl DecodeGroup<'_> {
         // hundred strided rows from DRAM, and one row's latency at a time (even 16 rows
         // ahead) left the call latency-bound.
         for j in lo..hi {
-            prefetch_row_l2(k.as_ptr().add(j * ks), d);
-            prefetch_row_l2(v.as_ptr().add(j * vs), dv);
+            prefetch_row::<true>(k.as_ptr().add(j * ks), d);
+            prefetch_row::<true>(v.as_ptr().add(j * vs), dv);
         }
         scores.fill(f32::NEG_INFINITY);
         // Four keys at a time: the four dot products of a query share one reduction.
@@ -991,33 +991,21 @@ const PV_VECTORS: usize = 4;
 /// Key positions between a row's prefetch and its use in the decode attention.
 const PREFETCH_ROWS: usize = 16;
 
-/// Asks for the cache lines of `floats` floats from `p` (a hint: any address may be given,
-/// nothing is read).
+/// Asks for the cache lines of `floats` floats from `p`, into every level or (`L2_ONLY`) into
+/// L2 (a hint: any address may be given, nothing is read).
 #[inline(always)]
-fn prefetch_row(p: *const f32, floats: usize) {
+fn prefetch_row<const L2_ONLY: bool>(p: *const f32, floats: usize) {
     #[cfg(target_arch = "x86_64")]
     for line in (0..floats).step_by(16) {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let at = p.wrapping_add(line) as *const i8;
         // SAFETY: a prefetch never faults and reads nothing architecturally.
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(line) as *const i8,
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, floats);
-}
-
-/// [`prefetch_row`] into L2 only.
-#[inline(always)]
-fn prefetch_row_l2(p: *const f32, floats: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for line in (0..floats).step_by(16) {
-        // SAFETY: a prefetch never faults and reads nothing architecturally.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                p.wrapping_add(line) as *const i8,
-            )
+            if L2_ONLY {
+                _mm_prefetch::<_MM_HINT_T1>(at)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(at)
+            }
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
