@@ -25,7 +25,8 @@ use patch_runtime::llm::LanguageModel;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::Graph;
 use patch_runtime::{Tensor, ValueId};
-use serde_json::{json, Value};
+
+use crate::report::LayerReport;
 
 /// How to calibrate.
 #[derive(Clone, Debug)]
@@ -326,7 +327,7 @@ pub fn prunable(graph: &Graph) -> Vec<WeightMatMul> {
 /// What calibration produced.
 pub struct Calibrated {
     pub masks: HashMap<String, WeightMask>,
-    pub layers: Vec<Value>,
+    pub layers: Vec<LayerReport>,
     pub tile_maps: Vec<(String, patch_kernels::TileMap)>,
     pub achieved: f64,
     pub phase_seconds: Vec<(&'static str, f64)>,
@@ -810,18 +811,18 @@ pub fn calibrate(
             .iter()
             .filter(|k| **k == TileKind::Sparse24)
             .count();
-        layers.push(json!({
-            "node": t.node,
-            "weight": t.weight,
-            "k": t.k,
-            "n": t.n,
-            "sparsity": m.pruned as f64 / (t.k * t.n) as f64,
-            "dense_tiles": m.map.kinds().len() - sparse,
-            "sparse_tiles": sparse,
-            "reconstruction_error": m.error,
-            "joint_prior_error": m.joint.map(|j| j.0),
-            "joint_learned_error": m.joint.map(|j| j.1),
-        }));
+        layers.push(LayerReport {
+            node: t.node.clone(),
+            weight: t.weight.clone(),
+            k: t.k,
+            n: t.n,
+            sparsity: m.pruned as f64 / (t.k * t.n) as f64,
+            dense_tiles: m.map.kinds().len() - sparse,
+            sparse_tiles: sparse,
+            reconstruction_error: m.error,
+            joint_prior_error: m.joint.map(|j| j.0),
+            joint_learned_error: m.joint.map(|j| j.1),
+        });
         tile_maps.push((t.node.clone(), m.map.clone()));
         masks_by_weight.insert(
             t.weight.clone(),
@@ -854,7 +855,7 @@ pub fn calibrate(
 }
 
 /// The per-layer table printed after a sparse compile.
-pub fn layer_table(layers: &[Value]) -> String {
+pub fn layer_table(layers: &[LayerReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -862,24 +863,21 @@ pub fn layer_table(layers: &[Value]) -> String {
         "layer (node)", "K", "N", "sparsity", "dense", "2:4", "rel. error"
     );
     for l in layers {
-        let err = l["reconstruction_error"]
-            .as_f64()
+        let err = l
+            .reconstruction_error
             .map_or("-".to_string(), |e| format!("{e:.3e}"));
-        let name = l["node"].as_str().unwrap_or("");
-        let name = if name.len() > 48 {
-            &name[name.len() - 48..]
-        } else {
-            name
-        };
+        // The last 48 characters of long names (the distinguishing part).
+        let chars = l.node.chars().count();
+        let name: String = l.node.chars().skip(chars.saturating_sub(48)).collect();
         let _ = writeln!(
             s,
             "{:<48} {:>6} {:>6} {:>8.1}% {:>6} {:>6} {:>11}",
             name,
-            l["k"],
-            l["n"],
-            100.0 * l["sparsity"].as_f64().unwrap_or(0.0),
-            l["dense_tiles"],
-            l["sparse_tiles"],
+            l.k,
+            l.n,
+            100.0 * l.sparsity,
+            l.dense_tiles,
+            l.sparse_tiles,
             err
         );
     }

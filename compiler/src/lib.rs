@@ -4,3 +4,4 @@ pub mod calibrate;
 pub mod inspect;
 pub mod onnx;
 pub mod pipeline;
+pub mod report;

@@ -22,10 +22,15 @@ use patch_passes::{
 };
 use patch_runtime::bundle::{self, BundleContents, BundleError, Generation};
 use patch_runtime::ops::OpRegistry;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::calibrate::{self, CalibError, CalibOptions};
 use crate::onnx::{self, import::ImportError, LoadError};
+use crate::report::{
+    BlockPhases, BlockReport, BlockSparsity, FusionLimits, FusionReport, FusionRunner, MatMulShape,
+    MemoryReport, NodeCounts, OpCount, PassReport, ReasonCount, Report, SensitivityReport,
+    SparseReport,
+};
 
 /// Reports `(phase, done, total)` while compiling (for a progress bar).
 pub type PhaseProgress = Arc<dyn Fn(&str, usize, usize) + Send + Sync>;
@@ -149,10 +154,13 @@ pub enum CompileError {
     Bundle(#[from] BundleError),
 }
 
-/// A summary of one compilation.
+/// What one compilation did.
 #[derive(Clone, Debug)]
 pub struct CompileReport {
-    pub json: Value,
+    /// The report written into the bundle; `None` when `--stop-after` ended the compilation.
+    pub bundle: Option<Report>,
+    /// Every pass run, in order (also in `bundle`).
+    pub passes: Vec<PassReport>,
     /// The pass `--stop-after` ended at (no bundle was written).
     pub stopped_after: Option<String>,
     /// IR files written by `--dump-after`.
@@ -162,29 +170,19 @@ pub struct CompileReport {
 /// The activations' memory plan of the compiled graph (in node order, as the runtime makes
 /// it): values planned, slots, and the arena's size in bytes as an expression of the symbolic
 /// dims, against every activation in its own buffer.
-fn memory_json(graph: &patch_runtime::Graph) -> Value {
+fn memory_report(graph: &patch_runtime::Graph) -> MemoryReport {
     use patch_runtime::memplan::MemoryPlan;
     let plan = MemoryPlan::of_graph(graph);
-    json!({
-        "activations": plan.planned_values(),
-        "slots": plan.slot_count(),
-        "arena_bytes": plan.arena_bytes().to_string(),
-        "unshared_bytes": plan.unshared_bytes().to_string(),
-    })
+    MemoryReport {
+        activations: plan.planned_values(),
+        slots: plan.slot_count(),
+        arena_bytes: plan.arena_bytes().to_string(),
+        unshared_bytes: plan.unshared_bytes().to_string(),
+    }
 }
 
-fn runs_json(runs: &[PassRun]) -> Value {
-    Value::Array(
-        runs.iter()
-            .map(|r| {
-                json!({
-                    "pipeline": r.pipeline, "pass": r.pass, "round": r.round,
-                    "changed": r.changed, "nodes_before": r.nodes_before,
-                    "nodes_after": r.nodes_after, "seconds": r.seconds,
-                })
-            })
-            .collect(),
-    )
+fn pass_reports(runs: &[PassRun]) -> Vec<PassReport> {
+    runs.iter().map(PassReport::from).collect()
 }
 
 /// Writes the IR after the passes named in `dump_after` to `<output>.<NN>.<pipeline>.<pass>.ir`.
@@ -431,7 +429,8 @@ pub fn compile(
             return Err(e);
         }
         Ok(outcome.stopped.then(|| CompileReport {
-            json: json!({ "stopped_after": options.stop_after, "passes": runs_json(&runs) }),
+            bundle: None,
+            passes: pass_reports(&runs),
             stopped_after: options.stop_after.clone(),
             dumps: dumper.borrow().written.clone(),
         }))
@@ -445,7 +444,7 @@ pub fn compile(
     phases.insert("cleanup", t.elapsed().as_secs_f64());
     let nodes_cleaned = graph.node_count();
     let targets = weight_matmuls(&graph);
-    let mut sparse_report = Value::Null;
+    let mut sparse_report = None;
     let mut masks = HashMap::new();
     if s > 0.0 {
         let c = calibrate::calibrate(
@@ -494,47 +493,52 @@ pub fn compile(
                 }
             })?;
         }
-        sparse_report = json!({
-            "blockwise_svg": blocks_svg.map(|p| p.display().to_string()),
-            "method": options.calib.method.name(),
-            "target_sparsity": s,
-            "achieved_sparsity": c.achieved,
-            "calibration_tokens": c.calib_tokens,
-            "calibration_samples": options.calib.samples,
-            "calibration_seq": options.calib.seq,
-            "seed": options.calib.seed,
-            "update_weights": options.calib.update_weights,
-            "patch_steps": options.calib.patch.steps,
-            "joint_steps": options.calib.patch.joint.steps,
-            "tile_map_svg": svg_path.display().to_string(),
-            "blockwise": c.blocks.iter().map(|b| json!({
-                "block": b.number,
-                "prior_error": b.prior_error,
-                "error": b.error,
-                "learned": b.learned,
-                "seconds": b.seconds,
-                "phase_seconds": {
-                    "statistics": b.phases[0],
-                    "prior": b.phases[1],
-                    "learn": b.phases[2],
-                    "advance": b.phases[3],
-                },
-                "curve": b.curve,
-            })).collect::<Vec<_>>(),
-            "blockwise_fallback": c.blockwise_fallback,
-            "cache_rejected": c.cache_rejected,
-            "allocation": c.allocation.map(|a| a.name()),
-            "allocation_fallback": c.allocation_fallback,
-            "sensitivity": c.sensitivity.map(|(windows, loss)| json!({
-                "windows": windows,
-                "dense_loss": loss,
-                "dense_perplexity": loss.exp(),
-            })),
-            "block_sparsity": c.block_sparsity.iter().map(|(b, s)| json!({
-                "block": b,
-                "sparsity": s,
-            })).collect::<Vec<_>>(),
-            "layers": c.layers,
+        sparse_report = Some(SparseReport {
+            method: options.calib.method.name().to_string(),
+            target_sparsity: s,
+            achieved_sparsity: c.achieved,
+            calibration_tokens: c.calib_tokens,
+            calibration_samples: options.calib.samples,
+            calibration_seq: options.calib.seq,
+            seed: options.calib.seed,
+            update_weights: options.calib.update_weights,
+            patch_steps: options.calib.patch.steps,
+            joint_steps: options.calib.patch.joint.steps,
+            tile_map_svg: svg_path.display().to_string(),
+            blockwise_svg: blocks_svg.map(|p| p.display().to_string()),
+            blockwise: c
+                .blocks
+                .iter()
+                .map(|b| BlockReport {
+                    block: b.number,
+                    prior_error: b.prior_error,
+                    error: b.error,
+                    learned: b.learned,
+                    seconds: b.seconds,
+                    phase_seconds: BlockPhases {
+                        statistics: b.phases[0],
+                        prior: b.phases[1],
+                        learn: b.phases[2],
+                        advance: b.phases[3],
+                    },
+                    curve: b.curve.clone(),
+                })
+                .collect(),
+            blockwise_fallback: c.blockwise_fallback,
+            cache_rejected: c.cache_rejected,
+            allocation: c.allocation.map(|a| a.name().to_string()),
+            allocation_fallback: c.allocation_fallback,
+            sensitivity: c.sensitivity.map(|(windows, loss)| SensitivityReport {
+                windows,
+                dense_loss: loss,
+                dense_perplexity: loss.exp(),
+            }),
+            block_sparsity: c
+                .block_sparsity
+                .iter()
+                .map(|&(block, sparsity)| BlockSparsity { block, sparsity })
+                .collect(),
+            layers: c.layers,
         });
         masks = c.masks;
     }
@@ -555,7 +559,7 @@ pub fn compile(
     phases.insert("pack", t.elapsed().as_secs_f64());
     let nodes_packed = graph.node_count();
 
-    let mut fusion_report = Value::Null;
+    let mut fusion_report = None;
     if options.fuse {
         let t = Instant::now();
         report_phase("fuse", 0, 1);
@@ -566,14 +570,35 @@ pub fn compile(
         }
         let r = handle.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let limits = FuseLimits::default();
-        fusion_report = json!({
-            "fused": r.fused.iter().map(|(k, n)| json!({"op": k, "count": n})).collect::<Vec<_>>(),
-            "skipped": r.skipped.iter().map(|(k, n)| json!({"reason": k, "count": n})).collect::<Vec<_>>(),
-            "runner": {
-                "stop_reason": r.stop_reason, "iterations": r.iterations,
-                "egraph_nodes": r.egraph_nodes, "egraph_classes": r.egraph_classes,
-                "limits": {"iterations": limits.iterations, "nodes": limits.nodes, "seconds": limits.time.as_secs_f64()},
+        fusion_report = Some(FusionReport {
+            fused: r
+                .fused
+                .iter()
+                .map(|(op, count)| OpCount {
+                    op: op.clone(),
+                    count: *count,
+                })
+                .collect(),
+            skipped: r
+                .skipped
+                .iter()
+                .map(|(reason, count)| ReasonCount {
+                    reason: reason.clone(),
+                    count: *count,
+                })
+                .collect(),
+            runner: FusionRunner {
+                stop_reason: r.stop_reason.clone(),
+                iterations: r.iterations,
+                egraph_nodes: r.egraph_nodes,
+                egraph_classes: r.egraph_classes,
+                limits: FusionLimits {
+                    iterations: limits.iterations,
+                    nodes: limits.nodes,
+                    seconds: limits.time.as_secs_f64(),
+                },
             },
+            unfused_decode_ops: Vec::new(),
         });
         phases.insert("fuse", t.elapsed().as_secs_f64());
         let t = Instant::now();
@@ -587,46 +612,56 @@ pub fn compile(
         return Ok(stopped);
     }
     phases.insert("schedule", t.elapsed().as_secs_f64());
-    if let Some(fusion) = fusion_report.as_object_mut() {
-        let unfused = patch_passes::fuse::unfused::unfused_in_decode_path(&graph);
-        fusion.insert(
-            "unfused_decode_ops".into(),
-            unfused
-                .iter()
-                .map(|(op, n)| json!({"op": op, "count": n}))
-                .collect::<Vec<_>>()
-                .into(),
-        );
+    if let Some(fusion) = &mut fusion_report {
+        fusion.unfused_decode_ops = patch_passes::fuse::unfused::unfused_in_decode_path(&graph)
+            .iter()
+            .map(|(op, count)| OpCount {
+                op: op.to_string(),
+                count: *count,
+            })
+            .collect();
     }
-    let memory_report = memory_json(&graph);
+    let memory = memory_report(&graph);
     let dumps = dumper.borrow().written.clone();
 
     let rewritten: Vec<_> = targets.iter().filter(|t| t.rewritable).collect();
     let kept: Vec<_> = targets.iter().filter(|t| !t.rewritable).collect();
-    let report = json!({
-        "source": options.model.display().to_string(),
-        "sparsity": s,
-        "weights": patch_runtime::ops::hybrid::dtype_name(options.weights),
-        "tile": [options.tile.k, options.tile.n],
-        "nodes": {
-            "imported": nodes_imported,
-            "after_cleanup": nodes_cleaned,
-            "after_pack": nodes_packed,
-            "final": graph.node_count(),
+    let shape = |t: &&patch_passes::hybrid::WeightMatMul| MatMulShape {
+        node: t.node.clone(),
+        k: t.k,
+        n: t.n,
+    };
+    let mut report = Report {
+        source: options.model.display().to_string(),
+        sparsity: s,
+        weights: patch_runtime::ops::hybrid::dtype_name(options.weights).to_string(),
+        tile: [options.tile.k, options.tile.n],
+        nodes: NodeCounts {
+            imported: nodes_imported,
+            after_cleanup: nodes_cleaned,
+            after_pack: nodes_packed,
+            final_: graph.node_count(),
         },
-        "passes": runs_json(&runs),
-        "fusion": fusion_report,
-        "memory": memory_report,
-        "parameters": parameters,
-        "weight_matmuls": targets.len(),
-        "hybrid_matmuls": rewritten.len(),
-        "hybrid_parameters": rewritten.iter().map(|t| t.k * t.n).sum::<usize>(),
-        "plain_matmuls": kept.iter().map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
-        "dense_only_matmuls": rewritten.iter().filter(|t| !t.prunable).map(|t| json!({"node": t.node, "k": t.k, "n": t.n})).collect::<Vec<_>>(),
-        "tokenizer": tokenizer_path.as_ref().map(|p| p.display().to_string()),
-        "sparse": sparse_report,
-        "phase_seconds": phases,
-    });
+        passes: pass_reports(&runs),
+        fusion: fusion_report,
+        memory,
+        parameters,
+        weight_matmuls: targets.len(),
+        hybrid_matmuls: rewritten.len(),
+        hybrid_parameters: rewritten.iter().map(|t| t.k * t.n).sum::<usize>(),
+        plain_matmuls: kept.iter().map(shape).collect(),
+        dense_only_matmuls: rewritten
+            .iter()
+            .filter(|t| !t.prunable)
+            .map(shape)
+            .collect(),
+        tokenizer: tokenizer_path.as_ref().map(|p| p.display().to_string()),
+        sparse: sparse_report,
+        phase_seconds: phases
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    };
     let metadata = BTreeMap::from([
         ("source".to_string(), options.model.display().to_string()),
         (
@@ -642,14 +677,16 @@ pub fn compile(
             graph,
             tokenizer_json,
             generation,
-            compile_report_json: report.to_string(),
+            compile_report_json: report.to_json(),
             metadata,
         },
     )?;
-    let mut report = report;
-    report["phase_seconds"]["write"] = json!(t.elapsed().as_secs_f64());
+    report
+        .phase_seconds
+        .insert("write".into(), t.elapsed().as_secs_f64());
     Ok(CompileReport {
-        json: report,
+        passes: report.passes.clone(),
+        bundle: Some(report),
         stopped_after: None,
         dumps,
     })

@@ -124,10 +124,11 @@ fn compile_writes_a_loadable_bundle_and_rejects_bad_sparsity() {
         Default::default(),
     )
     .unwrap();
-    assert!(bundle
-        .contents
-        .compile_report_json
-        .contains("\"sparsity\":0.0"));
+    let report = patch_compiler::report::Report::from_json(&bundle.contents.compile_report_json)
+        .expect("the stored report reads back");
+    assert_eq!(report.sparsity, 0.0);
+    assert_eq!(report.sparse, None);
+    assert_eq!(report.nodes.final_, bundle.contents.graph.node_count());
     // The whole model, fused: GPT-2's two attentions are single ops.
     let graph = &bundle.contents.graph;
     assert!(graph.node_count() > 50, "{}", graph.node_count());

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-use crate::dispatch::{threads_from_env, GemvPolicy, SimdPath};
+use crate::dispatch::{available_cpus, GemvPolicy, SimdPath};
 use crate::format::{PackedWeight, TileKind, WeightDtype};
 use crate::pool::ThreadPool;
 #[cfg(target_arch = "x86_64")]
@@ -149,16 +149,16 @@ impl CpuKernels {
         self.gemv
     }
 
-    /// Path from `PATCH_KERNEL_PATH` (else detected), threads from `PATCH_THREADS` (else all).
-    pub fn from_env() -> Result<Self, KernelError> {
-        Self::new(SimdPath::from_env()?, threads_from_env()?)
+    /// The detected path on every CPU this process may use.
+    pub fn detected() -> Result<Self, KernelError> {
+        Self::new(SimdPath::detect(), available_cpus())
     }
 
     /// The process-wide instance: the one [`init_global`](Self::init_global) set, else
-    /// built once by [`from_env`](Self::from_env) on first use.
+    /// built once by [`detected`](Self::detected) on first use.
     pub fn global() -> Result<&'static CpuKernels, KernelError> {
         GLOBAL
-            .get_or_init(CpuKernels::from_env)
+            .get_or_init(CpuKernels::detected)
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -179,6 +179,21 @@ impl CpuKernels {
                 threads: kernels.threads(),
             })
         }
+    }
+
+    /// [`init_global`](Self::init_global) for a tool's `--threads` and `--kernel-path`
+    /// (`None`: every CPU, the detected path). A thread count above the CPUs is cut to them;
+    /// the second value is then a note saying so, for the tool to print.
+    pub fn init_global_requested(
+        threads: Option<usize>,
+        path: Option<SimdPath>,
+    ) -> Result<(&'static CpuKernels, Option<String>), KernelError> {
+        let used = crate::dispatch::resolve_threads(threads)?;
+        let note = threads.filter(|&n| n > used).map(|n| {
+            format!("--threads {n} is more than the {used} CPUs this process may use; using {used}")
+        });
+        let kernels = Self::init_global(path.unwrap_or_else(SimdPath::detect), used)?;
+        Ok((kernels, note))
     }
 
     pub fn path(&self) -> SimdPath {

@@ -1,18 +1,18 @@
 //! Run-time choice of the SIMD path.
 //!
 //! Kernels are compiled for every path with `#[target_feature(enable = ...)]`; which one runs
-//! is decided when a [`crate::CpuKernels`] is built, from `is_x86_feature_detected!`, or forced
-//! with the `PATCH_KERNEL_PATH` environment variable (`scalar`, `avx2`, `avx512`, `avx512bf16`) or
-//! [`crate::CpuKernels::new`]. No RUSTFLAGS are needed.
+//! is decided when a [`crate::CpuKernels`] is built: the detected one (`is_x86_feature_detected!`)
+//! unless the caller names one ([`crate::CpuKernels::new`]; the CLIs take `--kernel-path`, or
+//! [`PATH_ENV`]). The library itself reads no environment variable. No RUSTFLAGS are needed.
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::KernelError;
 
-/// Environment variable that forces a path.
+/// Environment variable the CLIs read as the default of `--kernel-path` (the library does not).
 pub const PATH_ENV: &str = "PATCH_KERNEL_PATH";
-/// Environment variable that sets the default thread count.
+/// Environment variable the CLIs read as the default of `--threads` (the library does not).
 pub const THREADS_ENV: &str = "PATCH_THREADS";
 
 /// An instruction-set path. Every SIMD path has the scalar path as its twin.
@@ -196,18 +196,13 @@ impl SimdPath {
             .collect()
     }
 
-    /// The path named by `PATCH_KERNEL_PATH`, or the detected one when unset.
-    pub fn from_env() -> Result<SimdPath, KernelError> {
-        match std::env::var(PATH_ENV) {
-            Ok(s) if !s.trim().is_empty() => {
-                let p: SimdPath = s.parse()?;
-                if !p.is_supported() {
-                    return Err(KernelError::UnsupportedPath(p));
-                }
-                Ok(p)
-            }
-            _ => Ok(SimdPath::detect()),
+    /// The path named `name`, if this CPU has it (a `--kernel-path` value).
+    pub fn parse_supported(name: &str) -> Result<SimdPath, KernelError> {
+        let p: SimdPath = name.parse()?;
+        if !p.is_supported() {
+            return Err(KernelError::UnsupportedPath(p));
         }
+        Ok(p)
     }
 
     /// Output columns one vector register holds (the column granularity of the kernel).
@@ -261,15 +256,14 @@ pub fn available_cpus() -> usize {
         .unwrap_or(1)
 }
 
-/// Default thread count: `PATCH_THREADS`, else the available parallelism; never more than
-/// [`available_cpus`] (spinning workers on a shared core only slow the others down).
-pub fn threads_from_env() -> Result<usize, KernelError> {
-    match std::env::var(THREADS_ENV) {
-        Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n.min(available_cpus())),
-            _ => Err(KernelError::BadThreads(s)),
-        },
-        _ => Ok(available_cpus()),
+/// The thread count to use for `requested` threads (a `--threads` value; `None`: every CPU):
+/// never more than [`available_cpus`] (spinning workers on a shared core only slow the others
+/// down).
+pub fn resolve_threads(requested: Option<usize>) -> Result<usize, KernelError> {
+    match requested {
+        None => Ok(available_cpus()),
+        Some(0) => Err(KernelError::BadThreads("0".into())),
+        Some(n) => Ok(n.min(available_cpus())),
     }
 }
 

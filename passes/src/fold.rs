@@ -41,6 +41,22 @@ impl Pass for ConstantFolding {
             if is_nondeterministic(&node.op_type) {
                 continue;
             }
+            // Outputs whose inferred size is already past the limit are never computed (a
+            // `ConstantOfShape` of 10^12 elements must not be allocated to find that out).
+            let declared: Option<usize> = node.outputs.iter().try_fold(0usize, |sum, &o| {
+                let ty = &graph.value(o).ty;
+                let volume = ty.shape.iter().try_fold(1usize, |a, d| {
+                    a.checked_mul(usize::try_from(d.as_const()?).ok()?)
+                })?;
+                sum.checked_add(volume.checked_mul(ty.dtype.size_of())?)
+            });
+            let all_constant = node.outputs.iter().all(|&o| {
+                let ty = &graph.value(o).ty;
+                ty.shape.iter().all(|d| d.as_const().is_some())
+            });
+            if all_constant && declared.is_none_or(|b| b > self.max_bytes) {
+                continue;
+            }
             // Known content of every output (from symbolic inference).
             let from_sym: Option<Vec<Tensor>> = node
                 .outputs

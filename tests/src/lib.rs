@@ -1,6 +1,8 @@
 //! Shared helpers for the cross-crate tests: locating fixtures and reading their ONNX Runtime
 //! goldens (ONNX test-data layout: `cases/<case>/input_<i>.pb`, `output_<i>.pb`).
 
+pub mod fuzz;
+
 use std::path::{Path, PathBuf};
 
 use patch_compiler::onnx::{self, proto::TensorProto};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use patch_compiler::calibrate::CalibOptions;
 use patch_compiler::pipeline::{self, CompileError, CompileOptions};
+use patch_compiler::report::{Report, SparseReport};
 use patch_kernels::{TileKind, TileShape};
 use patch_passes::masks::{Allocation, Method};
 use patch_runtime::bundle::{self, LoadOptions};
@@ -14,7 +15,6 @@ use patch_runtime::ops::hybrid::HybridMatMul;
 use patch_runtime::ops::OpRegistry;
 use patch_runtime::{interp, Graph, Tensor, ValueId};
 use patch_tests::{fixture_dir, read_case, stage_fixture};
-use serde_json::Value;
 
 /// The fixture copied into `dir` with a word tokenizer and `words` words of calibration text.
 fn setup(name: &str, dir: &Path, words: usize) -> (PathBuf, PathBuf) {
@@ -145,10 +145,13 @@ fn unpacked_reference(g: &Graph) -> Graph {
     r
 }
 
-fn sparse_report(path: &Path) -> Value {
+/// The sparse part of the report stored in the bundle at `path`, read back typed.
+fn sparse_report(path: &Path) -> SparseReport {
     let b = bundle::load_bundle(path, &OpRegistry::onnx(), LoadOptions::default()).unwrap();
-    let r: Value = serde_json::from_str(&b.contents.compile_report_json).unwrap();
-    r["sparse"].clone()
+    Report::from_json(&b.contents.compile_report_json)
+        .expect("the stored report reads back")
+        .sparse
+        .expect("a sparse compile has a sparse report")
 }
 
 #[test]
@@ -170,12 +173,12 @@ fn every_method_meets_the_budget_and_the_kernels_match_the_masked_reference() {
             )
             .unwrap();
             let rep = sparse_report(&out);
-            let achieved = rep["achieved_sparsity"].as_f64().unwrap();
+            let achieved = rep.achieved_sparsity;
             assert!(
                 (achieved - s).abs() <= 0.005 * s + 1e-9,
                 "{method} at {s}: achieved {achieved}"
             );
-            assert_eq!(rep["method"], method.name());
+            assert_eq!(rep.method, method.name());
             let g = load(&out);
             let mut sparse_tiles = 0;
             for (_, n) in g.nodes().filter(|(_, n)| n.op_type == "HybridMatMul") {
@@ -196,7 +199,7 @@ fn every_method_meets_the_budget_and_the_kernels_match_the_masked_reference() {
             assert!(sparse_tiles > 0, "{method} at {s}: no 2:4 tile");
             // Packed weights count as the matrices they hold, not as their bytes: the
             // bundle's count is the imported model's, less the small constants folded away.
-            let imported = report.json["parameters"].as_u64().unwrap() as f64;
+            let imported = report.bundle.as_ref().unwrap().parameters as f64;
             let counted = g.parameter_count() as f64;
             assert!(
                 counted <= imported && counted >= 0.99 * imported,
@@ -248,12 +251,10 @@ fn the_learned_method_is_deterministic_for_a_seed_and_beats_wanda() {
     );
 }
 
-fn summed_error(r: &Value) -> f64 {
-    r["layers"]
-        .as_array()
-        .unwrap()
+fn summed_error(r: &SparseReport) -> f64 {
+    r.layers
         .iter()
-        .map(|l| l["reconstruction_error"].as_f64().unwrap())
+        .map(|l| l.reconstruction_error.expect("a layer error"))
         .sum()
 }
 
@@ -275,16 +276,16 @@ fn patch_joint_learns_patterns_that_beat_the_frozen_ones() {
         let (g, joint) = run("joint.patch", 100);
         let (g2, _) = run("joint2.patch", 100);
         assert_eq!(g.to_text(), g2.to_text(), "same seed, same graph");
-        assert_eq!(joint["joint_steps"], 100);
-        for l in joint["layers"].as_array().unwrap() {
+        assert_eq!(joint.joint_steps, 100);
+        for l in &joint.layers {
             let (prior, learned) = (
-                l["joint_prior_error"].as_f64().unwrap(),
-                l["joint_learned_error"].as_f64().unwrap(),
+                l.joint_prior_error.expect("a joint prior error"),
+                l.joint_learned_error.expect("a joint learned error"),
             );
-            assert!(learned <= prior, "{}: {learned} > {prior}", l["node"]);
+            assert!(learned <= prior, "{}: {learned} > {prior}", l.node);
         }
-        assert!(tile["layers"][0]["joint_prior_error"].is_null());
-        let achieved = joint["achieved_sparsity"].as_f64().unwrap();
+        assert_eq!(tile.layers[0].joint_prior_error, None);
+        let achieved = joint.achieved_sparsity;
         assert!((achieved - s).abs() <= 0.005 * s, "achieved {achieved}");
         assert!(
             summed_error(&joint) < summed_error(&tile),
@@ -351,32 +352,36 @@ fn the_loss_allocation_differentiates_the_model_and_caches_its_sensitivities() {
         o.calib.allocation = allocation;
         o.calib.blockwise = None;
         let report = pipeline::compile(&o, &OpRegistry::onnx()).unwrap();
-        (load(&out).to_text(), sparse_report(&out), report.json)
+        (
+            load(&out).to_text(),
+            sparse_report(&out),
+            report.bundle.unwrap(),
+        )
     };
     let (a, ra, ja) = run("a.patch", Allocation::Loss);
-    assert_eq!(ra["allocation"], "loss");
-    assert!(ra["allocation_fallback"].is_null());
+    assert_eq!(ra.allocation.as_deref(), Some("loss"));
+    assert_eq!(ra.allocation_fallback, None);
     // 16 windows asked, 4 calibration windows: the sensitivities come from those 4.
-    assert_eq!(ra["sensitivity"]["windows"], 4);
-    let ppl = ra["sensitivity"]["dense_perplexity"].as_f64().unwrap();
+    let sensitivity = ra.sensitivity.as_ref().expect("loss sensitivities");
+    assert_eq!(sensitivity.windows, 4);
+    let ppl = sensitivity.dense_perplexity;
     assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
-    assert!(ja["phase_seconds"]["sensitivity"].as_f64().is_some());
-    let blocks = ra["block_sparsity"].as_array().unwrap();
-    assert!(!blocks.is_empty());
+    assert!(ja.phase_seconds.contains_key("sensitivity"));
+    assert!(!ra.block_sparsity.is_empty());
     // The second compile reads the sensitivities back from the cache: the same bundle.
     let (b, rb, jb) = run("b.patch", Allocation::Loss);
     assert_eq!(a, b);
-    assert_eq!(rb["sensitivity"], ra["sensitivity"]);
-    assert!(jb["phase_seconds"]["sensitivity"].is_null(), "recomputed");
+    assert_eq!(rb.sensitivity, ra.sensitivity);
+    assert!(!jb.phase_seconds.contains_key("sensitivity"), "recomputed");
     // Uniform block budgets hold every block at the global sparsity.
     let (_, ru, _) = run("u.patch", Allocation::UniformBlocks);
-    for blk in ru["block_sparsity"].as_array().unwrap() {
-        let s = blk["sparsity"].as_f64().unwrap();
-        assert!((s - 0.35).abs() < 0.06, "block {} at {s}", blk["block"]);
+    for blk in &ru.block_sparsity {
+        let s = blk.sparsity;
+        assert!((s - 0.35).abs() < 0.06, "block {} at {s}", blk.block);
     }
     let (_, rr, _) = run("r.patch", Allocation::Relative);
-    assert_eq!(rr["allocation"], "relative");
-    assert!(rr["sensitivity"].is_null());
+    assert_eq!(rr.allocation.as_deref(), Some("relative"));
+    assert_eq!(rr.sensitivity, None);
 }
 
 /// The default method (tiles chosen by loss gradients, masks and weights learned through each
@@ -397,23 +402,19 @@ fn the_default_method_learns_blocks_on_every_family() {
         }
         pipeline::compile(&o, &OpRegistry::onnx()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let rep = sparse_report(&out);
-        let achieved = rep["achieved_sparsity"].as_f64().unwrap();
-        println!("{name}: achieved {achieved}, blocks {}", rep["blockwise"]);
+        let achieved = rep.achieved_sparsity;
+        println!("{name}: achieved {achieved}, blocks {:?}", rep.blockwise);
         assert!(
             (achieved - 0.4).abs() <= 0.01,
             "{name}: achieved {achieved}"
         );
         if name.starts_with("gpt2") {
-            let why = rep["blockwise_fallback"].as_str().unwrap_or_default();
+            let why = rep.blockwise_fallback.as_deref().unwrap_or_default();
             assert!(why.contains("is a Gemm"), "{name}: {why}");
             continue;
         }
-        assert!(
-            rep["blockwise_fallback"].is_null(),
-            "{name}: {}",
-            rep["blockwise_fallback"]
-        );
-        assert_eq!(rep["blockwise"].as_array().map(Vec::len), Some(2), "{name}");
+        assert_eq!(rep.blockwise_fallback, None, "{name}");
+        assert_eq!(rep.blockwise.len(), 2, "{name}");
     }
 }
 
@@ -436,11 +437,7 @@ fn a_calibration_cache_that_does_not_fit_the_model_is_named_and_recomputed() {
         (load(&out).to_text(), sparse_report(&out))
     };
     let (reference, first) = run("first.patch");
-    assert!(
-        first["cache_rejected"].is_null(),
-        "{}",
-        first["cache_rejected"]
-    );
+    assert_eq!(first.cache_rejected, None);
     let good = std::fs::read(&cache).unwrap();
     // The layout of the first Gram entry: magic, key, count, then name, k, rows, k² f64.
     let u64_at =
@@ -493,7 +490,7 @@ fn a_calibration_cache_that_does_not_fit_the_model_is_named_and_recomputed() {
     for (what, bytes, expected) in cases {
         std::fs::write(&cache, &bytes).unwrap();
         let (text, report) = run(&format!("{what}.patch"));
-        let why = report["cache_rejected"].as_str().unwrap_or_default();
+        let why = report.cache_rejected.as_deref().unwrap_or_default();
         assert!(expected(why), "{what}: {why:?}");
         assert_eq!(text, reference, "{what}: the recomputed statistics differ");
         // Written again: the next compile uses it.

@@ -112,6 +112,14 @@ enum Command {
         /// Skip the fusion pipeline (to compare fused and unfused bundles).
         #[arg(long)]
         no_fuse: bool,
+        /// Worker threads of calibration's CPU kernels (default: every CPU this process may
+        /// use; more are cut to that).
+        #[arg(long, env = patch_kernels::dispatch::THREADS_ENV)]
+        threads: Option<usize>,
+        /// SIMD path of the CPU kernels: scalar, avx2, avx512, avx512bf16 or amx (default:
+        /// the best this CPU has).
+        #[arg(long, env = patch_kernels::dispatch::PATH_ENV, value_parser = parse_kernel_path, hide_short_help = true)]
+        kernel_path: Option<patch_kernels::SimdPath>,
         /// Write the IR after every run of PASS to `<output>.<NN>.<pipeline>.<pass>.ir`
         /// (repeatable or comma-separated; `all` for every pass). Passes: fold-constants,
         /// canonicalize, cse, dce, hybrid-matmul, fuse.
@@ -140,6 +148,10 @@ fn parse_tile(s: &str) -> Result<TileShape, String> {
             .map_err(|_| format!("`{v}` in `{s}` is not a size"))
     };
     TileShape::new(parse(k)?, parse(n)?).map_err(|e| e.to_string())
+}
+
+fn parse_kernel_path(s: &str) -> Result<patch_kernels::SimdPath, String> {
+    patch_kernels::SimdPath::parse_supported(s).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -182,9 +194,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sensitivity_windows,
             calib_cache,
             no_fuse,
+            threads,
+            kernel_path,
             dump_after,
             stop_after,
         } => {
+            if threads == Some(0) {
+                anyhow::bail!("--threads must be at least 1");
+            }
+            let (_, note) = patch_kernels::CpuKernels::init_global_requested(threads, kernel_path)?;
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
             // An interrupt (Ctrl-C, SIGTERM, SIGHUP) ends the compile without leaving a partial
             // bundle, cache or picture: outputs are written atomically, and the ones in
             // progress are removed here.
@@ -260,96 +281,78 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("stopped after pass `{pass}` (--stop-after); no bundle written");
                 return Ok(());
             }
-            let r = &report.json;
+            let Some(r) = &report.bundle else {
+                return Ok(());
+            };
             eprintln!(
                 "compiled {} nodes ({} imported), {} parameters, {} weight matmuls -> {}",
-                r["nodes"]["final"],
-                r["nodes"]["imported"],
-                r["parameters"],
-                r["weight_matmuls"],
+                r.nodes.final_,
+                r.nodes.imported,
+                r.parameters,
+                r.weight_matmuls,
                 output.display()
             );
-            if let Some(sp) = r["sparse"].as_object() {
-                if let Some(layers) = sp.get("layers").and_then(|l| l.as_array()) {
-                    eprint!("{}", layer_table(layers));
-                }
+            if let Some(sp) = &r.sparse {
+                eprint!("{}", layer_table(&sp.layers));
                 eprintln!(
                     "method {}: sparsity {:.4} (target {}), tile map picture: {}",
-                    sp["method"].as_str().unwrap_or("?"),
-                    sp["achieved_sparsity"].as_f64().unwrap_or(0.0),
-                    sp["target_sparsity"],
-                    sp["tile_map_svg"].as_str().unwrap_or("?")
+                    sp.method, sp.achieved_sparsity, sp.target_sparsity, sp.tile_map_svg
                 );
-                if let Some(blocks) = sp.get("blockwise").and_then(|b| b.as_array()) {
-                    let (prior, learned): (f64, f64) = blocks.iter().fold((0.0, 0.0), |a, b| {
-                        (
-                            a.0 + b["prior_error"].as_f64().unwrap_or(0.0),
-                            a.1 + b["error"].as_f64().unwrap_or(0.0),
-                        )
-                    });
-                    if !blocks.is_empty() {
-                        eprintln!(
-                            "block-wise learning: {} blocks, mean held-out block error {:.4} (prior) -> {:.4}; picture: {}",
-                            blocks.len(),
-                            prior / blocks.len() as f64,
-                            learned / blocks.len() as f64,
-                            sp["blockwise_svg"].as_str().unwrap_or("?")
-                        );
-                    }
+                let blocks = &sp.blockwise;
+                if !blocks.is_empty() {
+                    let n = blocks.len() as f64;
+                    let prior: f64 = blocks.iter().map(|b| b.prior_error).sum();
+                    let learned: f64 = blocks.iter().map(|b| b.error).sum();
+                    eprintln!(
+                        "block-wise learning: {} blocks, mean held-out block error {:.4} (prior) -> {:.4}; picture: {}",
+                        blocks.len(),
+                        prior / n,
+                        learned / n,
+                        sp.blockwise_svg.as_deref().unwrap_or("-")
+                    );
                 }
-                if let (Some(why), Some(path)) = (
-                    sp.get("cache_rejected").and_then(|w| w.as_str()),
-                    calib_cache_path.as_deref(),
-                ) {
+                if let (Some(why), Some(path)) = (&sp.cache_rejected, calib_cache_path.as_deref()) {
                     eprintln!(
                         "note: the calibration cache `{}` {why}; it was recomputed and written again",
                         path.display()
                     );
                 }
-                if let Some(why) = sp.get("blockwise_fallback").and_then(|w| w.as_str()) {
+                if let Some(why) = &sp.blockwise_fallback {
                     eprintln!("block-wise learning not run, matrix-wise masks kept: {why}");
                 }
-                if let Some(a) = sp.get("allocation").and_then(|a| a.as_str()) {
-                    let per_block: Vec<String> = sp["block_sparsity"]
-                        .as_array()
-                        .map(|b| {
-                            b.iter()
-                                .map(|e| {
-                                    format!(
-                                        "{}:{:.0}%",
-                                        e["block"],
-                                        100.0 * e["sparsity"].as_f64().unwrap_or(0.0)
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                if let Some(a) = &sp.allocation {
+                    let per_block: Vec<String> = sp
+                        .block_sparsity
+                        .iter()
+                        .map(|b| format!("{}:{:.0}%", b.block, 100.0 * b.sparsity))
+                        .collect();
                     eprintln!("allocation {a}; sparsity per block {}", per_block.join(" "));
                 }
-                if let Some(why) = sp.get("allocation_fallback").and_then(|w| w.as_str()) {
+                if let Some(why) = &sp.allocation_fallback {
                     eprintln!("the loss allocation was not used, relative errors instead: {why}");
                 }
             }
-            if let Some(f) = r["fusion"].as_object() {
+            if let Some(f) = &r.fusion {
+                let fused: Vec<String> = f
+                    .fused
+                    .iter()
+                    .map(|o| format!("{} ×{}", o.op, o.count))
+                    .collect();
                 eprintln!(
                     "fusion: {} (e-graph {} nodes, {} iterations, {}); nodes {} imported -> {} cleaned -> {} final",
-                    f["fused"],
-                    f["runner"]["egraph_nodes"],
-                    f["runner"]["iterations"],
-                    f["runner"]["stop_reason"].as_str().unwrap_or("?"),
-                    r["nodes"]["imported"],
-                    r["nodes"]["after_cleanup"],
-                    r["nodes"]["final"],
+                    fused.join(", "),
+                    f.runner.egraph_nodes,
+                    f.runner.iterations,
+                    f.runner.stop_reason,
+                    r.nodes.imported,
+                    r.nodes.after_cleanup,
+                    r.nodes.final_,
                 );
                 let unfused: Vec<String> = f
-                    .get("unfused_decode_ops")
-                    .and_then(|u| u.as_array())
-                    .map(|ops| {
-                        ops.iter()
-                            .map(|o| format!("{} ×{}", o["op"].as_str().unwrap_or("?"), o["count"]))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .unfused_decode_ops
+                    .iter()
+                    .map(|o| format!("{} ×{}", o.op, o.count))
+                    .collect();
                 if unfused.is_empty() {
                     eprintln!("fusion: nothing left unfused in the decode path");
                 } else {
@@ -359,7 +362,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
-            eprintln!("phase seconds: {}", r["phase_seconds"]);
+            let phases: Vec<String> = r
+                .phase_seconds
+                .iter()
+                .map(|(phase, secs)| format!("{phase} {secs:.2}"))
+                .collect();
+            eprintln!("phase seconds: {}", phases.join(", "));
         }
         Command::ListOps => {
             println!("{:<12} {:<24} since opset", "domain", "op");

@@ -46,7 +46,7 @@ fn parse_args() -> Result<Args, String> {
         dtypes: vec![WeightDtype::F32, WeightDtype::Bf16],
         sparsity: vec![0, 25, 35, 45, 50],
         reps: 9,
-        path: SimdPath::from_env().map_err(|e| e.to_string())?,
+        path: SimdPath::detect(),
         gemv: GemvPolicy::Tuned,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();

@@ -32,9 +32,14 @@ struct Cli {
 struct RunOpts {
     /// The bundle (`patchc compile ... -o model.patch`).
     bundle: PathBuf,
-    /// Worker threads for the kernels (default: PATCH_THREADS, else every core).
-    #[arg(long)]
+    /// Worker threads for the kernels (default: every CPU this process may use; more are cut
+    /// to that).
+    #[arg(long, env = patch_kernels::dispatch::THREADS_ENV)]
     threads: Option<usize>,
+    /// SIMD path of the CPU kernels: scalar, avx2, avx512, avx512bf16 or amx (default: the
+    /// best this CPU has).
+    #[arg(long, env = patch_kernels::dispatch::PATH_ENV, value_parser = parse_kernel_path, hide_short_help = true)]
+    kernel_path: Option<patch_kernels::SimdPath>,
     /// Skip the checksum of the whole file at load (faster start on large bundles).
     #[arg(long)]
     no_verify: bool,
@@ -131,19 +136,27 @@ enum Command {
     },
 }
 
-fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, String> {
-    if let Some(t) = opts.threads {
-        if t == 0 {
-            return Err("--threads must be at least 1".into());
-        }
-        let cpus = patch_kernels::dispatch::available_cpus();
-        if t > cpus {
-            eprintln!("note: --threads {t} is more than the {cpus} CPUs this process may use; using {cpus}");
-        }
-        let path = patch_kernels::SimdPath::from_env().map_err(|e| e.to_string())?;
-        CpuKernels::init_global(path, t.min(cpus)).map_err(|e| e.to_string())?;
+fn parse_kernel_path(s: &str) -> Result<patch_kernels::SimdPath, String> {
+    patch_kernels::SimdPath::parse_supported(s).map_err(|e| e.to_string())
+}
+
+/// Sets up the process's CPU kernels from `--threads` and `--kernel-path`.
+fn init_kernels(
+    threads: Option<usize>,
+    path: Option<patch_kernels::SimdPath>,
+) -> Result<(), String> {
+    let (_, note) = CpuKernels::init_global_requested(threads, path).map_err(|e| match e {
+        patch_kernels::KernelError::BadThreads(_) => "--threads must be at least 1".to_string(),
+        e => e.to_string(),
+    })?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
     }
-    CpuKernels::global().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn load_model(opts: &RunOpts, registry: &OpRegistry) -> Result<LanguageModel, String> {
+    init_kernels(opts.threads, opts.kernel_path)?;
     let t = Instant::now();
     let b = bundle::load_bundle(
         &opts.bundle,

@@ -211,10 +211,6 @@ pub fn load_bundle(
 ) -> Result<Bundle, BundleError> {
     let file = File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
-    let corrupt = |msg: String| BundleError::Corrupt {
-        path: path.to_path_buf(),
-        msg,
-    };
     if file_len < HEADER_LEN as u64 {
         if file_len >= 8 && {
             let mut head = [0u8; 8];
@@ -231,7 +227,32 @@ pub fn load_bundle(
     // SAFETY: read-only map; like every mmap loader we rely on the file not being truncated
     // while the bundle is in use.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-    let bytes = Bytes::from_owner(map);
+    decode_bundle(Bytes::from_owner(map), path, registry, options)
+}
+
+/// Decodes a bundle held in memory (`path` names it in errors), rebuilding and verifying its
+/// graph. Every length and offset is checked against `bytes` before it is used.
+pub fn decode_bundle(
+    bytes: Bytes,
+    path: &Path,
+    registry: &OpRegistry,
+    options: LoadOptions,
+) -> Result<Bundle, BundleError> {
+    let file_len = bytes.len() as u64;
+    let corrupt = |msg: String| BundleError::Corrupt {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if bytes.len() < HEADER_LEN {
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(BundleError::BadMagic { path: path.into() });
+        }
+        return Err(BundleError::Truncated {
+            path: path.into(),
+            expected: HEADER_LEN as u64,
+            actual: file_len,
+        });
+    }
     let header = &bytes[..HEADER_LEN];
     if header[0..8] != MAGIC {
         return Err(BundleError::BadMagic { path: path.into() });

@@ -109,6 +109,8 @@ impl Attrs {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Floats(v)) => Ok(Some(v)),
+            // The text form cannot tell an empty list's element type.
+            Some(Attr::Ints(v)) if v.is_empty() => Ok(Some(&[])),
             Some(a) => Err(Self::wrong(name, "floats", a)),
         }
     }

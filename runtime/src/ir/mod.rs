@@ -8,6 +8,7 @@
 //! does and the text form can print them.
 
 pub mod attr;
+pub mod parser;
 mod printer;
 mod verify;
 
@@ -659,6 +660,12 @@ impl Graph {
     /// The stable text form (see [`printer`]).
     pub fn to_text(&self) -> String {
         printer::print(self)
+    }
+
+    /// Reads the text form back (see [`parser`]): the structure, types and small constants
+    /// of the printed graph, its large constants as zeros.
+    pub fn parse_text(text: &str, registry: &OpRegistry) -> Result<Graph, parser::ParseError> {
+        parser::parse(text, registry)
     }
 
     /// Checks the graph's invariants (see [`verify`]), naming the first violation.
