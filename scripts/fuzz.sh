@@ -2,13 +2,15 @@
 # Runs the fuzz targets (fuzz/fuzz_targets/*.rs, bodies in tests/src/fuzz.rs) with cargo-fuzz
 # and libFuzzer, each from seeds made of the project's fixtures, and prints one table.
 #
-#   scripts/fuzz.sh [--seconds S | --runs N] [TARGET ...]
+#   scripts/fuzz.sh [--seconds S | --runs N] [--sanitizer address|none] [TARGET ...]
 #
 # Default: every target for 20 seconds (CI runs this). `--runs 1000000` runs each target for
 # that many executions (the counts in docs/RESULTS.md). A crash, a hang (20 s per input) or an
 # allocation past 2 GiB stops the target, leaves the input under fuzz/artifacts/TARGET/ and
 # makes the script fail; replay it with `cargo +nightly fuzz run TARGET FILE`, fix it, and add
 # the file to tests/fuzz/TARGET/ (the regression test replays every file there).
+# `--sanitizer none` builds without AddressSanitizer (into fuzz/target-none): coverage-guided
+# only, several times faster, for long runs of targets whose code is safe Rust.
 #
 # Needs: the nightly toolchain (libFuzzer's coverage and AddressSanitizer flags are
 # nightly-only), cargo-fuzz (installed here when missing), SmolLM2 prepared for the tokenizer
@@ -19,12 +21,14 @@ root=$(pwd)
 
 seconds=20
 runs=""
+sanitizer=address
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --sanitizer) sanitizer="$2"; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -66,8 +70,13 @@ max_len() {
   esac
 }
 
-log "building the fuzz targets (nightly, AddressSanitizer)"
-cargo +nightly fuzz build -O > fuzz/build.log 2>&1 || { tail -30 fuzz/build.log; exit 1; }
+case "$sanitizer" in
+  address) build=(-O) ;;
+  none) build=(-O -s none --target-dir fuzz/target-none) ;;
+  *) echo "fuzz.sh: --sanitizer is address or none, not $sanitizer" >&2; exit 2 ;;
+esac
+log "building the fuzz targets (nightly, sanitizer: $sanitizer)"
+cargo +nightly fuzz build "${build[@]}" > fuzz/build-$sanitizer.log 2>&1 || { tail -30 fuzz/build-$sanitizer.log; exit 1; }
 
 summary=()
 failed=0
@@ -77,7 +86,7 @@ for t in "${targets[@]}"; do
   out="fuzz/$t.log"
   log "$t: ${runs:-$seconds s} from $(ls "fuzz/corpus/$t" | wc -l) corpus inputs (log: $out)"
   set +e
-  cargo +nightly fuzz run -O "$t" "fuzz/corpus/$t" -- "${limit[@]}" \
+  cargo +nightly fuzz run "${build[@]}" "$t" "fuzz/corpus/$t" -- "${limit[@]}" \
     -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20 -max_len="$(max_len "$t")" \
     -print_final_stats=1 > "$out" 2>&1
   rc=$?
@@ -92,10 +101,10 @@ for t in "${targets[@]}"; do
     result="FAILED (rc $rc): $(grep -m1 -o 'ERROR: libFuzzer: [a-z-]*\|SUMMARY: [A-Za-z]*: [a-z-]*\|panicked at [^ ]*' "$out" || echo see the log)"
     grep -m3 'Test unit written to\|artifact_prefix' "$out" || true
   fi
-  summary+=("$(printf '%-12s %12s %8s %10s   %s' "$t" "${execs:-?}" "${secs:-?}" "$corpus" "$result")")
+  summary+=("$(printf '%-12s %-9s %12s %8s %10s   %s' "$t" "$sanitizer" "${execs:-?}" "${secs:-?}" "$corpus" "$result")")
 done
 
 echo
-printf '%-12s %12s %8s %10s   %s\n' target executions seconds corpus result
+printf '%-12s %-9s %12s %8s %10s   %s\n' target sanitizer executions seconds corpus result
 printf '%s\n' "${summary[@]}"
 [ $failed -eq 0 ] || { echo "fuzz.sh: a target failed; its input is under fuzz/artifacts/" >&2; exit 1; }

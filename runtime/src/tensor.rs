@@ -400,6 +400,51 @@ impl Tensor {
     }
 }
 
+/// The largest tensor an op may make, in bytes: the machine's physical memory unless
+/// [`set_max_tensor_bytes`] lowered it. Ops whose output size comes from values (Range,
+/// ConstantOfShape, Expand, Tile, ...) check it before allocating, so that a shape of 10^15
+/// elements is an error naming the op, not an abort.
+pub fn max_tensor_bytes() -> usize {
+    match MAX_TENSOR_BYTES.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => physical_memory(),
+        n => n,
+    }
+}
+
+/// Lowers (or, with 0, resets to the machine's memory) the limit of [`max_tensor_bytes`] for
+/// the whole process: a server capping what one request may allocate, or a fuzzer.
+pub fn set_max_tensor_bytes(bytes: usize) {
+    MAX_TENSOR_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+static MAX_TENSOR_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Physical memory in bytes (`MemTotal` of /proc/meminfo), or 2^40 where it cannot be read.
+fn physical_memory() -> usize {
+    static MEMORY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MEMORY.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+                kib.checked_mul(1024)
+            })
+            .unwrap_or(1 << 40)
+    })
+}
+
+/// Checks that `elements` of `dtype` fit under [`max_tensor_bytes`]; the error names `what`.
+pub fn check_tensor_size(dtype: DType, elements: usize, what: &str) -> Result<(), String> {
+    let limit = max_tensor_bytes();
+    match elements.checked_mul(dtype.size_of()) {
+        Some(bytes) if bytes <= limit => Ok(()),
+        _ => Err(format!(
+            "{what} would make {elements} {dtype} elements, more than the {limit} bytes one tensor may take on this machine"
+        )),
+    }
+}
+
 fn zeroed(dtype: DType, volume: usize) -> Bytes {
     match dtype.size_of() {
         1 => Bytes::from_owner(TypedVec(vec![0u8; volume])),

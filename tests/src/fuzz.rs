@@ -17,9 +17,14 @@ use patch_runtime::Graph;
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs` and `tests/fuzz/*`).
 pub const TARGETS: [&str; 4] = ["onnx_import", "bundle_load", "tokenizer", "ir_text"];
 
+/// The op registry, and (once) the tensor size limit the fuzzers run under: 1 GiB, half of
+/// libFuzzer's malloc limit, so that an input asking for more gets the error a user would.
 fn registry() -> &'static OpRegistry {
     static REGISTRY: OnceLock<OpRegistry> = OnceLock::new();
-    REGISTRY.get_or_init(OpRegistry::onnx)
+    REGISTRY.get_or_init(|| {
+        patch_runtime::tensor::set_max_tensor_bytes(1 << 30);
+        OpRegistry::onnx()
+    })
 }
 
 /// Runs the target `name` on `data`.

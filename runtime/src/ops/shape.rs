@@ -1508,6 +1508,7 @@ impl Op for Expand {
             })
             .collect::<Result<_, _>>()?;
         let shape = super::elementwise::broadcast_concrete(x.shape(), &target)?;
+        check_output(x.dtype(), &shape, "Expand")?;
         let bits = as_bits(x)?;
         let out = by_width!(x.dtype(), T => expand_t::<T>(&bits, &shape))?;
         Ok(vec![retype(out, x.dtype())?])
@@ -1587,6 +1588,13 @@ impl Op for Tile {
                     .map_err(|_| OpError::Shape(format!("Tile: negative repeat in {reps:?}")))
             })
             .collect::<Result<_, _>>()?;
+        let out_shape = x
+            .shape()
+            .iter()
+            .zip(&reps)
+            .map(|(&d, &r)| d.saturating_mul(r))
+            .collect::<Vec<_>>();
+        check_output(x.dtype(), &out_shape, "Tile")?;
         let bits = as_bits(x)?;
         let out = by_width!(x.dtype(), T => tile_t::<T>(&bits, &reps))?;
         Ok(vec![retype(out, x.dtype())?])
@@ -1598,6 +1606,20 @@ impl Op for Tile {
 
 #[derive(Debug)]
 struct Range;
+
+/// Constant ranges up to this length are computed during inference (their values become
+/// symbolic contents); longer ones only get their type.
+const RANGE_VALUE_MAX: usize = 1 << 16;
+
+/// Refuses an output of `shape` that would pass [`crate::tensor::max_tensor_bytes`] (sizes
+/// that come from values: a shape input, repeats).
+fn check_output(dtype: DType, shape: &[usize], op: &str) -> Result<(), OpError> {
+    let elements = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(usize::MAX);
+    crate::tensor::check_tensor_size(dtype, elements, op).map_err(OpError::Invalid)
+}
 
 /// Number of elements of `Range(start, limit, delta)`.
 fn range_len_f64(start: f64, limit: f64, delta: f64) -> Result<usize, OpError> {
@@ -1625,7 +1647,7 @@ fn range_len_i64(start: i64, limit: i64, delta: i64) -> Result<usize, OpError> {
     } else {
         0
     };
-    Ok(n as usize)
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 fn range_eval(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, OpError> {
@@ -1655,6 +1677,7 @@ fn range_eval(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, 
                 delta.as_slice::<$t>().map_err(rt)?[0],
             );
             let n = range_len_f64(s as f64, l as f64, d as f64)?;
+            crate::tensor::check_tensor_size(dtype, n, "Range").map_err(OpError::Invalid)?;
             let v: Vec<$t> = (0..n).map(|i| s + (i as $t) * d).collect();
             Tensor::from_vec(vec![n], v).map_err(rt)
         }};
@@ -1667,6 +1690,7 @@ fn range_eval(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, 
                 delta.as_slice::<$t>().map_err(rt)?[0] as i64,
             );
             let n = range_len_i64(s, l, d)?;
+            crate::tensor::check_tensor_size(dtype, n, "Range").map_err(OpError::Invalid)?;
             let v: Vec<$t> = (0..n as i64).map(|i| (s + i * d) as $t).collect();
             Tensor::from_vec(vec![n], v).map_err(rt)
         }};
@@ -1708,6 +1732,21 @@ impl Op for Range {
             }
         }
         if let (Some(a), Some(b), Some(c)) = (s.value, l.value, d.value) {
+            // A long constant range is a type, not a value to carry through inference.
+            let first = |t: &Tensor| t.to_f64_vec().ok().and_then(|v| v.first().copied());
+            if let (Some(a0), Some(b0), Some(c0)) = (first(a), first(b), first(c)) {
+                let n = if dtype.is_int() {
+                    range_len_i64(a0 as i64, b0 as i64, c0 as i64)?
+                } else {
+                    range_len_f64(a0, b0, c0)?
+                };
+                if n > RANGE_VALUE_MAX {
+                    crate::tensor::check_tensor_size(dtype, n, "Range")
+                        .map_err(OpError::Invalid)?;
+                    let ty = TensorType::new(dtype, shape_of(&[n]));
+                    return Ok(vec![OutputFact::new(ty)]);
+                }
+            }
             let t = range_eval(a, b, c)?;
             let ty = TensorType::new(dtype, shape_of(t.shape()));
             return Ok(vec![fact_with_sym(ty, sym_of_const(&t))]);
@@ -1810,6 +1849,7 @@ impl Op for ConstantOfShape {
             })
             .collect::<Result<_, _>>()?;
         let dtype = self.value.dtype();
+        check_output(dtype, &shape, "ConstantOfShape")?;
         let bits = as_bits(&self.value)?;
         let out = by_width!(dtype, T => fill_t::<T>(&bits, shape))?;
         Ok(vec![retype(out, dtype)?])
@@ -2552,5 +2592,48 @@ mod tests {
         );
         let tt = tty(&b);
         assert_eq!(tt.dtype, DType::Bool);
+    }
+}
+
+#[cfg(test)]
+mod size_limits {
+    use super::*;
+    use crate::ir::Attrs;
+
+    fn op(name: &str) -> std::sync::Arc<dyn Op> {
+        crate::ops::OpRegistry::onnx()
+            .build("", name, 18, &Attrs::new(), "n")
+            .unwrap()
+    }
+
+    fn eval_err(name: &str, inputs: &[&Tensor]) -> String {
+        let inputs: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        op(name).eval(&inputs).unwrap_err().to_string()
+    }
+
+    /// Sizes that come from values are checked against the machine before anything is
+    /// allocated (the limit is the physical memory, far below these).
+    #[test]
+    fn outputs_larger_than_the_machine_are_refused_before_allocating() {
+        let limit = crate::tensor::max_tensor_bytes();
+        let i64s = |v: Vec<i64>| Tensor::from_vec(vec![v.len()], v).unwrap();
+        let scalar = |v: i64| Tensor::from_vec(vec![], vec![v]).unwrap();
+        assert_eq!(
+            eval_err("Range", &[&scalar(0), &scalar(1 << 60), &scalar(1)]),
+            format!("Range would make 1152921504606846976 i64 elements, more than the {limit} bytes one tensor may take on this machine")
+        );
+        assert_eq!(
+            eval_err("ConstantOfShape", &[&i64s(vec![1 << 30, 1 << 30])]),
+            format!("ConstantOfShape would make 1152921504606846976 f32 elements, more than the {limit} bytes one tensor may take on this machine")
+        );
+        let x = Tensor::from_vec(vec![1, 1], vec![1.0f32]).unwrap();
+        assert_eq!(
+            eval_err("Expand", &[&x, &i64s(vec![1 << 40, 1 << 40])]),
+            format!("Expand would make {} f32 elements, more than the {limit} bytes one tensor may take on this machine", usize::MAX)
+        );
+        assert_eq!(
+            eval_err("Tile", &[&x, &i64s(vec![1 << 32, 1 << 32])]),
+            format!("Tile would make {} f32 elements, more than the {limit} bytes one tensor may take on this machine", usize::MAX)
+        );
     }
 }
