@@ -12,8 +12,9 @@
 # `--sanitizer none` builds without AddressSanitizer (into fuzz/target-none): coverage-guided
 # only, several times faster, for long runs of targets whose code is safe Rust.
 #
-# Needs: the nightly toolchain (libFuzzer's coverage and AddressSanitizer flags are
-# nightly-only), cargo-fuzz (installed here when missing), SmolLM2 prepared for the tokenizer
+# Needs: the nightly toolchain (libFuzzer's coverage and AddressSanitizer flags are unstable;
+# without nightly, the pinned toolchain with RUSTC_BOOTSTRAP=1), cargo-fuzz (installed here
+# when missing), SmolLM2 prepared for the tokenizer
 # target (models/smollm2-135m/prepare.sh). Delete fuzz/corpus to start again from the seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,13 +42,17 @@ done
 
 log() { echo "[fuzz $(date +%H:%M:%S)] $*"; }
 
+# libFuzzer's coverage and sanitizer flags are unstable: nightly where it is installed, else the
+# pinned toolchain with those flags unlocked (RUSTC_BOOTSTRAP=1; the same compiler, no download).
+toolchain=nightly
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  echo "fuzz.sh: the nightly toolchain is missing (rustup toolchain install nightly); libFuzzer's flags need it" >&2
-  exit 1
+  toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+  export RUSTC_BOOTSTRAP=1
+  log "no nightly toolchain: using $toolchain with RUSTC_BOOTSTRAP=1"
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+if ! cargo +"$toolchain" fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz from crates.io"
-  cargo +nightly install cargo-fuzz --locked --quiet
+  cargo +"$toolchain" install cargo-fuzz --locked --quiet
 fi
 if [ ! -f models/smollm2-135m/tokenizer.json ] && [[ " ${targets[*]} " == *" tokenizer "* ]]; then
   echo "fuzz.sh: the tokenizer target needs SmolLM2: run bash models/smollm2-135m/prepare.sh" >&2
@@ -75,8 +80,8 @@ case "$sanitizer" in
   none) build=(-O -s none --target-dir fuzz/target-none) ;;
   *) echo "fuzz.sh: --sanitizer is address or none, not $sanitizer" >&2; exit 2 ;;
 esac
-log "building the fuzz targets (nightly, sanitizer: $sanitizer)"
-cargo +nightly fuzz build "${build[@]}" > fuzz/build-$sanitizer.log 2>&1 || { tail -30 fuzz/build-$sanitizer.log; exit 1; }
+log "building the fuzz targets ($toolchain, sanitizer: $sanitizer)"
+cargo +"$toolchain" fuzz build "${build[@]}" > fuzz/build-$sanitizer.log 2>&1 || { tail -30 fuzz/build-$sanitizer.log; exit 1; }
 
 summary=()
 failed=0
@@ -86,7 +91,7 @@ for t in "${targets[@]}"; do
   out="fuzz/$t.log"
   log "$t: ${runs:-$seconds s} from $(ls "fuzz/corpus/$t" | wc -l) corpus inputs (log: $out)"
   set +e
-  cargo +nightly fuzz run "${build[@]}" "$t" "fuzz/corpus/$t" -- "${limit[@]}" \
+  cargo +"$toolchain" fuzz run "${build[@]}" "$t" "fuzz/corpus/$t" -- "${limit[@]}" \
     -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20 -max_len="$(max_len "$t")" \
     -print_final_stats=1 > "$out" 2>&1
   rc=$?

@@ -97,11 +97,17 @@ impl Dim {
                         .ok_or_else(|| RuntimeError::UnboundSymbol(s.to_string()))?,
                     Atom::FloorDiv(d, q) => d.eval(bindings)?.div_euclid(*q),
                 };
-                product = product.wrapping_mul(v);
+                product = product.checked_mul(v).ok_or_else(|| self.overflow())?;
             }
-            total = total.wrapping_add(product);
+            total = total.checked_add(product).ok_or_else(|| self.overflow())?;
         }
         Ok(total)
+    }
+
+    fn overflow(&self) -> RuntimeError {
+        RuntimeError::Tensor(format!(
+            "the size `{self}` overflows 64 bits for these inputs"
+        ))
     }
 
     /// If this dim is exactly one symbol, its name.
@@ -119,7 +125,10 @@ impl Dim {
     fn from_terms(terms: impl IntoIterator<Item = (Monomial, i64)>) -> Dim {
         let mut out: BTreeMap<Monomial, i64> = BTreeMap::new();
         for (m, c) in terms {
-            *out.entry(m).or_insert(0) += c;
+            // Saturating: a size past 64 bits stays huge (and is refused where it is used)
+            // instead of wrapping to a small one.
+            let e = out.entry(m).or_insert(0);
+            *e = e.saturating_add(c);
         }
         out.retain(|_, c| *c != 0);
         Dim { terms: out }
@@ -218,7 +227,7 @@ impl std::ops::Add for Dim {
 impl std::ops::Neg for Dim {
     type Output = Dim;
     fn neg(self) -> Dim {
-        Dim::from_terms(self.terms.into_iter().map(|(m, c)| (m, -c)))
+        Dim::from_terms(self.terms.into_iter().map(|(m, c)| (m, c.saturating_neg())))
     }
 }
 
@@ -237,7 +246,7 @@ impl std::ops::Mul for Dim {
             for (mb, cb) in &rhs.terms {
                 let mut m: Monomial = ma.iter().chain(mb).cloned().collect();
                 m.sort();
-                terms.push((m, ca * cb));
+                terms.push((m, ca.saturating_mul(*cb)));
             }
         }
         Dim::from_terms(terms)

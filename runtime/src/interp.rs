@@ -545,7 +545,14 @@ impl Plan {
             let sizes = self.memory.slot_elements(&bindings);
             for (s, (slot, len)) in self.slots.iter().zip(sizes).enumerate() {
                 if let (Some(len), false) = (len, cut_slot == Some(s as u32)) {
-                    slot.reserve(len);
+                    slot.reserve(len).map_err(|msg| {
+                        // Named by the first value planned into the slot.
+                        let value = (0..graph.value_count())
+                            .find(|&v| self.memory.slot_of(v) == Some(s as u32))
+                            .map(|v| graph.value(crate::ValueId(v as u32)).name.clone())
+                            .unwrap_or_default();
+                        RuntimeError::Tensor(format!("value `{value}`: {msg}"))
+                    })?;
                 }
             }
         }

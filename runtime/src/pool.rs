@@ -48,19 +48,29 @@ impl Slot {
     /// Makes the idle buffer hold at least `len` elements, so that the call about to run
     /// finds it large enough; nothing while a tensor holds the buffer. A buffer grows to at
     /// least twice its size, so a size that creeps up (the positions of a growing context)
-    /// regrows it O(log n) times.
-    pub fn reserve(&self, len: usize) {
+    /// regrows it O(log n) times. A size past [`crate::tensor::max_tensor_bytes`], or one the
+    /// allocator refuses, is an error and allocates nothing.
+    pub fn reserve(&self, len: usize) -> Result<(), String> {
         let mut idle = self.lock();
         let Some(buf) = idle.as_mut() else {
-            return;
+            return Ok(());
         };
         let had = buf.capacity();
         if had < len {
+            crate::tensor::check_tensor_size(crate::DType::F32, len, "a slot of the memory plan")?;
             if had > 0 {
                 self.misses.fetch_add(1, Ordering::Relaxed);
             }
-            *buf = Vec::with_capacity(len.max(2 * had));
+            let mut grown = Vec::new();
+            grown
+                .try_reserve_exact(len.max(2 * had))
+                .or_else(|_| grown.try_reserve_exact(len))
+                .map_err(|_| {
+                    format!("cannot allocate {len} f32 elements for a slot of the memory plan")
+                })?;
+            *buf = grown;
         }
+        Ok(())
     }
 
     /// `len` zeros in the idle buffer, or in a new one when it is in use or too small.
@@ -225,7 +235,7 @@ mod tests {
         let slots = vec![Arc::new(Slot::default())];
         let of_output = [Some(0)];
         let out = Outputs::new(&slots, &of_output);
-        slots[0].reserve(8);
+        slots[0].reserve(8).unwrap();
         let mut a = out.f32(0, 6);
         a[5] = 3.0;
         let a = a.into_tensor(vec![2, 3]).unwrap();
@@ -235,7 +245,7 @@ mod tests {
         let view = a.reshaped(vec![6]).unwrap();
         drop(a);
         // Nor does a reservation replace it while it is lent.
-        slots[0].reserve(100);
+        slots[0].reserve(100).unwrap();
         assert_eq!(slots[0].idle_bytes(), 0);
         let b = out.f32(0, 4).into_tensor(vec![4]).unwrap();
         assert_ne!(b.as_slice::<f32>().unwrap().as_ptr(), ptr);

@@ -339,3 +339,41 @@ fn embedded_misaligned_weights_compile_like_external_ones() {
         assert_eq!(w.bytes(), g.bytes(), "outputs differ");
     }
 }
+
+/// A graph whose sizes come from values (here a constant shape of 2^62 elements) is refused
+/// before anything is allocated, with and without the memory plan: the error names the value
+/// or the node and op, and the machine's limit.
+#[test]
+fn a_graph_asking_for_more_memory_than_the_machine_has_is_refused_before_allocating() {
+    let text = "graph \"huge\" opset 18 {
+  input %x: f32[1]  # other
+  const %shape: i64[2] = [2147483648, 2147483648]
+  %big: f32[2147483648, 2147483648] = ConstantOfShape(%shape)  # fill
+  %y: f32[2147483648, 2147483648] = Add(%big, %x)  # add
+  output %y: f32[2147483648, 2147483648]  # other
+}
+";
+    let registry = OpRegistry::onnx();
+    let graph = patch_runtime::Graph::parse_text(text, &registry).expect("the text parses");
+    let x = patch_runtime::Tensor::from_vec(vec![1], vec![1.0f32]).unwrap();
+    let limit = patch_runtime::tensor::max_tensor_bytes();
+    // With the memory plan, before the first node runs: its slots are sized up front.
+    let err = patch_runtime::interp::run(&graph, std::slice::from_ref(&x)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "tensor: value `big`: a slot of the memory plan would make 4611686018427387904 f32 \
+             elements, more than the {limit} bytes one tensor may take on this machine"
+        )
+    );
+    // Without it, by the op.
+    let mut plan = patch_runtime::interp::Plan::new(&graph).unwrap();
+    plan.set_memory_plan(false);
+    assert_eq!(
+        plan.run(&[x]).unwrap_err().to_string(),
+        format!(
+            "node `fill` (ConstantOfShape): ConstantOfShape would make 4611686018427387904 f32 \
+             elements, more than the {limit} bytes one tensor may take on this machine"
+        )
+    );
+}
